@@ -1,0 +1,203 @@
+"""A host: thousands of devices held as data, their state, and batched device work.
+
+``DeviceHost`` is a plain class (tests and Flower's ClientApp wrapper use it directly);
+``devices.pool`` runs a few of them as Ray actors. A host never knows about Flower: it
+receives plain payloads and device functions and returns plain replies and costs.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from devices import models
+from devices.data import Interactions, Timeline
+from devices.runtime import DeviceContext, DeviceFn, DeviceSettings, Payload
+from devices.samples import SampleBuilder, Samples, pad_by_owner, stream_key
+from simulator import metrics
+
+EVAL_TAG, TRAIN_TAG = 1, 2
+EVAL_CHUNK_ROWS = 8192  # rows scored per forward pass of a shared model (bounds memory)
+PERSONAL_CHUNK = 64  # personalised models stacked per forward pass
+
+
+@dataclass
+class Shard:
+    """The devices one host holds: global ids (ascending) and their streams."""
+
+    device_ids: np.ndarray
+    interactions: Interactions  # local users 0..n-1 = device_ids in order
+    timeline: Timeline
+
+
+@dataclass
+class JobResult:
+    """Outcome of one device function call for a batch of devices."""
+
+    device_ids: np.ndarray
+    replies: list[Payload] | None  # None when the call failed
+    flops: np.ndarray
+    bytes_up: np.ndarray
+    error: str = ""
+
+
+class DeviceHost:
+    """Holds a shard of devices and runs device functions for many of them per call."""
+
+    def __init__(self, shard: Shard, spec: models.ModelSpec, settings: DeviceSettings, seed: int) -> None:
+        torch.set_num_threads(1)  # hosts are one per core; intra-op threads would oversubscribe
+        self.device_ids = np.asarray(shard.device_ids, dtype=np.int64)
+        self.inter = shard.interactions
+        self.timeline = shard.timeline
+        self.spec, self.settings, self.seed = spec, settings, seed
+        self.builder = SampleBuilder(self.inter, spec.window, self.device_ids)
+        self._eval_cache: dict[int, Samples] = {}
+        self.reset(None)
+
+    # State ---------------------------------------------------------------------
+
+    def reset(self, initial: dict[str, np.ndarray] | None) -> None:
+        """Forget all device state; every device holds ``initial`` (the installed app)."""
+        self.versions: dict[int, dict[str, np.ndarray]] = {}
+        self._fingerprints: dict[bytes, int] = {}
+        self.held = np.zeros(len(self.device_ids), dtype=np.int64)
+        self.personal: dict[int, dict[str, np.ndarray]] = {}
+        self.kv: dict[str, dict[int, Any]] = {}
+        if initial is not None:
+            self.held[:] = self._register(initial)
+
+    def _register(self, arrays: dict[str, np.ndarray]) -> int:
+        h = hashlib.blake2b(digest_size=16)
+        for k in sorted(arrays):
+            h.update(k.encode())
+            h.update(np.ascontiguousarray(arrays[k]).tobytes())
+        fp = h.digest()
+        if fp not in self._fingerprints:
+            vid = len(self._fingerprints) + 1
+            self._fingerprints[fp] = vid
+            self.versions[vid] = {k: np.array(v, dtype=np.float32) for k, v in arrays.items()}
+        return self._fingerprints[fp]
+
+    def hold(self, local: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
+        vid = self._register(arrays)
+        self.held[local] = vid
+        for i in local:
+            self.personal.pop(int(i), None)
+        self._drop_unused_versions()
+
+    def _drop_unused_versions(self) -> None:
+        used = set(np.unique(self.held).tolist())
+        for vid in [v for v in self.versions if v not in used]:
+            del self.versions[vid]
+
+    def set_personal(self, local: np.ndarray, params: dict[str, torch.Tensor]) -> None:
+        b = len(local)
+        for j, i in enumerate(local):
+            own = self.personal.setdefault(int(i), {})
+            for k, v in params.items():
+                arr = v[j] if v.shape[0] == b else v[0]
+                own[k] = arr.detach().numpy().copy() if isinstance(arr, torch.Tensor) else np.array(arr)
+
+    def held_params(self, local: np.ndarray) -> dict[str, torch.Tensor]:
+        """Batched params of the models held by ``local`` devices (M = 1 where shared)."""
+        local = np.asarray(local, dtype=np.int64)
+        versions = np.unique(self.held[local])
+        personal_keys = set()
+        for i in local:
+            personal_keys.update(self.personal.get(int(i), {}))
+        out = {}
+        for k in self.spec.shapes():
+            if len(versions) == 1 and k not in personal_keys:
+                out[k] = torch.from_numpy(self.versions[int(versions[0])][k])[None]
+            else:
+                out[k] = torch.from_numpy(np.stack([self._param(int(i), k) for i in local]))
+        return out
+
+    def _param(self, i: int, k: str) -> np.ndarray:
+        own = self.personal.get(i)
+        if own is not None and k in own:
+            return own[k]
+        return self.versions[int(self.held[i])][k]
+
+    # Data ----------------------------------------------------------------------
+
+    def train_samples(self, local: np.ndarray, round: int, negatives: int):
+        _, t_end = self.timeline.window(round)
+        rows = self.builder.recent_rows(local, t_end, self.settings.recent)
+        samples = self.builder.build(rows, negatives, stream_key(self.seed, TRAIN_TAG, round))
+        win, cand, weight, counts = pad_by_owner(samples, local)
+        return torch.from_numpy(win), torch.from_numpy(cand), torch.from_numpy(weight), counts
+
+    def eval_samples(self, round: int) -> Samples:
+        """Positives of round ``round``'s window with 99 negatives each (cached: every
+        strategy is scored on exactly the same samples)."""
+        if round not in self._eval_cache:
+            t0, t1 = self.timeline.window(round)
+            rows = np.flatnonzero((self.inter.times >= t0) & (self.inter.times < t1))
+            key = stream_key(self.seed, EVAL_TAG, round)
+            self._eval_cache[round] = self.builder.build(rows, self.settings.eval_negatives, key)
+        return self._eval_cache[round]
+
+    # Work ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def score(self, round: int) -> dict[str, Any]:
+        """Prequential scoring of window ``round`` with the model each device holds now."""
+        s = self.eval_samples(round)
+        scores = np.zeros(s.candidates.shape, dtype=np.float32)
+        owners = np.unique(s.owner)
+        has_own = np.array([int(i) in self.personal for i in owners], dtype=bool)
+        for vid in np.unique(self.held[owners[~has_own]]):
+            group = owners[~has_own][self.held[owners[~has_own]] == vid]
+            rows = np.flatnonzero(np.isin(s.owner, group))
+            params = {k: torch.from_numpy(v)[None] for k, v in self.versions[int(vid)].items()}
+            for c in range(0, len(rows), EVAL_CHUNK_ROWS):
+                r = rows[c : c + EVAL_CHUNK_ROWS]
+                out = models.forward(params, torch.from_numpy(s.windows[r])[None], torch.from_numpy(s.candidates[r])[None])
+                scores[r] = out[0].numpy()
+        own = owners[has_own]
+        for c in range(0, len(own), PERSONAL_CHUNK):
+            group = own[c : c + PERSONAL_CHUNK]
+            rows = np.flatnonzero(np.isin(s.owner, group))
+            sub = s.take(rows)
+            win, cand, weight, _ = pad_by_owner(sub, group)
+            out = models.forward(self.held_params(group), torch.from_numpy(win), torch.from_numpy(cand)).numpy()
+            mask = weight > 0
+            # pad_by_owner orders rows by owner then time, as the stable sort of sub.owner
+            order = np.argsort(np.searchsorted(group, sub.owner), kind="stable")
+            scores[rows[order]] = out[mask]
+        per = metrics.device_metrics(scores, s.owner, len(self.device_ids))
+        active = np.flatnonzero(per["n_pos"] > 0)
+        hist = metrics.ScoreHistogram()
+        hist.add(scores)
+        return {
+            "device_id": self.device_ids[active],
+            **{k: np.asarray(v)[active] for k, v in per.items()},
+            "histogram": hist,
+        }
+
+    def run(self, round: int, exchange: int, jobs: list[tuple[DeviceFn, Payload, np.ndarray]]) -> list[JobResult]:
+        """Run device functions: each job is (function, shared payload, global device ids)."""
+        out = []
+        for fn, payload, ids in jobs:
+            local = np.searchsorted(self.device_ids, ids)
+            ctx = DeviceContext(self, local, round, exchange)
+            try:
+                replies = fn(ctx, payload)
+                if len(replies) != len(local):
+                    raise RuntimeError(f"{fn.__name__} returned {len(replies)} replies for {len(local)} devices")
+            except Exception as exc:  # a device-side bug fails those devices, not the run
+                msg = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                out.append(JobResult(np.asarray(ids), None, ctx.flops, np.zeros(len(local)), msg))
+                continue
+            up = np.array([r.nbytes() for r in replies], dtype=np.float64)
+            out.append(JobResult(np.asarray(ids), replies, ctx.flops, up))
+        return out
+
+    def memory_bytes(self) -> int:
+        """Bytes held in device state (shared versions + personal parameters)."""
+        n = sum(models.num_bytes(v) for v in self.versions.values())
+        return n + sum(models.num_bytes(v) for v in self.personal.values())

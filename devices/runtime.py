@@ -1,0 +1,165 @@
+"""What a device function sees: payloads, the device-batch context, and the device app.
+
+Device functions are plain functions ``fn(ctx: DeviceContext, payload: Payload) ->
+list[Payload]`` that do the work of *many* devices at once (``ctx.device_ids``), one
+reply per device in that order. They never see Ray or Flower: the host runs them, and the
+grid converts payloads to and from Flower records.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+import torch
+
+from devices import models
+
+if TYPE_CHECKING:
+    from devices.host import DeviceHost
+
+
+@dataclass
+class Payload:
+    """Plain-data mirror of a Flower ``RecordDict``: named array, metric and config records."""
+
+    arrays: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def nbytes(self) -> int:
+        """Bytes on the wire: raw tensor bytes plus 8 bytes per scalar (a close lower bound)."""
+        n = sum(models.num_bytes(a) for a in self.arrays.values())
+        for rec in (*self.metrics.values(), *self.configs.values()):
+            for v in rec.values():
+                n += len(v.encode()) if isinstance(v, str) else 8 * (len(v) if isinstance(v, (list, tuple)) else 1)
+        return int(n)
+
+    def config(self) -> dict[str, Any]:
+        """All config records merged (most payloads carry one)."""
+        out: dict[str, Any] = {}
+        for rec in self.configs.values():
+            out.update(rec)
+        return out
+
+
+DeviceFn = Callable[["DeviceContext", Payload], list[Payload]]
+
+
+@dataclass(frozen=True)
+class DeviceApp:
+    """A strategy's device half: one batch function per message type, plus ``predict``.
+
+    ``predict`` is optional: by default a device scores with the model it holds (the
+    shared parameters it last received, overridden by its personal ones).
+    """
+
+    functions: dict[str, DeviceFn]
+
+    def function_for(self, message_type: str) -> DeviceFn:
+        # "train.phase2" falls back to "train", as Flower's ClientApp routes by prefix.
+        if message_type in self.functions:
+            return self.functions[message_type]
+        base = message_type.split(".")[0]
+        if base in self.functions:
+            return self.functions[base]
+        raise KeyError(f"no device function for message type {message_type!r}")
+
+
+@dataclass(frozen=True)
+class DeviceSettings:
+    """On-device training defaults shared by strategies (``[device]`` in the experiment)."""
+
+    local_steps: int = 5
+    lr: float = 0.5
+    recent: int = 30  # interactions of recent history a device trains on
+    negatives: int = 4
+    eval_negatives: int = 99
+
+    def __post_init__(self) -> None:
+        from simulator.errors import ConfigError
+
+        for key in ("local_steps", "recent", "negatives", "eval_negatives"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"device.{key}", v, "a positive integer")
+        if not self.lr > 0:
+            raise ConfigError("device.lr", self.lr, "a positive number")
+
+
+class DeviceContext:
+    """A batch of devices on one host in one exchange of one round."""
+
+    def __init__(self, host: "DeviceHost", local: np.ndarray, round: int, exchange: int) -> None:
+        self.host = host
+        self.local = np.asarray(local, dtype=np.int64)
+        self.device_ids = host.device_ids[self.local]
+        self.round = round
+        self.exchange = exchange
+        self.spec = host.spec
+        self.settings = host.settings
+        self.seed = host.seed
+        self.flops = np.zeros(len(self.local), dtype=np.float64)
+
+    def __len__(self) -> int:
+        return len(self.local)
+
+    # Data ------------------------------------------------------------------------
+
+    def train_samples(self, negatives: int | None = None) -> tuple[torch.Tensor, ...]:
+        """Each device's recent interactions up to the end of this round's window.
+
+        Returns padded tensors windows (B, N, L), candidates (B, N, 1+neg), weight (B, N)
+        and the per-device sample counts (numpy), in ``device_ids`` order.
+        """
+        return self.host.train_samples(self.local, self.round, negatives or self.settings.negatives)
+
+    # State -----------------------------------------------------------------------
+
+    def held_params(self) -> dict[str, torch.Tensor]:
+        """The models the devices hold, batched (a key shared by all devices has M = 1)."""
+        return self.host.held_params(self.local)
+
+    def hold(self, arrays: dict[str, np.ndarray]) -> None:
+        """The devices adopt these shared parameters (e.g. a received global model)."""
+        self.host.hold(self.local, arrays)
+
+    def set_personal(self, params: dict[str, torch.Tensor]) -> None:
+        """Per-device parameters (leading dim B) that override the held shared ones."""
+        self.host.set_personal(self.local, params)
+
+    def state(self, key: str) -> dict[int, Any]:
+        """Strategy-specific per-device state, keyed by local index (persists across rounds)."""
+        return self.host.kv.setdefault(key, {})
+
+    # Cost accounting -------------------------------------------------------------
+
+    def count_train(self, counts: np.ndarray, steps: int, candidates: int) -> None:
+        """Add the FLOPs of ``steps`` forward+backward passes over each device's samples."""
+        per = models.flops_per_sample(self.spec, candidates, backward=True)
+        self.flops += np.asarray(counts, dtype=np.float64) * steps * per
+
+
+def train_held_models(ctx: DeviceContext, steps: int, lr: float,
+                      trainable: tuple[str, ...] | None = None) -> tuple[dict[str, torch.Tensor], np.ndarray, np.ndarray]:
+    """Every device trains (a copy of) the model it holds on its recent data.
+
+    Devices are trained together in chunks sized to keep the stacked parameter copies
+    near 64 MB. Returns the trained params stacked over devices (B, ...), the last loss
+    and the number of training samples per device, and counts the FLOPs.
+    """
+    win, cand, weight, counts = ctx.train_samples()
+    held = ctx.held_params()
+    b = len(ctx)
+    chunk = max(1, int(64e6 // (4 * ctx.spec.n_params())))
+    parts, losses = [], []
+    for c in range(0, b, chunk):
+        sl = slice(c, min(c + chunk, b))
+        n = sl.stop - sl.start
+        p = {k: (v[sl] if v.shape[0] == b and b > 1 else v.expand(n, *v.shape[1:])) for k, v in held.items()}
+        new, loss = models.sgd_train(p, win[sl], cand[sl], weight[sl], steps, lr, trainable)
+        parts.append(new)
+        losses.append(loss)
+    out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    ctx.count_train(counts, steps, cand.shape[-1])
+    return out, torch.cat(losses).numpy(), counts

@@ -1,0 +1,151 @@
+"""Samples from interaction streams: windows of the last L items, sampled negatives, padding.
+
+A sample is (window of the L items before the target, candidates) where candidate 0 is
+the item the user really interacted with next and the rest are sampled negatives the
+user never interacted with (METHODS.md: 4 for training, 99 for evaluation). Everything is
+vectorised over interactions; randomness comes from generators the caller derives from
+(seed, purpose, round, ...), so every strategy sees the same samples.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from devices.data import Interactions
+from devices.models import PAD
+
+
+@dataclass
+class Samples:
+    """Flat samples: ``owner[i]`` is the local user index of row i."""
+
+    owner: np.ndarray  # int64 (n,)
+    windows: np.ndarray  # int64 (n, L)
+    candidates: np.ndarray  # int64 (n, C); column 0 is the positive
+
+    def __len__(self) -> int:
+        return len(self.owner)
+
+    def take(self, idx: np.ndarray) -> "Samples":
+        return Samples(self.owner[idx], self.windows[idx], self.candidates[idx])
+
+
+_M1, _M2, _GOLD = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
+
+
+def mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: a well-spread uint64 hash of each element."""
+    x = np.asarray(x, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * _M1
+        x = (x ^ (x >> np.uint64(27))) * _M2
+        return x ^ (x >> np.uint64(31))
+
+
+def stream_key(*parts: int) -> np.uint64:
+    """One uint64 key from small integers (seed, purpose, round, ...)."""
+    h = np.uint64(0)
+    with np.errstate(over="ignore"):
+        for p in parts:
+            h = mix64(np.uint64(h) + _GOLD + np.uint64(p & 0xFFFFFFFFFFFFFFFF))
+    return np.uint64(h)
+
+
+class SampleBuilder:
+    """Builds samples for the users of one ``Interactions`` shard.
+
+    ``device_ids`` are the users' global ids: negatives are a counter-based hash of
+    (key, device id, position in its stream, slot), so a device's samples never depend
+    on which host holds it or which other devices share its batch.
+    """
+
+    def __init__(self, inter: Interactions, window: int, device_ids: np.ndarray | None = None) -> None:
+        self.inter = inter
+        self.L = window
+        self.user = inter.user_of()
+        ids = np.arange(inter.n_users) if device_ids is None else np.asarray(device_ids)
+        self.device_ids = ids.astype(np.uint64)
+        # Sorted unique (user, item) keys: membership tests for negative sampling.
+        keys = self.user * inter.n_items + inter.items.astype(np.int64)
+        self.seen = np.unique(keys)
+
+    def windows_for(self, rows: np.ndarray) -> np.ndarray:
+        """Window of the L items before each interaction row (left-padded with PAD)."""
+        start = self.inter.indptr[self.user[rows]]
+        idx = rows[:, None] - self.L + np.arange(self.L)[None, :]
+        valid = idx >= start[:, None]
+        return np.where(valid, self.inter.items[np.clip(idx, 0, None)], PAD).astype(np.int64)
+
+    def negatives(self, rows: np.ndarray, k: int, key: np.uint64) -> np.ndarray:
+        """k items per row that the row's user never interacted with (uniform, resampled)."""
+        n_items = self.inter.n_items
+        users = self.user[rows]
+        pos = (rows - self.inter.indptr[users]).astype(np.uint64)
+        row_key = mix64(mix64(self.device_ids[users] ^ key) + pos)
+        slots = np.arange(k, dtype=np.uint64)[None, :]
+        out = np.empty((len(rows), k), dtype=np.int64)
+        todo = np.ones((len(rows), k), dtype=bool)
+        for attempt in range(256):
+            h = mix64(row_key[:, None] + slots * _GOLD + np.uint64(attempt << 32))
+            draw = (h % np.uint64(n_items)).astype(np.int64)
+            out = np.where(todo, draw, out)
+            keys = users[:, None] * n_items + out
+            at = np.searchsorted(self.seen, keys).clip(max=len(self.seen) - 1)
+            todo = self.seen[at] == keys
+            if not todo.any():
+                break
+        return out
+
+    def build(self, rows: np.ndarray, negatives: int, key: np.uint64) -> Samples:
+        """Samples for the given interaction rows (global row indices of the shard)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        cands = np.empty((len(rows), 1 + negatives), dtype=np.int64)
+        cands[:, 0] = self.inter.items[rows]
+        cands[:, 1:] = self.negatives(rows, negatives, key)
+        return Samples(self.user[rows], self.windows_for(rows), cands)
+
+    # Row selections --------------------------------------------------------------
+
+    def rows_between(self, users: np.ndarray, t0: float, t1: float) -> np.ndarray:
+        """Rows of ``users`` with t0 <= time < t1 (grouped by user, time-ordered)."""
+        mask = (self.inter.times >= t0) & (self.inter.times < t1)
+        mask &= np.isin(self.user, users)
+        return np.flatnonzero(mask)
+
+    def recent_rows(self, users: np.ndarray, t_end: float, recent: int) -> np.ndarray:
+        """The last ``recent`` rows before t_end of each user, skipping each user's first
+        interaction (it has no window to learn from)."""
+        indptr, times = self.inter.indptr, self.inter.times
+        out = []
+        for u in np.asarray(users, dtype=np.int64):
+            s, e = indptr[u], indptr[u + 1]
+            hi = s + np.searchsorted(times[s:e], t_end, side="left")
+            lo = max(s + 1, hi - recent)
+            if hi > lo:
+                out.append(np.arange(lo, hi))
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+def pad_by_owner(samples: Samples, order: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Group samples per owner into padded arrays following ``order`` (owner ids).
+
+    Returns windows (B, N, L), candidates (B, N, C), weight (B, N) with 0 on padding, and
+    the per-owner sample counts; B = len(order), N = the largest count.
+    """
+    pos = {int(u): i for i, u in enumerate(order)}
+    slot = np.fromiter((pos[int(u)] for u in samples.owner), dtype=np.int64, count=len(samples))
+    counts = np.bincount(slot, minlength=len(order))
+    n = max(int(counts.max()) if len(counts) else 0, 1)
+    first = np.zeros(len(order), np.int64)
+    srt = np.argsort(slot, kind="stable")
+    first[1:] = np.cumsum(counts)[:-1]
+    rank = np.arange(len(samples)) - first[slot[srt]]
+    L, C = samples.windows.shape[1], samples.candidates.shape[1]
+    win = np.full((len(order), n, L), PAD, np.int64)
+    cand = np.zeros((len(order), n, C), np.int64)
+    weight = np.zeros((len(order), n), np.float32)
+    win[slot[srt], rank] = samples.windows[srt]
+    cand[slot[srt], rank] = samples.candidates[srt]
+    weight[slot[srt], rank] = 1.0
+    return win, cand, weight, counts

@@ -1,0 +1,1 @@
+"""fleetsim coordinator: config, run loop, Flower grid, clock, metrics, results, CLI."""

@@ -1,0 +1,71 @@
+"""``fleetsim`` command line: ``fleetsim run [EXPERIMENT.toml] [--out DIR] [--set k=v ...]``.
+
+Every user error (config, data, arguments, output folder) ends in one line on stderr
+and exit code 2; results already written are never touched.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+from simulator.errors import FleetsimError  # noqa: E402
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + traceback
+        self.exit(EXIT_USAGE, f"fleetsim: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="fleetsim", description="Fleet-scale simulator of device-cloud collaborative learning.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    run = sub.add_parser("run", help="simulate a fleet with one or more strategies")
+    run.error = p.error  # type: ignore[method-assign]
+    run.add_argument("experiment", nargs="?", help="experiment TOML file (default: experiments/quickstart.toml)")
+    run.add_argument("--out", help="results directory (default: runs/<name>-<time>); must not hold results yet")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                     help="override a setting, e.g. --set data.n_devices=500 (repeatable; values are TOML)")
+    run.add_argument("--seed", type=int, help="run seed (overrides experiment.seed)")
+    run.add_argument("--ray-address", help="join an existing Ray cluster (default: start an embedded one)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from simulator import config
+    from simulator.run import format_table, run_experiment
+
+    cfg = config.load(args.experiment, args.overrides, args.seed)
+    out = args.out or os.path.join("runs", f"{cfg.experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    summary = run_experiment(cfg, out, ray_address=args.ray_address, progress=not args.no_progress, log=log)
+    print(format_table(summary))
+    print(f"\nresults: {out}  (wall {time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        _parser().print_help()
+        return EXIT_USAGE
+    try:
+        return cmd_run(args)
+    except FleetsimError as exc:
+        print(f"fleetsim: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("fleetsim: interrupted; rounds already written are kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

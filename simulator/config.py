@@ -1,0 +1,263 @@
+"""Experiment configuration: the only code that reads TOML.
+
+An experiment file has the sections ``[experiment]``, ``[data]``, ``[profiles]``,
+``[model]``, ``[cloud]``, ``[device]`` and ``[strategies.<name>]``; each becomes a frozen,
+validated dataclass. Unknown keys, wrong types and out-of-range values raise
+``ConfigError`` naming ``section.key``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from devices.profiles import ProfileConfig
+from devices.runtime import DeviceSettings
+from devices.synthetic import SyntheticConfig
+from simulator.errors import ConfigError, FleetsimError
+
+SHORT_NAMES = {
+    "cloud_only": "strategies.cloud_only:CloudOnly",
+    "local_finetune": "strategies.local_finetune:LocalFinetune",
+    "fedavg": "strategies.fedavg:FedAvg",
+}
+DEFAULT_EXPERIMENT = Path(__file__).resolve().parent.parent / "experiments" / "quickstart.toml"
+
+
+@dataclass(frozen=True)
+class ExperimentSection:
+    """``[experiment]``: what to run and how the fleet is coordinated."""
+
+    name: str = "experiment"
+    seed: int = 0
+    strategies: tuple[str, ...] = tuple(SHORT_NAMES)
+    hosts: int = 0  # 0 = one per CPU Ray sees
+    deadline_s: float = 600.0  # per exchange, simulated seconds
+    wait_s: float = 300.0  # simulated seconds a strategy waits when too few devices are online
+
+    def __post_init__(self) -> None:
+        if not self.strategies:
+            raise ConfigError("experiment.strategies", list(self.strategies), "at least one strategy")
+        if len(set(self.strategies)) != len(self.strategies):
+            raise ConfigError("experiment.strategies", list(self.strategies), "each strategy once")
+        for s in self.strategies:
+            if s not in SHORT_NAMES and ":" not in s:
+                raise ConfigError("experiment.strategies", s,
+                                  f"a short name ({', '.join(SHORT_NAMES)}) or an import path 'package.module:Class'")
+        if self.hosts < 0:
+            raise ConfigError("experiment.hosts", self.hosts, "0 (one per CPU) or a positive integer")
+        for key in ("deadline_s", "wait_s"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"experiment.{key}", getattr(self, key), "a positive number of seconds")
+
+
+@dataclass(frozen=True)
+class MovieLensConfig:
+    """``[data]`` with ``source = "movielens"``: a ratings file cut into history and rounds."""
+
+    path: str = ""
+    n_rounds: int = 10
+    history_fraction: float = 0.8
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ConfigError("data.path", self.path, "the path of a MovieLens ratings file (u.data, ratings.dat or ratings.csv)")
+        if self.n_rounds <= 0:
+            raise ConfigError("data.n_rounds", self.n_rounds, "a positive integer")
+        if not 0 < self.history_fraction < 1:
+            raise ConfigError("data.history_fraction", self.history_fraction, "a number strictly between 0 and 1")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``[model]``: the backbone (issue 2 ships GRU4Rec)."""
+
+    backbone: str = "gru4rec"
+    dim: int = 32
+    window: int = 10
+
+    def __post_init__(self) -> None:
+        if self.backbone not in ("gru4rec",):
+            raise ConfigError("model.backbone", self.backbone, "one of gru4rec")
+        for key in ("dim", "window"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"model.{key}", getattr(self, key), "a positive integer")
+
+
+@dataclass(frozen=True)
+class CloudConfig:
+    """``[cloud]``: training of the cloud model on history data (shared by all strategies)."""
+
+    epochs: int = 3
+    lr: float = 0.005
+    batch_size: int = 512
+    negatives: int = 4
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "batch_size", "negatives"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"cloud.{key}", getattr(self, key), "a positive integer")
+        if not self.lr > 0:
+            raise ConfigError("cloud.lr", self.lr, "a positive number")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A whole experiment: one fleet, one or more strategies."""
+
+    experiment: ExperimentSection = field(default_factory=ExperimentSection)
+    data: SyntheticConfig | MovieLensConfig = field(default_factory=SyntheticConfig)
+    profiles: ProfileConfig = field(default_factory=ProfileConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cloud: CloudConfig = field(default_factory=CloudConfig)
+    device: DeviceSettings = field(default_factory=DeviceSettings)
+    strategies: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def source(self) -> str:
+        return "movielens" if isinstance(self.data, MovieLensConfig) else "synthetic"
+
+    def to_toml(self) -> str:
+        """The resolved configuration as TOML (every default spelled out)."""
+        out = []
+        for name in ("experiment", "data", "profiles", "model", "cloud", "device"):
+            table = dataclasses.asdict(getattr(self, name))
+            if name == "data":
+                table = {"source": self.source, **table}
+            out.append(f"[{name}]")
+            out += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+            out.append("")
+        for sname, params in self.strategies.items():
+            out.append(f'[strategies."{sname}"]' if not sname.isidentifier() else f"[strategies.{sname}]")
+            out += [f"{k} = {_toml_value(v)}" for k, v in params.items()]
+            out.append("")
+        return "\n".join(out)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def _coerce(section: str, key: str, value: Any, hint: Any) -> Any:
+    """Check one TOML value against a dataclass field type (int -> float allowed)."""
+    origin = typing.get_origin(hint)
+    name = f"{section}.{key}"
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(name, value, "true or false")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(name, value, "an integer")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(name, value, "a number")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(name, value, "a string")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(name, value, "a list")
+        inner = typing.get_args(hint)[0]
+        return tuple(_coerce(section, key, v, inner) for v in value)
+    return value
+
+
+def build_section(cls: type, table: dict[str, Any], section: str) -> Any:
+    """Construct a config dataclass from a TOML table, with errors naming the key."""
+    if not isinstance(table, dict):
+        raise ConfigError(section, table, "a table")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in table:
+        if key not in names:
+            raise ConfigError(f"{section}.{key}", table[key], f"unknown key; known keys: {', '.join(names)}")
+    kwargs = {k: _coerce(section, k, v, hints[k]) for k, v in table.items()}
+    return cls(**kwargs)
+
+
+def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
+    """Build and validate an ``ExperimentConfig`` from parsed TOML."""
+    known = {"experiment", "data", "profiles", "model", "cloud", "device", "strategies"}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(key, "...", f"unknown section; known sections: {', '.join(sorted(known))}")
+    data = dict(raw.get("data", {}))
+    source = data.pop("source", "synthetic")
+    if source == "synthetic":
+        data_cfg = build_section(SyntheticConfig, data, "data")
+    elif source == "movielens":
+        data_cfg = build_section(MovieLensConfig, data, "data")
+    else:
+        raise ConfigError("data.source", source, "synthetic or movielens")
+    strategies = raw.get("strategies", {})
+    if not isinstance(strategies, dict) or not all(isinstance(v, dict) for v in strategies.values()):
+        raise ConfigError("strategies", strategies, "tables [strategies.<name>] of strategy parameters")
+    exp = build_section(ExperimentSection, raw.get("experiment", {}), "experiment")
+    for sname in strategies:
+        if sname not in exp.strategies:
+            raise ConfigError(f"strategies.{sname}", "...", f"parameters for a strategy not in experiment.strategies {list(exp.strategies)}")
+    return ExperimentConfig(
+        experiment=exp,
+        data=data_cfg,
+        profiles=build_section(ProfileConfig, raw.get("profiles", {}), "profiles"),
+        model=build_section(ModelConfig, raw.get("model", {}), "model"),
+        cloud=build_section(CloudConfig, raw.get("cloud", {}), "cloud"),
+        device=build_section(DeviceSettings, raw.get("device", {}), "device"),
+        strategies={k: dict(v) for k, v in strategies.items()},
+    )
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``section.key=value`` -> (path, value); the value is TOML, else a bare string."""
+    if "=" not in text:
+        raise FleetsimError(f"--set {text!r}: expected section.key=value")
+    path, _, value = text.partition("=")
+    keys = [k.strip() for k in path.strip().split(".")]
+    if len(keys) < 2 or not all(keys):
+        raise FleetsimError(f"--set {text!r}: expected section.key=value")
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()
+    return keys, parsed
+
+
+def load(path: str | Path | None = None, overrides: list[str] = (), seed: int | None = None) -> ExperimentConfig:
+    """Read an experiment file (default: the quickstart), apply ``--set`` and ``--seed``."""
+    p = Path(path) if path else DEFAULT_EXPERIMENT
+    try:
+        raw = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise FleetsimError(f"experiment file not found: {p}") from None
+    except IsADirectoryError:
+        raise FleetsimError(f"experiment file is a directory: {p}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise FleetsimError(f"{p}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise FleetsimError(f"{p}: not a text file") from None
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise FleetsimError(f"--set {text!r}: {k} is not a section")
+        node[keys[-1]] = value
+    if seed is not None:
+        raw.setdefault("experiment", {})["seed"] = seed
+    return from_dict(raw)

@@ -1,0 +1,61 @@
+"""The fleet of one experiment: streams, timeline, hardware profiles and activity buckets.
+
+Built once per experiment and shared by every strategy, so all strategies see the same
+devices, data, availability draws and evaluation samples.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from devices.data import Interactions, Timeline
+from devices.profiles import Profiles, make_profiles
+from simulator import metrics
+
+
+@dataclass
+class Fleet:
+    """Everything about the devices that does not change while strategies run."""
+
+    interactions: Interactions
+    timeline: Timeline
+    profiles: Profiles
+    buckets: np.ndarray  # "head" | "torso" | "tail" per device, by history activity
+    bucket_thresholds: dict
+    source: str
+
+    @property
+    def n_devices(self) -> int:
+        return self.interactions.n_users
+
+    @property
+    def history_counts(self) -> np.ndarray:
+        counts = np.zeros(self.n_devices, dtype=np.int64)
+        hist = self.interactions.times < self.timeline.history_end
+        np.add.at(counts, self.interactions.user_of()[hist], 1)
+        return counts
+
+
+def assemble(inter: Interactions, timeline: Timeline, profiles: Profiles, source: str) -> Fleet:
+    """A fleet from its parts; buckets follow from the history activity."""
+    counts = np.bincount(inter.user_of()[inter.times < timeline.history_end], minlength=inter.n_users)
+    labels, thresholds = metrics.activity_buckets(counts)
+    return Fleet(inter, timeline, profiles, np.asarray(labels, dtype=object), thresholds, source)
+
+
+def build_fleet(cfg) -> Fleet:
+    """The fleet an ``ExperimentConfig`` describes (synthetic or MovieLens)."""
+    from devices import movielens, synthetic
+    from simulator.config import MovieLensConfig
+
+    seed = cfg.experiment.seed
+    if isinstance(cfg.data, MovieLensConfig):
+        inter, epoch = movielens.load_ratings_with_epoch(cfg.data.path)
+        timeline = movielens.movielens_timeline(inter, epoch, cfg.data.n_rounds, cfg.data.history_fraction)
+        source = "movielens"
+    else:
+        syn = synthetic.generate(cfg.data, seed)
+        inter, timeline, source = syn.interactions, syn.timeline, "synthetic"
+    profiles = make_profiles(inter.n_users, cfg.profiles, seed)
+    return assemble(inter, timeline, profiles, source)

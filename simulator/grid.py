@@ -1,0 +1,331 @@
+"""``FleetGrid``: Flower's ``Grid`` interface over the host pool and the simulated clock.
+
+Node id = stable device id. ``get_node_ids()`` lists the devices online at the current
+simulated time; ``send_and_receive`` groups messages by host (one Ray call per host per
+exchange, a record shared by many messages shipped once per host) and answers with Flower
+``Message`` replies, error replies for devices that dropped out, were offline, missed the
+deadline or whose device function failed.
+
+Rounds follow the prequential protocol: when round r begins (the window of round r has
+closed) every device with interactions in that window is scored with the model it holds,
+then the strategy's exchanges of round r run. The round advances when the strategy's
+``evaluate_fn`` hook is called (``FleetGrid.round_hook``) or when a message's config says
+``server-round`` is larger than the current round.
+"""
+from __future__ import annotations
+
+import random
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+from uuid import uuid4
+
+import numpy as np
+from flwr.app import Error, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+
+from devices import profiles as prof
+from devices.pool import HostPool
+from devices.runtime import DeviceApp, Payload
+from simulator import metrics
+from simulator.clock import SimClock
+from simulator.errors import FleetsimError
+from simulator.fleet import Fleet
+from simulator.records import to_payload, to_recorddict
+
+STATUSES = ("idle", "ok", "dropped", "late", "failed")  # a worse status has a higher code
+IDLE, OK, DROPPED, LATE, FAILED = range(5)
+ERR_DROPPED, ERR_LATE, ERR_FAILED, ERR_OFFLINE = 1001, 1002, 1003, 1004
+MAX_WAITS = 2000
+
+
+@dataclass
+class RoundResult:
+    """Everything one round produced: per-device rows, fleet-level facts, pooled scores."""
+
+    round: int
+    devices: dict[str, np.ndarray]
+    info: dict[str, float]
+    histogram: metrics.ScoreHistogram = field(repr=False, default_factory=metrics.ScoreHistogram)
+
+
+class FleetGrid(Grid):
+    """A Flower ``Grid`` whose nodes are simulated devices held by Ray hosts."""
+
+    def __init__(
+        self,
+        fleet: Fleet,
+        pool: HostPool,
+        device_app: DeviceApp,
+        *,
+        seed: int,
+        deadline_s: float,
+        wait_s: float = 300.0,
+        run_id: int = 1,
+        on_round: Callable[[RoundResult], None] | None = None,
+    ) -> None:
+        self.fleet, self.pool, self.app = fleet, pool, device_app
+        self.profiles = fleet.profiles
+        self.seed, self.deadline_s, self.wait_s = seed, deadline_s, wait_s
+        self.on_round = on_round
+        self._run = Run.create_empty(run_id)
+        self.clock = SimClock(0.0)
+        self.round = 0
+        self._finished = 0
+        self._pending: dict[str, Message] = {}
+        self.results: list[RoundResult] = []
+        self.online = np.zeros(fleet.n_devices, dtype=bool)
+
+    # Flower Grid interface ------------------------------------------------------
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        if self.round == 0:
+            self.begin_round(1)
+        return np.flatnonzero(self.online).tolist()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid4().hex
+            self._pending[msg.metadata.message_id] = msg
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        msgs = [self._pending.pop(i) for i in message_ids if i in self._pending]
+        return self._exchange(msgs) if msgs else []
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        # ``timeout`` is wall time in Flower; here time is simulated and the round
+        # deadline plays that role, so it is ignored.
+        return self.pull_messages(self.push_messages(messages))
+
+    # Rounds ----------------------------------------------------------------------
+
+    def round_hook(self, server_round: int, arrays) -> MetricRecord | None:
+        """``evaluate_fn`` for ``Strategy.start``: closes round ``server_round`` and, if
+        another round follows, opens it (its window is scored before its exchanges)."""
+        self.finish_round()
+        if server_round + 1 <= self.fleet.timeline.n_rounds:
+            res = self.begin_round(server_round + 1)
+            return MetricRecord({"window": server_round + 1, **res})
+        return None
+
+    def begin_round(self, r: int) -> dict[str, float]:
+        """Open round ``r``: move the clock to the end of its window, draw who is online,
+        score every device active in the window with the model it holds."""
+        if r <= self.round:
+            return {}
+        if r > self.fleet.timeline.n_rounds:
+            raise FleetsimError(f"the strategy asked for round {r} but the fleet has {self.fleet.timeline.n_rounds}")
+        self.finish_round()
+        self.round, self.exchange, self.wait_step = r, 0, 0
+        self.clock.set(self.fleet.timeline.window(r)[1])
+        self.round_start = self.clock.t
+        self._draw_online()
+        n = self.fleet.n_devices
+        self.selected = np.zeros(n, dtype=bool)
+        self.status = np.zeros(n, dtype=np.int8)
+        self.bytes_down = np.zeros(n)
+        self.bytes_up = np.zeros(n)
+        self.flops = np.zeros(n)
+        self.seconds = np.zeros(n)
+        self.online_at_start = self.online.copy()
+        parts = self.pool.score(r)
+        self.scored = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k != "histogram"}
+        self.histogram = metrics.ScoreHistogram()
+        for p in parts:
+            self.histogram = self.histogram.merge(p["histogram"])
+        auc = self.scored["auc"]
+        return {"uauc": float(np.nanmean(auc)) if np.isfinite(auc).any() else float("nan"),
+                "auc": float(self.histogram.auc()), "active": int(len(auc))}
+
+    def finish_round(self) -> None:
+        """Close the current round: hand its records to ``on_round``."""
+        if self.round == 0 or self._finished == self.round:
+            return
+        self._finished = self.round
+        ids = np.union1d(self.scored["device_id"], np.flatnonzero(self.selected)).astype(np.int64)
+        pos = np.searchsorted(self.scored["device_id"], ids)
+        pos = np.clip(pos, 0, max(len(self.scored["device_id"]) - 1, 0))
+        found = (len(self.scored["device_id"]) > 0) & (self.scored["device_id"][pos] == ids) if len(ids) else np.zeros(0, bool)
+        order = np.argsort(self.scored["device_id"], kind="stable")
+        sc = {k: v[order] for k, v in self.scored.items()}
+        cols: dict[str, np.ndarray] = {
+            "round": np.full(len(ids), self.round, dtype=np.int32),
+            "device_id": ids,
+            "online": self.online_at_start[ids],
+            "selected": self.selected[ids],
+            "status": np.array(STATUSES, dtype=object)[self.status[ids]],
+        }
+        for k in ("auc", "ndcg10", "hr10", "logloss"):
+            v = np.full(len(ids), np.nan)
+            v[found] = sc[k][pos[found]]
+            cols[k] = v
+        for k in ("n_pos", "n_neg"):
+            v = np.zeros(len(ids), dtype=np.int64)
+            v[found] = sc[k][pos[found]]
+            cols[k] = v
+        cols.update(bytes_down=self.bytes_down[ids].astype(np.int64), bytes_up=self.bytes_up[ids].astype(np.int64),
+                    device_flops=self.flops[ids], device_seconds=self.seconds[ids],
+                    bucket=self.fleet.buckets[ids])
+        st = self.status[self.selected]
+        info = {
+            "round": self.round, "t_start": self.round_start, "latency_s": self.clock.t - self.round_start,
+            "online": int(self.online_at_start.sum()), "active": int(len(self.scored["device_id"])),
+            "selected": int(self.selected.sum()), "exchanges": self.exchange,
+            **{name: int((st == code).sum()) for code, name in enumerate(STATUSES) if code != IDLE},
+        }
+        result = RoundResult(self.round, cols, info, self.histogram)
+        self.results.append(result)
+        if self.on_round:
+            self.on_round(result)
+
+    def _draw_online(self) -> None:
+        tl = self.fleet.timeline
+        self.online = prof.draw_online(self.profiles, self.clock.t, self.seed, self.round,
+                                       step=self.wait_step, start_clock=tl.start_clock)
+
+    def wait(self, _wall_seconds: float = 1.0) -> None:
+        """What Flower's "waiting for nodes" means here: simulated time passes and
+        availability is drawn again (never a wall-clock sleep)."""
+        self.wait_step += 1
+        if self.wait_step > MAX_WAITS:
+            raise FleetsimError(
+                f"round {self.round}: the strategy waits for more devices than are ever online "
+                f"(at most {int(self.online.sum())} of {self.fleet.n_devices})")
+        self.clock.advance(self.wait_s)
+        self._draw_online()
+
+    # One exchange ------------------------------------------------------------------
+
+    def _exchange(self, msgs: list[Message]) -> list[Message]:
+        for m in msgs:
+            cfg_round = _server_round(m)
+            if cfg_round is not None and cfg_round > self.round:
+                self.begin_round(cfg_round)
+        if self.round == 0:
+            self.begin_round(1)
+        self.exchange += 1
+        dst = np.array([m.metadata.dst_node_id for m in msgs], dtype=np.int64)
+        if dst.size and (dst.min() < 0 or dst.max() >= self.fleet.n_devices):
+            raise FleetsimError(f"message to unknown node {int(dst[(dst < 0) | (dst >= self.fleet.n_devices)][0])}")
+        failed_draw = prof.draw_failures(self.profiles, self.seed, self.round, self.exchange)
+        offline = ~self.online[dst]
+        dropped = failed_draw[dst] | offline
+        self.selected[dst] = True
+
+        payloads: dict[int, Payload] = {}
+        down = np.zeros(len(msgs))
+        jobs: dict[tuple[int, int, str], list[int]] = {}
+        for i, m in enumerate(msgs):
+            key = id(m.content)
+            if key not in payloads:
+                payloads[key] = to_payload(m.content)
+            if not dropped[i]:
+                down[i] = payloads[key].nbytes()
+                jobs.setdefault((int(self.pool.host_of[dst[i]]), key, m.metadata.message_type), []).append(i)
+
+        per_host: list[list] = [[] for _ in range(self.pool.n_hosts)]
+        per_host_idx: list[list[list[int]]] = [[] for _ in range(self.pool.n_hosts)]
+        unrouted: dict[int, str] = {}
+        for (h, key, mtype), idx in jobs.items():
+            try:
+                fn = self.app.function_for(mtype)
+            except KeyError as exc:
+                unrouted.update({i: str(exc) for i in idx})
+                continue
+            idx = sorted(idx, key=lambda i: dst[i])
+            per_host[h].append((fn, payloads[key], dst[idx]))
+            per_host_idx[h].append(idx)
+        ordered = [idx for host_jobs in per_host_idx for idx in host_jobs]  # pool.run's order
+        results = self.pool.run(self.round, self.exchange, per_host)
+
+        reply_payload: list[Payload | None] = [None] * len(msgs)
+        error: dict[int, tuple[int, str]] = {i: (ERR_FAILED, r) for i, r in unrouted.items()}
+        flops, up = np.zeros(len(msgs)), np.zeros(len(msgs))
+        for idx, res in zip(ordered, results):
+            idx = np.asarray(idx)
+            flops[idx] = res.flops
+            up[idx] = res.bytes_up
+            for j, i in enumerate(idx):
+                if res.replies is None:
+                    error[int(i)] = (ERR_FAILED, res.error)
+                else:
+                    reply_payload[int(i)] = res.replies[j]
+
+        live = ~dropped
+        timing = SimClock.exchange(self.profiles.subset(dst[live]), down[live], up[live], flops[live], self.deadline_s)
+        seconds = np.zeros(len(msgs))
+        seconds[live] = timing.seconds
+        late = np.zeros(len(msgs), dtype=bool)
+        late[live] = timing.late
+
+        status = np.full(len(msgs), OK, dtype=np.int8)
+        status[dropped] = DROPPED
+        status[late] = LATE
+        for i in error:
+            status[i] = FAILED
+        np.maximum.at(self.status, dst, status)
+        np.add.at(self.bytes_down, dst, down)
+        np.add.at(self.bytes_up, dst, np.where(live, up, 0))
+        np.add.at(self.flops, dst, np.where(live, flops, 0))
+        np.add.at(self.seconds, dst, seconds)
+        self.clock.advance(timing.latency)
+
+        replies = []
+        for i, m in enumerate(msgs):
+            if status[i] == OK:
+                replies.append(Message(to_recorddict(reply_payload[i]), reply_to=m))
+            elif status[i] == FAILED:
+                code, reason = error[i]
+                replies.append(Message(Error(code=code, reason=reason), reply_to=m))
+            elif status[i] == LATE:
+                replies.append(Message(Error(code=ERR_LATE, reason=f"late: {seconds[i]:.0f} s > deadline {self.deadline_s:.0f} s"), reply_to=m))
+            elif offline[i]:
+                replies.append(Message(Error(code=ERR_OFFLINE, reason="offline"), reply_to=m))
+            else:
+                replies.append(Message(Error(code=ERR_DROPPED, reason="dropped out"), reply_to=m))
+        return replies
+
+
+def _server_round(m: Message) -> int | None:
+    for rec in m.content.config_records.values():
+        if "server-round" in rec:
+            return int(rec["server-round"])
+    return None
+
+
+@contextmanager
+def flower_patched(grid: FleetGrid, seed: int) -> Iterator[None]:
+    """Run Flower strategies on the simulated clock with reproducible node sampling.
+
+    Flower's ``sample_nodes`` sleeps one wall second per retry and samples with the
+    global ``random``; for the duration of a run it gets a seeded ``random.Random`` and a
+    ``sleep`` that advances simulated time instead.
+    """
+    import flwr.serverapp.strategy.strategy_utils as su
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (su.random, su.sleep, TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    su.random = random.Random(seed)
+    su.sleep = grid.wait
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = grid.run.run_id, SUPERLINK_NODE_ID, 1
+    try:
+        yield
+    finally:
+        su.random, su.sleep = saved[0], saved[1]
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved[2:]

@@ -1,0 +1,39 @@
+"""The only place that converts between Flower records and fleetsim's plain payloads."""
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from devices.runtime import Payload
+
+
+def to_payload(content: RecordDict) -> Payload:
+    """Flower ``RecordDict`` -> ``Payload`` (arrays decoded to numpy once)."""
+    p = Payload()
+    for name, rec in content.array_records.items():
+        p.arrays[name] = {k: v.numpy() for k, v in rec.items()}
+    for name, rec in content.metric_records.items():
+        p.metrics[name] = dict(rec)
+    for name, rec in content.config_records.items():
+        p.configs[name] = dict(rec)
+    return p
+
+
+def to_recorddict(payload: Payload) -> RecordDict:
+    """``Payload`` -> Flower ``RecordDict``."""
+    rd = RecordDict()
+    for name, arrays in payload.arrays.items():
+        rd[name] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    for name, rec in payload.metrics.items():
+        rd[name] = MetricRecord(dict(rec))
+    for name, rec in payload.configs.items():
+        rd[name] = ConfigRecord(dict(rec))
+    return rd
+
+
+def arrays_of(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})

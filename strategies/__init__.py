@@ -1,0 +1,1 @@
+"""fleetsim strategies: one file per strategy, each a Flower strategy plus its device functions."""

@@ -1,0 +1,40 @@
+"""FedAvg: Flower's own FedAvg on the server side, plus its device function.
+
+Device half: ``train`` adopts the received global model (the device now predicts with
+it), trains a copy of it on its recent data for ``local-steps`` full-batch SGD steps and
+uploads the trained weights with its example count, which Flower's FedAvg uses to weight
+the average.
+"""
+from __future__ import annotations
+
+from flwr.app import MessageType
+from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
+
+from devices.runtime import DeviceApp, DeviceContext, Payload, train_held_models
+
+
+def train(ctx: DeviceContext, payload: Payload) -> list[Payload]:
+    """Adopt the global model, train a copy locally, upload it with the example count."""
+    ctx.hold(payload.arrays["arrays"])
+    cfg = payload.config()
+    new, losses, counts = train_held_models(ctx, int(cfg.get("local-steps", ctx.settings.local_steps)),
+                                            float(cfg.get("lr", ctx.settings.lr)))
+    arrays = {k: v.numpy() for k, v in new.items()}
+    return [
+        Payload(arrays={"arrays": {k: v[j] for k, v in arrays.items()}},
+                metrics={"metrics": {"num-examples": int(counts[j]), "train_loss": float(losses[j])}})
+        for j in range(len(ctx))
+    ]
+
+
+class FedAvg(FlowerFedAvg):
+    """Flower's FedAvg with fleet-friendly defaults (10 % of online devices per round,
+    no federated evaluation round: the simulator scores every device prequentially)."""
+
+    device_app = DeviceApp({MessageType.TRAIN: train})
+
+    def __init__(self, fraction_train: float = 0.1, fraction_evaluate: float = 0.0,
+                 min_train_nodes: int = 2, min_evaluate_nodes: int = 0, min_available_nodes: int = 2, **kwargs) -> None:
+        super().__init__(fraction_train=fraction_train, fraction_evaluate=fraction_evaluate,
+                         min_train_nodes=min_train_nodes, min_evaluate_nodes=min_evaluate_nodes,
+                         min_available_nodes=min_available_nodes, **kwargs)
