@@ -54,7 +54,10 @@ def init_ray(address: str | None) -> None:
         include_dashboard=False,
         log_to_driver=False,
         configure_logging=False,
-        runtime_env={"env_vars": {"FLWR_TELEMETRY_ENABLED": "0"}},
+        # Hosts import device functions by module: give them the driver's import path
+        # (user strategies living next to the experiment included).
+        runtime_env={"env_vars": {"FLWR_TELEMETRY_ENABLED": "0",
+                                  "PYTHONPATH": os.pathsep.join([os.getcwd(), *filter(None, [os.environ.get("PYTHONPATH")])])}},
     )
 
 

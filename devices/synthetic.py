@@ -13,7 +13,9 @@ Generative model (one user = one device):
   ``mean_daily_interactions``: a few heavy users, a long tail of light ones.
 - Drift of ``u_p`` across rounds: ``none`` constant; ``gradual`` a random walk whose step has
   norm ~ ``drift_rate`` times the taste norm, projected back to the user's taste norm (the
-  direction drifts, the strength of taste does not); ``sudden`` at each round in
+  direction drifts, the strength of taste does not; the realised move per round is
+  ~ ``drift_rate * sqrt(1 - 1/d) / sqrt(1 + drift_rate**2)`` of the norm, the radial part of
+  the step being projected away); ``sudden`` at each round in
   ``drift_rounds`` a seeded random ``drift_fraction`` of users jump to a fresh taste;
   ``recurring`` rounds alternate between taste A (the history taste) and an independent
   taste B, ``drift_period`` rounds each, starting with A.
@@ -32,7 +34,7 @@ from simulator.errors import ConfigError
 DRIFT_KINDS = ("none", "gradual", "sudden", "recurring")
 
 _SYNTH_TAG = int.from_bytes(b"synthetic", "big")
-# Rows (user-periods) per chunk of the item sampler: bounds the (rows x items) work arrays.
+# Cells (rows x items) per chunk of the item sampler: bounds its work arrays to ~16 MB.
 _SAMPLER_CELLS = 1 << 22
 
 

@@ -6,6 +6,7 @@ and exit code 2; results already written are never touched.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -16,6 +17,13 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 from simulator.errors import FleetsimError  # noqa: E402
 
 EXIT_USAGE = 2
+
+
+def _drop_expected_flower_warning(record: logging.LogRecord) -> bool:
+    # fleetsim's FedAvg turns Flower's federated evaluation off on purpose (every device
+    # is scored prequentially); Flower's warning about it would put a second line on
+    # stderr next to a one-line error.
+    return not record.getMessage().startswith("fraction_evaluate is set to 0.0")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,6 +62,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    logging.getLogger("flwr").addFilter(_drop_expected_flower_warning)  # no-op if already added
     if args.command is None:
         _parser().print_help()
         return EXIT_USAGE

@@ -47,6 +47,8 @@ class ExperimentSection:
             if s not in SHORT_NAMES and ":" not in s:
                 raise ConfigError("experiment.strategies", s,
                                   f"a short name ({', '.join(SHORT_NAMES)}) or an import path 'package.module:Class'")
+        if not 0 <= self.seed < 2**63:  # numpy SeedSequence rejects negatives, torch > 64 bits
+            raise ConfigError("experiment.seed", self.seed, "an integer in [0, 2**63)")
         if self.hosts < 0:
             raise ConfigError("experiment.hosts", self.hosts, "0 (one per CPU) or a positive integer")
         for key in ("deadline_s", "wait_s"):
@@ -91,13 +93,15 @@ class ModelConfig:
 class CloudConfig:
     """``[cloud]``: training of the cloud model on history data (shared by all strategies)."""
 
-    epochs: int = 3
+    epochs: int = 3  # 0 = devices start from an untrained model
     lr: float = 0.005
     batch_size: int = 512
     negatives: int = 4
 
     def __post_init__(self) -> None:
-        for key in ("epochs", "batch_size", "negatives"):
+        if self.epochs < 0:
+            raise ConfigError("cloud.epochs", self.epochs, "0 (install an untrained model) or a positive integer")
+        for key in ("batch_size", "negatives"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"cloud.{key}", getattr(self, key), "a positive integer")
         if not self.lr > 0:
@@ -196,7 +200,10 @@ def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
     for key in raw:
         if key not in known:
             raise ConfigError(key, "...", f"unknown section; known sections: {', '.join(sorted(known))}")
-    data = dict(raw.get("data", {}))
+    data = raw.get("data", {})
+    if not isinstance(data, dict):
+        raise ConfigError("data", data, "a table")
+    data = dict(data)
     source = data.pop("source", "synthetic")
     if source == "synthetic":
         data_cfg = build_section(SyntheticConfig, data, "data")
@@ -259,5 +266,8 @@ def load(path: str | Path | None = None, overrides: list[str] = (), seed: int | 
                 raise FleetsimError(f"--set {text!r}: {k} is not a section")
         node[keys[-1]] = value
     if seed is not None:
-        raw.setdefault("experiment", {})["seed"] = seed
+        exp = raw.setdefault("experiment", {})
+        if not isinstance(exp, dict):
+            raise ConfigError("experiment", exp, "a table")
+        exp["seed"] = seed
     return from_dict(raw)

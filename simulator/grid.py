@@ -157,12 +157,11 @@ class FleetGrid(Grid):
         if self.round == 0 or self._finished == self.round:
             return
         self._finished = self.round
-        ids = np.union1d(self.scored["device_id"], np.flatnonzero(self.selected)).astype(np.int64)
-        pos = np.searchsorted(self.scored["device_id"], ids)
-        pos = np.clip(pos, 0, max(len(self.scored["device_id"]) - 1, 0))
-        found = (len(self.scored["device_id"]) > 0) & (self.scored["device_id"][pos] == ids) if len(ids) else np.zeros(0, bool)
         order = np.argsort(self.scored["device_id"], kind="stable")
         sc = {k: v[order] for k, v in self.scored.items()}
+        ids = np.union1d(sc["device_id"], np.flatnonzero(self.selected)).astype(np.int64)
+        pos = np.clip(np.searchsorted(sc["device_id"], ids), 0, max(len(sc["device_id"]) - 1, 0))
+        found = sc["device_id"][pos] == ids if len(sc["device_id"]) else np.zeros(len(ids), dtype=bool)
         cols: dict[str, np.ndarray] = {
             "round": np.full(len(ids), self.round, dtype=np.int32),
             "device_id": ids,

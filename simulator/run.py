@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import os
+import sys
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -33,6 +35,8 @@ from simulator.results import RunWriter
 def resolve_strategy(name: str) -> type:
     """A strategy class from a short name or an import path ``package.module:Class``."""
     path = SHORT_NAMES.get(name, name)
+    if os.getcwd() not in sys.path:  # user strategies next to the experiment, as `python -m` would
+        sys.path.insert(0, os.getcwd())
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
         raise ConfigError("experiment.strategies", name, "a short name or 'package.module:Class'")
@@ -118,8 +122,9 @@ def run_experiment(cfg: ExperimentConfig, out: str, *, ray_address: str | None =
     c = cfg.cloud
     initial, losses = train_cloud_model(fleet.interactions, fleet.timeline.history_end, spec, epochs=c.epochs, lr=c.lr,
                                         batch_size=c.batch_size, negatives=c.negatives, seed=seed)
-    log(f"fleet: {fleet.n_devices} devices ({fleet.source}), {fleet.timeline.n_rounds} rounds; cloud model trained "
-        f"on history in {time.perf_counter() - t0:.1f} s (loss {losses[0]:.3f} -> {losses[-1]:.3f})")
+    trained = f"(loss {losses[0]:.3f} -> {losses[-1]:.3f})" if losses else "(untrained: cloud.epochs = 0)"
+    log(f"fleet: {fleet.n_devices} devices ({fleet.source}), {fleet.timeline.n_rounds} rounds; cloud model "
+        f"ready in {time.perf_counter() - t0:.1f} s {trained}")
     pool = HostPool(fleet.interactions, fleet.timeline, spec, cfg.device, seed, n_hosts=cfg.experiment.hosts,
                     use_ray=use_ray, ray_address=ray_address)
     n_rounds = fleet.timeline.n_rounds

@@ -1,0 +1,1 @@
+"""Example user strategies (plugged in by import path, e.g. ``examples.head_finetune:HeadFinetune``)."""

@@ -1,0 +1,56 @@
+"""Shared fixtures: small fleets built from typed configs (no TOML, no Ray unless asked)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+from devices.models import ModelSpec  # noqa: E402
+from devices.pool import HostPool  # noqa: E402
+from simulator import config  # noqa: E402
+from simulator.cloud import train_cloud_model  # noqa: E402
+from simulator.fleet import build_fleet  # noqa: E402
+
+
+def small_config(**sections) -> config.ExperimentConfig:
+    """A tiny synthetic experiment; ``sections`` override TOML-like tables."""
+    raw = {
+        "experiment": {"seed": 3, "strategies": ["cloud_only", "local_finetune", "fedavg"]},
+        "data": {"n_devices": 40, "n_items": 150, "n_rounds": 3, "mean_daily_interactions": 4.0, "history_days": 7.0},
+        "cloud": {"epochs": 1},
+    }
+    for name, table in sections.items():
+        raw.setdefault(name, {}).update(table)
+    return config.from_dict(raw)
+
+
+class SmallWorld:
+    """A fleet, its cloud model and an in-process host pool."""
+
+    def __init__(self, cfg: config.ExperimentConfig, n_hosts: int = 2) -> None:
+        self.cfg = cfg
+        self.fleet = build_fleet(cfg)
+        self.spec = ModelSpec(n_items=self.fleet.interactions.n_items)
+        self.initial, _ = train_cloud_model(self.fleet.interactions, self.fleet.timeline.history_end, self.spec,
+                                            epochs=cfg.cloud.epochs, lr=cfg.cloud.lr, batch_size=cfg.cloud.batch_size,
+                                            negatives=cfg.cloud.negatives, seed=cfg.experiment.seed)
+        self.pool = HostPool(self.fleet.interactions, self.fleet.timeline, self.spec, cfg.device,
+                             cfg.experiment.seed, n_hosts=n_hosts, use_ray=False)
+        self.pool.reset(self.initial)
+
+
+@pytest.fixture
+def always_online_world() -> SmallWorld:
+    return SmallWorld(small_config(profiles={"online_peak": 1.0, "online_trough": 1.0, "failure_rate": 0.0}))
+
+
+@pytest.fixture
+def world() -> SmallWorld:
+    return SmallWorld(small_config())
+
+
+def numbers_equal(a: dict, b: dict) -> bool:
+    return all(np.array_equal(a[k], b[k]) for k in a)
