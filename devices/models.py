@@ -106,14 +106,18 @@ def encode(params: dict[str, torch.Tensor], windows: torch.Tensor) -> torch.Tens
     h = x.new_zeros(m, n, d)
     w_ih, w_hh, b = params["gru.w_ih"], params["gru.w_hh"], params["gru.b"].unsqueeze(1)
     gi_all = torch.matmul(x.reshape(m, n * L, d), w_ih).reshape(m, n, L, 3 * d) + b.unsqueeze(2)
+    # unbind, not gi_all[:, :, t]: each select's backward would zero-fill a full-size grad
+    steps, masks = gi_all.unbind(2), mask.unbind(2)
     for t in range(L):
-        gi = gi_all[:, :, t]
+        gi = steps[t]
         gh = torch.matmul(h, w_hh)
-        r = torch.sigmoid(gi[..., :d] + gh[..., :d])
-        z = torch.sigmoid(gi[..., d : 2 * d] + gh[..., d : 2 * d])
-        c = torch.tanh(gi[..., 2 * d :] + r * gh[..., 2 * d :])
+        i_r, i_z, i_n = gi.chunk(3, -1)  # chunk, not slices: no zero-filled grads
+        h_r, h_z, h_n = gh.chunk(3, -1)
+        r = torch.sigmoid(i_r + h_r)
+        z = torch.sigmoid(i_z + h_z)
+        c = torch.tanh(i_n + r * h_n)
         h_new = (1 - z) * c + z * h
-        mt = mask[:, :, t]
+        mt = masks[t]
         h = mt * h_new + (1 - mt) * h
     return h
 
