@@ -83,7 +83,7 @@ class DeviceSettings:
             v = getattr(self, key)
             if not isinstance(v, int) or v <= 0:
                 raise ConfigError(f"device.{key}", v, "a positive integer")
-        if not self.lr > 0:
+        if not 0 < self.lr < float("inf"):
             raise ConfigError("device.lr", self.lr, "a positive number")
 
 

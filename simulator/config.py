@@ -104,7 +104,7 @@ class CloudConfig:
         for key in ("batch_size", "negatives"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"cloud.{key}", getattr(self, key), "a positive integer")
-        if not self.lr > 0:
+        if not 0 < self.lr < float("inf"):
             raise ConfigError("cloud.lr", self.lr, "a positive number")
 
 

@@ -84,6 +84,7 @@ class RunWriter:
 
     def __init__(self, out: str | Path) -> None:
         self.dir = Path(out)
+        self._created = not self.dir.exists()
         if self.dir.exists() and not self.dir.is_dir():
             raise FleetsimError(f"--out {self.dir}: exists and is not a directory")
         if (self.dir / "config.toml").exists() or (self.dir / "summary.json").exists():
@@ -96,6 +97,11 @@ class RunWriter:
         except OSError as exc:
             raise FleetsimError(f"--out {self.dir}: not writable ({exc.strerror or exc})") from None
         self.summary: dict[str, Any] = {"layout_version": LAYOUT_VERSION, "strategies": {}}
+
+    def discard_if_empty(self) -> None:
+        """Remove the run folder again if this writer created it and wrote nothing."""
+        if self._created and self.dir.is_dir() and not any(self.dir.iterdir()):
+            self.dir.rmdir()
 
     def write_config(self, toml_text: str) -> None:
         _atomic_write_bytes(self.dir / "config.toml", toml_text.encode())

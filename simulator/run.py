@@ -53,6 +53,8 @@ def resolve_strategy(name: str) -> type:
 def make_strategy(name: str, params: dict[str, Any]) -> Strategy:
     """Instantiate and check a strategy: a Flower ``Strategy`` with a ``device_app``."""
     cls = resolve_strategy(name)
+    if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+        raise ConfigError("experiment.strategies", name, "a subclass of flwr.serverapp.strategy.Strategy")
     sig = inspect.signature(cls)
     has_var_kw = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
     for key in params:
@@ -62,9 +64,11 @@ def make_strategy(name: str, params: dict[str, Any]) -> Strategy:
     try:
         strategy = cls(**params)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"strategies.{name}", params, str(exc).splitlines()[0]) from None
-    if not isinstance(strategy, Strategy):
-        raise ConfigError("experiment.strategies", name, "a subclass of flwr.serverapp.strategy.Strategy")
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        key, sep, rest = msg.partition(" = ")
+        if sep and key in params:  # our strategies say "param = value: what is allowed"
+            raise ConfigError(f"strategies.{name}.{key}", params[key], rest.partition(": ")[2] or rest) from None
+        raise ConfigError(f"strategies.{name}", params, msg) from None
     if not isinstance(getattr(strategy, "device_app", None), DeviceApp):
         raise ConfigError("experiment.strategies", name, "a strategy with a device_app (devices.runtime.DeviceApp)")
     return strategy
@@ -112,10 +116,14 @@ def run_experiment(cfg: ExperimentConfig, out: str, *, ray_address: str | None =
                    progress: bool = True, log=print) -> dict[str, Any]:
     """Run every strategy of ``cfg`` on one fleet; write results to ``out``; return the summary."""
     writer = RunWriter(out)  # fail on a bad --out before any expensive work
-    strategies = [(name, make_strategy(name, cfg.strategies.get(name, {}))) for name in cfg.experiment.strategies]
+    try:
+        strategies = [(name, make_strategy(name, cfg.strategies.get(name, {}))) for name in cfg.experiment.strategies]
+        t0 = time.perf_counter()
+        fleet = build_fleet(cfg)
+    except FleetsimError:
+        writer.discard_if_empty()  # leave no empty run folder behind for bad input
+        raise
     seed = cfg.experiment.seed
-    t0 = time.perf_counter()
-    fleet = build_fleet(cfg)
     writer.write_config(cfg.to_toml())
     writer.write_fleet(fleet)
     spec = ModelSpec(n_items=fleet.interactions.n_items, backbone=cfg.model.backbone, dim=cfg.model.dim, window=cfg.model.window)

@@ -8,6 +8,21 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 
+def check_fraction(key: str, value: object) -> float:
+    """A fraction in (0, 1]; raises ValueError naming the parameter."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"{key} = {value!r}: must be a number in (0, 1]")
+    return float(value)
+
+
+def check_positive(key: str, value: object, integer: bool = False) -> float | int:
+    """A positive (integer) number; raises ValueError naming the parameter."""
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not 0 < value < float("inf"):
+        raise ValueError(f"{key} = {value!r}: must be a positive {'integer' if integer else 'number'}")
+    return value
+
+
 def sample_fraction(grid: Grid, fraction: float, minimum: int) -> list[int]:
     """``fraction`` of the online nodes (at least ``minimum``), sampled like Flower's FedAvg."""
     if fraction <= 0:

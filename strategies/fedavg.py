@@ -11,6 +11,7 @@ from flwr.app import MessageType
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
 from devices.runtime import DeviceApp, DeviceContext, Payload, train_held_models
+from strategies.common import check_fraction
 
 
 def train(ctx: DeviceContext, payload: Payload) -> list[Payload]:

@@ -15,7 +15,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from devices.runtime import DeviceApp, DeviceContext, Payload, train_held_models
-from strategies.common import mean_metrics, sample_fraction
+from strategies.common import check_fraction, check_positive, mean_metrics, sample_fraction
 
 
 def train(ctx: DeviceContext, payload: Payload) -> list[Payload]:
@@ -33,9 +33,9 @@ class LocalFinetune(Strategy):
     device_app = DeviceApp({MessageType.TRAIN: train})
 
     def __init__(self, fraction_train: float = 1.0, local_steps: int | None = None, lr: float | None = None) -> None:
-        if not 0 < fraction_train <= 1:
-            raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train}")
-        self.fraction_train, self.local_steps, self.lr = fraction_train, local_steps, lr
+        self.fraction_train = check_fraction("fraction_train", fraction_train)
+        self.local_steps = None if local_steps is None else check_positive("local_steps", local_steps, integer=True)
+        self.lr = None if lr is None else check_positive("lr", lr)
 
     def summary(self) -> None:
         pass

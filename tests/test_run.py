@@ -103,3 +103,19 @@ def test_fleetgrid_and_flower_engine_aggregate_the_same_weights(always_online_wo
     assert moved > 1e-3  # training really changed the model
     for k in ours:
         np.testing.assert_allclose(ours[k], theirs[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, params, needle", [
+    ("fedavg", {"fraction_train": "x"}, "strategies.fedavg.fraction_train"),
+    ("fedavg", {"fraction_train": -1}, "strategies.fedavg.fraction_train"),
+    ("fedavg", {"min_train_nodes": 1.5}, "strategies.fedavg.min_train_nodes"),
+    ("local_finetune", {"local_steps": "x"}, "strategies.local_finetune.local_steps"),
+    ("local_finetune", {"lr": 0}, "strategies.local_finetune.lr"),
+    ("builtins:int", {}, "subclass of flwr.serverapp.strategy.Strategy"),
+    ("os:path", {}, "subclass of flwr.serverapp.strategy.Strategy"),
+])
+def test_bad_strategy_parameters_name_the_key(name, params, needle):
+    from simulator.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        make_strategy(name, params)
