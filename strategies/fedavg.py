@@ -36,6 +36,13 @@ class FedAvg(FlowerFedAvg):
 
     def __init__(self, fraction_train: float = 0.1, fraction_evaluate: float = 0.0,
                  min_train_nodes: int = 2, min_evaluate_nodes: int = 0, min_available_nodes: int = 2, **kwargs) -> None:
+        check_fraction("fraction_train", fraction_train)
+        if isinstance(fraction_evaluate, bool) or not isinstance(fraction_evaluate, (int, float)) or not 0 <= fraction_evaluate <= 1:
+            raise ValueError(f"fraction_evaluate = {fraction_evaluate!r}: must be a number in [0, 1]")
+        for key, v in (("min_train_nodes", min_train_nodes), ("min_evaluate_nodes", min_evaluate_nodes),
+                       ("min_available_nodes", min_available_nodes)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{key} = {v!r}: must be a non-negative integer")
         super().__init__(fraction_train=fraction_train, fraction_evaluate=fraction_evaluate,
                          min_train_nodes=min_train_nodes, min_evaluate_nodes=min_evaluate_nodes,
                          min_available_nodes=min_available_nodes, **kwargs)
