@@ -287,7 +287,7 @@ def table(res: dict[str, Any]) -> str:
         s = res[e]
         lines.append(f"{e:>9}: warm median round {s['median_round_s']:.2f} s (exchange {s['median_exchange_s']:.2f} s), "
                      f"{s['device_rounds_per_s']:.0f} device-rounds/s over rounds {s['warm_rounds']}, "
-                     f"first round {s['first_round_s']:.2f} s")
+                     f"first round {s['first_round_s']:.2f} s; 1-min load {s['load_1min'][0]:.1f} -> {s['load_1min'][1]:.1f}")
     if "ratio" in res:
         lines.append(f"    ratio: FleetGrid / Flower = {res['ratio']:.1f}x device-rounds/s "
                      f"(bar >= 10, goal >= 50)")
@@ -350,12 +350,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         pass
 
     if not args.skip_fleetgrid:
-        print("running FleetGrid ...", flush=True)
+        print(f"running FleetGrid (load {os.getloadavg()[0]:.2f}) ...", flush=True)
+        load0 = os.getloadavg()[0]
         res["fleetgrid"] = run_fleetgrid(cfg, fleet, spec, initial, args)
+        res["fleetgrid"]["load_1min"] = [load0, os.getloadavg()[0]]  # another job on the machine skews timings
         quiet()
     if not args.skip_flower:
         print(f"running Flower run_simulation (load {os.getloadavg()[0]:.2f}) ...", flush=True)
+        load0 = os.getloadavg()[0]
         res["flower"] = run_flower(cfg, initial, args)
+        res["flower"]["load_1min"] = [load0, os.getloadavg()[0]]
         quiet()
     if "fleetgrid" in res and "flower" in res:
         res["ratio"] = res["fleetgrid"]["device_rounds_per_s"] / res["flower"]["device_rounds_per_s"]

@@ -119,3 +119,26 @@ def test_bad_strategy_parameters_name_the_key(name, params, needle):
 
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
         make_strategy(name, params)
+
+
+@pytest.mark.slow
+def test_joining_a_two_node_ray_cluster_gives_the_in_process_results(tmp_path):
+    # --ray-address: hosts run on an existing (here: two-raylet) cluster; the records are
+    # the same as with in-process hosts, because no draw depends on where a device runs.
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cfg = small_config(experiment={"strategies": ["local_finetune"], "hosts": 0})
+    run_experiment(cfg, str(tmp_path / "local"), use_ray=False, progress=False, log=quiet)
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    try:
+        run_experiment(cfg, str(tmp_path / "cluster"), ray_address=cluster.address, progress=False, log=quiet)
+        assert len({n["NodeID"] for n in ray.nodes() if n["Alive"]}) == 2
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    pd.testing.assert_frame_equal(read_devices(tmp_path / "local", "local_finetune"),
+                                  read_devices(tmp_path / "cluster", "local_finetune"))
