@@ -1,4 +1,4 @@
-"""The recommender backbone as pure functions of a parameter dict, batched over devices.
+"""The recommender backbones as pure functions of a parameter dict, batched over devices.
 
 Every parameter tensor carries a leading *model* dimension ``M``: ``M = 1`` for one
 shared model (the cloud model, or all devices holding the same version) and ``M = B``
@@ -6,11 +6,25 @@ when B devices each train or score their own copy. Samples carry the same leadin
 dimension, so one call trains or scores many personalised models at once
 (``forward(params, windows[M, N, L], candidates[M, N, C]) -> scores[M, N, C]``), and the
 gradient of the summed loss is each model's own gradient because models never mix.
+A parameter or sample tensor with ``M = 1`` broadcasts against ``M = B`` ones (e.g. a
+shared body with per-device heads).
 
-GRU4Rec-style backbone (METHODS.md): item embeddings (dim 32) and a GRU over the last
-L items form the *body*; a two-layer 32x32 user tower forms the *head*; a candidate's
-score is ``user_vector . (W_t e_item) + b_item``. ``HEAD_KEYS`` names the head so DUET
-and MetaPatch can swap or patch it.
+Three backbones (METHODS.md, "Shared setting"; embedding dim d = 32). All share the item
+tables ``item_emb`` and ``item_bias``; every other name carries its part's prefix.
+
+- **GRU4Rec**: a GRU over the last L items (``gru.*``) forms the *body*; a two-layer
+  32x32 user tower (``head.*``) the *head*; a candidate's score is
+  ``user . (W_t e_item) + b_item`` (``target.w`` is body).
+- **SASRec**: item + learned position embeddings, one post-LayerNorm Transformer encoder
+  layer (4 heads, ReLU FFN 128; ``sas.*``), the last position's output -> the same user
+  tower head and score as GRU4Rec.
+- **DIN**: target attention over the window (``din.att.*``, the activation unit) pools
+  the history per candidate; [interest, e_target] (2d = 64) -> the classifier
+  64 -> 128 -> 64 -> 1 (``head.*``, the head) + ``b_item``.
+
+``forward`` finds the backbone from a marker key (``BACKBONE_MARKERS``), so callers never
+pass it; ``ModelSpec.head_keys()`` names each backbone's head (``HEAD_KEYS`` is GRU4Rec's
+and SASRec's) so DUET and MetaPatch can swap or patch it.
 """
 from __future__ import annotations
 
@@ -23,13 +37,21 @@ import torch
 from simulator.errors import ConfigError
 
 PAD = -1  # item id used to left-pad windows shorter than L
-HEAD_KEYS = ("head.w1", "head.b1", "head.w2", "head.b2")
-BACKBONES = ("gru4rec",)
+BACKBONES = ("gru4rec", "din", "sasrec")
+HEAD_KEYS = ("head.w1", "head.b1", "head.w2", "head.b2")  # user tower of GRU4Rec and SASRec
+DIN_HEAD_KEYS = (*HEAD_KEYS, "head.w3", "head.b3")  # DIN's 2d -> 128 -> 64 -> 1 classifier
+# One key only each backbone has: how ``forward`` tells them apart.
+BACKBONE_MARKERS = {"gru4rec": "gru.w_ih", "din": "din.att.w1", "sasrec": "sas.w_qkv"}
+DIN_ATTENTION = 36  # hidden units of DIN's activation unit (the paper's Fig. 2)
+DIN_HIDDEN = (128, 64)  # DIN classifier widths (METHODS.md: 64 -> 128 -> 64 -> 1)
+SAS_HEADS, SAS_FFN = 4, 128
+MASKED = -1e9  # additive attention bias of padding keys: finite, so an all-PAD window has no NaN
+DIN_CHUNK = 2**23  # largest (M, N, C, L, hidden) activation DIN builds per pass when not training
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Shape of the backbone: which one, catalogue size, embedding dim, window length L."""
+    """Shape of the backbone: which one (``BACKBONES``), catalogue size, embedding dim, window L."""
 
     n_items: int
     backbone: str = "gru4rec"
@@ -42,36 +64,72 @@ class ModelSpec:
         for key in ("n_items", "dim", "window"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"model.{key}", getattr(self, key), "a positive integer")
+        if self.backbone == "sasrec" and self.dim % SAS_HEADS:
+            raise ConfigError("model.dim", self.dim, f"a multiple of {SAS_HEADS} for sasrec ({SAS_HEADS} heads)")
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Name -> shape of every parameter (without the leading model dimension)."""
         d = self.dim
+        items = {"item_emb": (self.n_items, d), "item_bias": (self.n_items,)}
+        tower = {"target.w": (d, d), "head.w1": (d, d), "head.b1": (d,), "head.w2": (d, d), "head.b2": (d,)}
+        if self.backbone == "gru4rec":
+            return {**items, "gru.w_ih": (d, 3 * d), "gru.w_hh": (d, 3 * d), "gru.b": (3 * d,), **tower}
+        if self.backbone == "sasrec":
+            return {
+                **items,
+                "sas.pos": (self.window, d),
+                "sas.w_qkv": (d, 3 * d),
+                "sas.b_qkv": (3 * d,),
+                "sas.w_o": (d, d),
+                "sas.b_o": (d,),
+                "sas.ln1.w": (d,),
+                "sas.ln1.b": (d,),
+                "sas.w_ff1": (d, SAS_FFN),
+                "sas.b_ff1": (SAS_FFN,),
+                "sas.w_ff2": (SAS_FFN, d),
+                "sas.b_ff2": (d,),
+                "sas.ln2.w": (d,),
+                "sas.ln2.b": (d,),
+                **tower,
+            }
+        h1, h2 = DIN_HIDDEN
         return {
-            "item_emb": (self.n_items, d),
-            "item_bias": (self.n_items,),
-            "gru.w_ih": (d, 3 * d),
-            "gru.w_hh": (d, 3 * d),
-            "gru.b": (3 * d,),
-            "target.w": (d, d),
-            "head.w1": (d, d),
-            "head.b1": (d,),
-            "head.w2": (d, d),
-            "head.b2": (d,),
+            **items,
+            "din.att.w1": (4 * d, DIN_ATTENTION),  # rows: blocks for [e_h, e_t, e_h - e_t, e_h * e_t]
+            "din.att.b1": (DIN_ATTENTION,),
+            "din.att.w2": (DIN_ATTENTION, 1),
+            "din.att.b2": (1,),
+            "head.w1": (2 * d, h1),
+            "head.b1": (h1,),
+            "head.w2": (h1, h2),
+            "head.b2": (h2,),
+            "head.w3": (h2, 1),
+            "head.b3": (1,),
         }
+
+    def head_keys(self) -> tuple[str, ...]:
+        """Names of the head (DUET's dynamic part; the rest is the body)."""
+        return DIN_HEAD_KEYS if self.backbone == "din" else HEAD_KEYS
 
     def n_params(self) -> int:
         return int(sum(np.prod(s) for s in self.shapes().values()))
 
 
 def init_params(spec: ModelSpec, seed: int) -> dict[str, np.ndarray]:
-    """Fresh parameters (float32, no model dimension), seeded."""
+    """Fresh parameters (float32, no model dimension), seeded.
+
+    Biases 0, LayerNorm gains 1, everything else N(0, 1 / fan_in) (embeddings: 1 / d).
+    """
     rng = np.random.default_rng(np.random.SeedSequence([seed, 7_001]))
     out = {}
     for name, shape in spec.shapes().items():
-        if name.endswith((".b", ".b1", ".b2")) or name == "item_bias":
+        leaf = name.rsplit(".", 1)[-1]
+        if ".ln" in name:
+            out[name] = (np.ones if leaf == "w" else np.zeros)(shape, np.float32)
+        elif leaf.startswith("b") or name == "item_bias":
             out[name] = np.zeros(shape, np.float32)
         else:
-            fan_in = shape[0] if name != "item_emb" else spec.dim
+            fan_in = spec.dim if name in ("item_emb", "sas.pos") else shape[0]
             out[name] = (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
     return out
 
@@ -89,8 +147,16 @@ def stack(param_dicts: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
 
 
 def _gather(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Row lookup per model: table (M, V, ...) and ids (M, ...) -> (M, ..., rest)."""
+    """Row lookup per model: table (M, V, ...) and ids (M, ...) -> (M, ..., rest).
+
+    Either side may have M = 1 (one shared table for many devices' ids, or one set of
+    ids looked up in many models' tables); PAD ids read row 0, which callers mask.
+    """
     m = table.shape[0]
+    if ids.shape[0] != m and m > 1:
+        if ids.shape[0] != 1:
+            raise ValueError(f"table has {m} models but ids have {ids.shape[0]}")
+        ids = ids.expand(m, *ids.shape[1:])
     flat = ids.reshape(m, -1)
     rows = torch.arange(m).unsqueeze(1).expand_as(flat)
     out = table[rows, flat.clamp(min=0)]
@@ -98,7 +164,7 @@ def _gather(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def encode(params: dict[str, torch.Tensor], windows: torch.Tensor) -> torch.Tensor:
-    """Body: windows (M, N, L) item ids (PAD on the left) -> hidden state (M, N, d)."""
+    """GRU4Rec body: windows (M, N, L) item ids (PAD on the left) -> hidden state (M, N, d)."""
     m, n, L = windows.shape
     x = _gather(params["item_emb"], windows)  # (M, N, L, d)
     mask = (windows >= 0).unsqueeze(-1).to(x.dtype)
@@ -123,7 +189,7 @@ def encode(params: dict[str, torch.Tensor], windows: torch.Tensor) -> torch.Tens
 
 
 def head(params: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
-    """Head (user tower): hidden state (M, N, d) -> user vector (M, N, d)."""
+    """GRU4Rec/SASRec head (user tower): hidden state (M, N, d) -> user vector (M, N, d)."""
     u = torch.relu(torch.matmul(h, params["head.w1"]) + params["head.b1"].unsqueeze(1))
     return torch.matmul(u, params["head.w2"]) + params["head.b2"].unsqueeze(1)
 
@@ -135,9 +201,113 @@ def score(params: dict[str, torch.Tensor], user: torch.Tensor, candidates: torch
     return (t * user.unsqueeze(2)).sum(-1) + _gather(params["item_bias"], candidates)
 
 
-def forward(params: dict[str, torch.Tensor], windows: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """Full backbone: logits (M, N, C) of each sample's candidates."""
-    return score(params, head(params, encode(params, windows)), candidates)
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, ..., i) @ w (M, i, o) [+ b (M, o)] -> (M, ..., o) as one bmm (M = 1 broadcasts)."""
+    y = torch.matmul(x.reshape(x.shape[0], -1, x.shape[-1]), w)
+    y = y.reshape(y.shape[0], *x.shape[1:-1], w.shape[-1])
+    if b is not None:
+        y = y + b.reshape(b.shape[0], *([1] * (x.dim() - 2)), b.shape[-1])
+    return y
+
+
+def _layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """LayerNorm over the last dim with per-model gain and bias w, b (M, d)."""
+    y = torch.nn.functional.layer_norm(x, x.shape[-1:])
+    shape = (w.shape[0], *([1] * (x.dim() - 2)), w.shape[-1])
+    return y * w.reshape(shape) + b.reshape(shape)
+
+
+def sas_encode(params: dict[str, torch.Tensor], windows: torch.Tensor) -> torch.Tensor:
+    """SASRec body: windows (M, N, L) -> the last position's encoder output (M, N, d).
+
+    One post-LN encoder layer: h = LN(x + MHA(x)), out = LN(h + FFN(h)). Only the last
+    position's output is used, so only its query (and FFN) is computed: with one layer
+    this equals running the full layer, and no causal mask is needed. PAD keys get an
+    additive -1e9 and their weights are zeroed after the softmax, so an all-PAD window
+    attends to nothing (finite, no NaN) and its output depends on the parameters only.
+    """
+    m, n, L = windows.shape
+    valid = windows >= 0
+    x = _gather(params["item_emb"], windows) * valid.unsqueeze(-1).to(params["item_emb"].dtype)
+    x = x + params["sas.pos"].unsqueeze(1)  # (M, N, L, d)
+    d = x.shape[-1]
+    h, dh = SAS_HEADS, d // SAS_HEADS
+    w_q, w_kv = params["sas.w_qkv"].split([d, 2 * d], -1)
+    b_q, b_kv = params["sas.b_qkv"].split([d, 2 * d], -1)
+    k, v = _linear(x, w_kv, b_kv).chunk(2, -1)  # chunk: both halves get grads, no zero fill
+    # one select (not one per step): a single x-sized zero fill in backward
+    last = x.select(2, L - 1)  # (M, N, d)
+    q = _linear(last, w_q, b_q)
+    q = q.reshape(q.shape[0], n, h, 1, dh)
+    k = k.reshape(k.shape[0], n, L, h, dh).permute(0, 1, 3, 4, 2)  # (M, N, H, dh, L)
+    v = v.reshape(v.shape[0], n, L, h, dh).transpose(2, 3)  # (M, N, H, L, dh)
+    keep = valid.to(x.dtype).reshape(valid.shape[0], n, 1, 1, L)
+    att = torch.softmax(torch.matmul(q, k) / dh**0.5 + (1 - keep) * MASKED, -1) * keep
+    ctx = torch.matmul(att, v)  # (M, N, H, 1, dh)
+    ctx = _linear(ctx.reshape(ctx.shape[0], n, d), params["sas.w_o"], params["sas.b_o"])
+    h1 = _layer_norm(last + ctx, params["sas.ln1.w"], params["sas.ln1.b"])
+    ff = _linear(torch.relu(_linear(h1, params["sas.w_ff1"], params["sas.b_ff1"])), params["sas.w_ff2"], params["sas.b_ff2"])
+    return _layer_norm(h1 + ff, params["sas.ln2.w"], params["sas.ln2.b"])
+
+
+def din_logits(params: dict[str, torch.Tensor], windows: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """DIN: logits (M, N, C); each candidate is the target its own attention looks for.
+
+    Activation unit: a = w2 . sigmoid(W1 [e_h, e_t, e_h - e_t, e_h * e_t] + b1) + b2 per
+    history item (sigmoid as in the authors' released code; the paper draws PReLU/Dice).
+    As in the paper, weights are *not* softmax-normalised: interest = sum_j a_j e_j over
+    the valid items (PAD rows are zeroed, so an all-PAD window has interest 0). Classifier
+    (the head): ReLU MLP on [interest, e_t] -> 128 -> 64 -> 1, plus ``item_bias``.
+
+    W1's four row blocks are applied as e_h (W_a + W_c) + e_t (W_b - W_c) + (e_h * e_t) W_d,
+    which equals the concatenation's product exactly and computes the e_h and e_t terms
+    once per history item and per candidate instead of per (candidate, history item).
+    """
+    valid = (windows >= 0).unsqueeze(-1).to(params["item_emb"].dtype)
+    e_h = _gather(params["item_emb"], windows) * valid  # (M, N, L, d)
+    e_t = _gather(params["item_emb"], candidates)  # (M, N, C, d)
+    w_a, w_b, w_c, w_d = params["din.att.w1"].chunk(4, -2)
+    pre = (_linear(e_t.unsqueeze(3) * e_h.unsqueeze(2), w_d)  # (M, N, C, L, A)
+           + _linear(e_h, w_a + w_c).unsqueeze(2)
+           + _linear(e_t, w_b - w_c, params["din.att.b1"]).unsqueeze(3))
+    a = _linear(torch.sigmoid(pre), params["din.att.w2"], params["din.att.b2"]).squeeze(-1)  # (M, N, C, L)
+    interest = torch.matmul(a, e_h)  # (M, N, C, d): sum over the window, no normalisation
+    z = torch.cat([interest, e_t.expand_as(interest)], -1)
+    z = torch.relu(_linear(z, params["head.w1"], params["head.b1"]))
+    z = torch.relu(_linear(z, params["head.w2"], params["head.b2"]))
+    out = _linear(z, params["head.w3"], params["head.b3"]).squeeze(-1)
+    return out + _gather(params["item_bias"], candidates)
+
+
+def backbone_of(params: dict[str, torch.Tensor]) -> str:
+    """Which backbone a param dict belongs to, from its marker key (``BACKBONE_MARKERS``)."""
+    for name, key in BACKBONE_MARKERS.items():
+        if key in params:
+            return name
+    raise ValueError(f"no backbone marker ({', '.join(BACKBONE_MARKERS.values())}) among the parameters")
+
+
+def forward(params: dict[str, torch.Tensor], windows: torch.Tensor, candidates: torch.Tensor,
+            backbone: str | None = None) -> torch.Tensor:
+    """Full backbone: logits (M, N, C) of each sample's candidates.
+
+    ``backbone`` defaults to the one the param names say (``backbone_of``).
+    """
+    backbone = backbone or backbone_of(params)
+    if backbone == "gru4rec":
+        return score(params, head(params, encode(params, windows)), candidates)
+    if backbone == "sasrec":
+        return score(params, head(params, sas_encode(params, windows)), candidates)
+    if backbone != "din":
+        raise ValueError(f"unknown backbone {backbone!r}; one of {', '.join(BACKBONES)}")
+    training = torch.is_grad_enabled() and any(v.requires_grad for v in params.values())
+    m, n, c = candidates.shape
+    rows = max(1, DIN_CHUNK // (max(m, params["din.att.w1"].shape[0]) * c * windows.shape[-1] * DIN_ATTENTION))
+    if training or n <= rows:
+        return din_logits(params, windows, candidates)
+    # Scoring many rows x 100 candidates: bound the (N, C, L, hidden) activations.
+    parts = [din_logits(params, w, cd) for w, cd in zip(windows.split(rows, 1), candidates.split(rows, 1))]
+    return torch.cat(parts, 1)
 
 
 def bce_loss(logits: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -191,7 +361,7 @@ def flops_per_sample(spec: ModelSpec, candidates: int, backward: bool) -> int:
     win = torch.zeros(1, 8, spec.window, dtype=torch.long)
     cand = torch.zeros(1, 8, candidates, dtype=torch.long)
     with FlopCounterMode(display=False) as fc:
-        out = forward(p, win, cand)
+        out = forward(p, win, cand, spec.backbone)
         if backward:
             bce_loss(out, torch.ones(1, 8)).sum().backward()
     return int(fc.get_total_flops() // 8)

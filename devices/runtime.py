@@ -203,3 +203,26 @@ def train_held_models(ctx: DeviceContext, steps: int, lr: float,
     out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     ctx.count_train(counts, steps, cand.shape[-1])
     return out, torch.cat(losses).numpy(), counts
+
+
+@torch.no_grad()
+def evaluate_received(ctx: DeviceContext, payload: Payload) -> list[Payload]:
+    """Flower's federated evaluation: score the received model on each device's recent
+    data (its positives against ``eval_negatives`` sampled negatives) without adopting it."""
+    from simulator.metrics import device_metrics
+
+    arrays = next(iter(payload.arrays.values()))
+    win, cand, weight, counts = ctx.train_samples(ctx.settings.eval_negatives)
+    params = {k: torch.from_numpy(np.asarray(v))[None] for k, v in arrays.items()}
+    b, n = weight.shape
+    logits = models.forward(params, win.reshape(1, b * n, -1), cand.reshape(1, b * n, -1))[0]
+    mask = weight.reshape(-1).numpy() > 0
+    owner = np.repeat(np.arange(b), n)[mask]
+    m = device_metrics(logits.numpy()[mask], owner, b)
+    ctx.flops += counts * models.flops_per_sample(ctx.spec, cand.shape[-1], backward=False)
+    return [Payload(metrics={"metrics": {"num-examples": int(counts[j]),
+                                         # weight 0 when there is no data: report 0, not NaN,
+                                         # so Flower's weighted mean is not poisoned
+                                         **{k: float(m[k][j]) if counts[j] > 0 else 0.0
+                                            for k in ("auc", "logloss", "hr10", "ndcg10")}}})
+            for j in range(b)]

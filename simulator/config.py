@@ -75,15 +75,17 @@ class MovieLensConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """``[model]``: the backbone (issue 2 ships GRU4Rec)."""
+    """``[model]``: the backbone (gru4rec, din or sasrec; ``devices.models.BACKBONES``)."""
 
     backbone: str = "gru4rec"
     dim: int = 32
     window: int = 10
 
     def __post_init__(self) -> None:
-        if self.backbone not in ("gru4rec",):
-            raise ConfigError("model.backbone", self.backbone, "one of gru4rec")
+        from devices.models import BACKBONES
+
+        if self.backbone not in BACKBONES:
+            raise ConfigError("model.backbone", self.backbone, f"one of {', '.join(BACKBONES)}")
         for key in ("dim", "window"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"model.{key}", getattr(self, key), "a positive integer")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from flwr.app import MessageType
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
-from devices.runtime import DeviceApp, DeviceContext, Payload, train_held_models
+from devices.runtime import DeviceApp, DeviceContext, Payload, evaluate_received, train_held_models
 from strategies.common import check_fraction
 
 
@@ -32,7 +32,7 @@ class FedAvg(FlowerFedAvg):
     """Flower's FedAvg with fleet-friendly defaults (10 % of online devices per round,
     no federated evaluation round: the simulator scores every device prequentially)."""
 
-    device_app = DeviceApp({MessageType.TRAIN: train})
+    device_app = DeviceApp({MessageType.TRAIN: train, MessageType.EVALUATE: evaluate_received})
 
     def __init__(self, fraction_train: float = 0.1, fraction_evaluate: float = 0.0,
                  min_train_nodes: int = 2, min_evaluate_nodes: int = 0, min_available_nodes: int = 2, **kwargs) -> None:

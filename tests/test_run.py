@@ -142,3 +142,16 @@ def test_joining_a_two_node_ray_cluster_gives_the_in_process_results(tmp_path):
         cluster.shutdown()
     pd.testing.assert_frame_equal(read_devices(tmp_path / "local", "local_finetune"),
                                   read_devices(tmp_path / "cluster", "local_finetune"))
+
+
+def test_flower_federated_evaluation_round_is_served(always_online_world):
+    w = always_online_world
+    strategy = make_strategy("fedavg", {"fraction_train": 0.5, "fraction_evaluate": 0.5})
+    grid = FleetGrid(w.fleet, w.pool, strategy.device_app, seed=3, deadline_s=1e9)
+    with flower_patched(grid, 3):
+        result = strategy.start(grid=grid, initial_arrays=array_record(w.initial), num_rounds=2,
+                                evaluate_fn=grid.round_hook)
+    ev = result.evaluate_metrics_clientapp
+    assert set(ev) == {1, 2}
+    assert 0.6 < ev[2]["auc"] <= 1.0  # the trained cloud model ranks well above chance
+    assert all(r.info["failed"] == 0 for r in grid.results)
