@@ -15,7 +15,7 @@ import torch
 
 from devices import models
 from devices.data import Interactions, Timeline
-from devices.runtime import DeviceContext, DeviceFn, DeviceSettings, Payload
+from devices.runtime import ITEM_TABLES, DeviceContext, DeviceFn, DeviceSettings, Payload
 from devices.samples import SampleBuilder, Samples, pad_by_owner, stream_key
 from simulator import metrics
 
@@ -31,6 +31,18 @@ class Shard:
     device_ids: np.ndarray
     interactions: Interactions  # local users 0..n-1 = device_ids in order
     timeline: Timeline
+
+
+@dataclass
+class SparseRows:
+    """Rows of an item table that differ from the shared version a device holds."""
+
+    rows: np.ndarray
+    values: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.rows.nbytes + self.values.nbytes)
 
 
 @dataclass
@@ -94,12 +106,23 @@ class DeviceHost:
             del self.versions[vid]
 
     def set_personal(self, local: np.ndarray, params: dict[str, torch.Tensor]) -> None:
+        """Store per-device parameters. Item tables (one row per catalogue item) are kept
+        as the rows that differ from the held shared version, so a personal model costs
+        its dense layers plus the items its device touched, not the whole catalogue."""
         b = len(local)
         for j, i in enumerate(local):
-            own = self.personal.setdefault(int(i), {})
+            i = int(i)
+            own = self.personal.setdefault(i, {})
+            base = self.versions[int(self.held[i])]
             for k, v in params.items():
                 arr = v[j] if v.shape[0] == b else v[0]
-                own[k] = arr.detach().numpy().copy() if isinstance(arr, torch.Tensor) else np.array(arr)
+                arr = arr.detach().numpy() if isinstance(arr, torch.Tensor) else np.asarray(arr)
+                if k in ITEM_TABLES:
+                    changed = arr != base[k]
+                    rows = np.flatnonzero(changed.reshape(len(arr), -1).any(axis=1))
+                    own[k] = SparseRows(rows, arr[rows].copy())
+                else:
+                    own[k] = arr.copy()
 
     def held_params(self, local: np.ndarray) -> dict[str, torch.Tensor]:
         """Batched params of the models held by ``local`` devices (M = 1 where shared)."""
@@ -117,10 +140,15 @@ class DeviceHost:
         return out
 
     def _param(self, i: int, k: str) -> np.ndarray:
-        own = self.personal.get(i)
-        if own is not None and k in own:
-            return own[k]
-        return self.versions[int(self.held[i])][k]
+        base = self.versions[int(self.held[i])][k]
+        own = self.personal.get(i, {}).get(k)
+        if own is None:
+            return base
+        if isinstance(own, SparseRows):
+            full = base.copy()
+            full[own.rows] = own.values
+            return full
+        return own
 
     # Data ----------------------------------------------------------------------
 
@@ -200,4 +228,4 @@ class DeviceHost:
     def memory_bytes(self) -> int:
         """Bytes held in device state (shared versions + personal parameters)."""
         n = sum(models.num_bytes(v) for v in self.versions.values())
-        return n + sum(models.num_bytes(v) for v in self.personal.values())
+        return n + sum(v.nbytes for own in self.personal.values() for v in own.values())
