@@ -165,12 +165,14 @@ def instrument_fleetgrid(grid: FleetGrid, pool: HostPool, watch: Stopwatch) -> C
     pool.run = watch.wrap("pool.run", pool.run)
     pool.score = watch.wrap("pool.score", pool.score)
     grid.send_and_receive = watch.wrap("send_and_receive", grid.send_and_receive)
-    saved = (grid_module.to_payload, grid_module.to_recorddict)
-    grid_module.to_payload = watch.wrap("to_payload", saved[0])
-    grid_module.to_recorddict = watch.wrap("to_recorddict", saved[1])
+    # only the converters simulator.grid actually uses (it may change): missing ones are skipped
+    saved = {name: getattr(grid_module, name) for name in ("to_payload", "to_recorddict") if hasattr(grid_module, name)}
+    for name, fn in saved.items():
+        setattr(grid_module, name, watch.wrap(name, fn))
 
     def restore() -> None:
-        grid_module.to_payload, grid_module.to_recorddict = saved
+        for name, fn in saved.items():
+            setattr(grid_module, name, fn)
 
     return restore
 

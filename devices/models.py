@@ -18,8 +18,8 @@ tables ``item_emb`` and ``item_bias``; every other name carries its part's prefi
 - **SASRec**: item + learned position embeddings, one post-LayerNorm Transformer encoder
   layer (4 heads, ReLU FFN 128; ``sas.*``), the last position's output -> the same user
   tower head and score as GRU4Rec.
-- **DIN**: target attention over the window (``din.att.*``, the activation unit) pools
-  the history per candidate; [interest, e_target] (2d = 64) -> the classifier
+- **DIN**: target attention over the window (``din.att.*``, the activation unit; masked
+  softmax) pools the history per candidate; [interest, e_target] (2d = 64) -> the classifier
   64 -> 128 -> 64 -> 1 (``head.*``, the head) + ``b_item``.
 
 ``forward`` finds the backbone from a marker key (``BACKBONE_MARKERS``), so callers never
@@ -165,13 +165,14 @@ def _gather(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 def encode(params: dict[str, torch.Tensor], windows: torch.Tensor) -> torch.Tensor:
     """GRU4Rec body: windows (M, N, L) item ids (PAD on the left) -> hidden state (M, N, d)."""
-    m, n, L = windows.shape
+    _, n, L = windows.shape
     x = _gather(params["item_emb"], windows)  # (M, N, L, d)
     mask = (windows >= 0).unsqueeze(-1).to(x.dtype)
-    d = x.shape[-1]
+    m, d = x.shape[0], x.shape[-1]
     h = x.new_zeros(m, n, d)
     w_ih, w_hh, b = params["gru.w_ih"], params["gru.w_hh"], params["gru.b"].unsqueeze(1)
-    gi_all = torch.matmul(x.reshape(m, n * L, d), w_ih).reshape(m, n, L, 3 * d) + b.unsqueeze(2)
+    # -1: the GRU weights may hold more models than the window's table (M = 1 broadcasts)
+    gi_all = torch.matmul(x.reshape(m, n * L, d), w_ih).reshape(-1, n, L, 3 * d) + b.unsqueeze(2)
     # unbind, not gi_all[:, :, t]: each select's backward would zero-fill a full-size grad
     steps, masks = gi_all.unbind(2), mask.unbind(2)
     for t in range(L):
@@ -253,11 +254,14 @@ def sas_encode(params: dict[str, torch.Tensor], windows: torch.Tensor) -> torch.
 def din_logits(params: dict[str, torch.Tensor], windows: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     """DIN: logits (M, N, C); each candidate is the target its own attention looks for.
 
-    Activation unit: a = w2 . sigmoid(W1 [e_h, e_t, e_h - e_t, e_h * e_t] + b1) + b2 per
+    Activation unit: a_j = w2 . sigmoid(W1 [e_h, e_t, e_h - e_t, e_h * e_t] + b1) + b2 per
     history item (sigmoid as in the authors' released code; the paper draws PReLU/Dice).
-    As in the paper, weights are *not* softmax-normalised: interest = sum_j a_j e_j over
-    the valid items (PAD rows are zeroed, so an all-PAD window has interest 0). Classifier
-    (the head): ReLU MLP on [interest, e_t] -> 128 -> 64 -> 1, plus ``item_bias``.
+    interest = sum_j softmax(a)_j e_j over the valid items, the masked softmax of the
+    authors' released code. The paper argues for the unnormalised sum_j a_j e_j, but with
+    plain on-device SGD at the default lr 0.5 that sum diverged within 5 steps on the test
+    fleet (a scales the interest vector, which scales a's gradient); the softmax stays
+    stable. PAD items get weight exactly 0, so an all-PAD window has interest 0 (no NaN).
+    Classifier (the head): ReLU MLP on [interest, e_t] -> 128 -> 64 -> 1, plus ``item_bias``.
 
     W1's four row blocks are applied as e_h (W_a + W_c) + e_t (W_b - W_c) + (e_h * e_t) W_d,
     which equals the concatenation's product exactly and computes the e_h and e_t terms
@@ -271,7 +275,9 @@ def din_logits(params: dict[str, torch.Tensor], windows: torch.Tensor, candidate
            + _linear(e_h, w_a + w_c).unsqueeze(2)
            + _linear(e_t, w_b - w_c, params["din.att.b1"]).unsqueeze(3))
     a = _linear(torch.sigmoid(pre), params["din.att.w2"], params["din.att.b2"]).squeeze(-1)  # (M, N, C, L)
-    interest = torch.matmul(a, e_h)  # (M, N, C, d): sum over the window, no normalisation
+    keep = valid.squeeze(-1).unsqueeze(2)  # (M, N, 1, L)
+    a = torch.softmax(a + (1 - keep) * MASKED, -1) * keep
+    interest = torch.matmul(a, e_h)  # (M, N, C, d)
     z = torch.cat([interest, e_t.expand_as(interest)], -1)
     z = torch.relu(_linear(z, params["head.w1"], params["head.b1"]))
     z = torch.relu(_linear(z, params["head.w2"], params["head.b2"]))

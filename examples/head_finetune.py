@@ -7,7 +7,6 @@ reply per device. Plug it in with ``strategies = ["examples.head_finetune:HeadFi
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 
-from devices.models import HEAD_KEYS
 from devices.runtime import DeviceApp, DeviceContext, Payload, train_held_models
 from strategies.common import mean_metrics, sample_fraction
 
@@ -15,8 +14,9 @@ from strategies.common import mean_metrics, sample_fraction
 def train(ctx: DeviceContext, payload: Payload) -> list[Payload]:
     """Device half: SGD on the head only; the body stays the cloud's, bit for bit."""
     steps = int(payload.config()["local-steps"])
-    new, losses, counts = train_held_models(ctx, steps, ctx.settings.lr, trainable=HEAD_KEYS)
-    ctx.set_personal({k: new[k] for k in HEAD_KEYS})
+    head = ctx.spec.head_keys()  # the backbone's head: user tower (GRU4Rec, SASRec) or MLP (DIN)
+    new, losses, counts = train_held_models(ctx, steps, ctx.settings.lr, trainable=head)
+    ctx.set_personal({k: new[k] for k in head})
     return [Payload(metrics={"m": {"num-examples": int(n), "loss": float(l)}}) for n, l in zip(counts, losses)]
 
 
