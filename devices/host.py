@@ -159,6 +159,16 @@ class DeviceHost:
         win, cand, weight, counts = pad_by_owner(samples, local)
         return torch.from_numpy(win), torch.from_numpy(cand), torch.from_numpy(weight), counts
 
+    def last_windows(self, local: np.ndarray, round: int) -> np.ndarray:
+        """Each device's last L items before the end of round ``round``'s window (what
+        it can upload as its real-time samples), left-padded with PAD."""
+        _, t_end = self.timeline.window(round)
+        indptr, times = self.inter.indptr, self.inter.times
+        local = np.asarray(local, dtype=np.int64)
+        ends = np.array([indptr[u] + np.searchsorted(times[indptr[u]:indptr[u + 1]], t_end, side="left")
+                         for u in local], dtype=np.int64)
+        return self.builder.windows_before(local, ends) if len(ends) else np.zeros((0, self.spec.window), np.int64)
+
     def eval_samples(self, round: int) -> Samples:
         """Positives of round ``round``'s window with 99 negatives each (cached: every
         strategy is scored on exactly the same samples)."""

@@ -114,6 +114,10 @@ class DeviceContext:
         """
         return self.host.train_samples(self.local, self.round, negatives or self.settings.negatives)
 
+    def last_windows(self) -> np.ndarray:
+        """Each device's last L item ids up to the end of this round's window (B, L)."""
+        return self.host.last_windows(self.local, self.round)
+
     # State -----------------------------------------------------------------------
 
     def held_params(self) -> dict[str, torch.Tensor]:

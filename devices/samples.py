@@ -72,8 +72,13 @@ class SampleBuilder:
 
     def windows_for(self, rows: np.ndarray) -> np.ndarray:
         """Window of the L items before each interaction row (left-padded with PAD)."""
-        start = self.inter.indptr[self.user[rows]]
-        idx = rows[:, None] - self.L + np.arange(self.L)[None, :]
+        return self.windows_before(self.user[rows], rows)
+
+    def windows_before(self, users: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        """The L items of each user before row ``ends`` (exclusive; may be one past the
+        user's last row), left-padded with PAD."""
+        start = self.inter.indptr[np.asarray(users, dtype=np.int64)]
+        idx = np.asarray(ends, dtype=np.int64)[:, None] - self.L + np.arange(self.L)[None, :]
         valid = idx >= start[:, None]
         return np.where(valid, self.inter.items[np.clip(idx, 0, None)], PAD).astype(np.int64)
 

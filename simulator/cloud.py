@@ -1,6 +1,8 @@
 """Cloud-side training of the backbone on history data (the universal / CloudOnly model)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -45,3 +47,23 @@ def train_cloud_model(inter: Interactions, history_end: float, spec: models.Mode
             n += len(idx)
         losses.append(total / max(n, 1))
     return {k: v.detach()[0].numpy().copy() for k, v in p.items()}, losses
+
+
+@dataclass(frozen=True)
+class CloudContext:
+    """What the cloud side of a strategy may use before round 1: the history data every
+    device uploaded in the past, the universal model trained on it, and the model shape.
+
+    Strategies that train cloud-side models (DUET's generator, MoMoDistill) receive it in
+    ``prepare(ctx)``; the others never look at it.
+    """
+
+    interactions: Interactions
+    history_end: float
+    spec: models.ModelSpec
+    initial: dict[str, np.ndarray]
+    seed: int
+    epochs: int = 3
+    lr: float = 0.005
+    batch_size: int = 512
+    negatives: int = 4

@@ -23,7 +23,9 @@ SHORT_NAMES = {
     "cloud_only": "strategies.cloud_only:CloudOnly",
     "local_finetune": "strategies.local_finetune:LocalFinetune",
     "fedavg": "strategies.fedavg:FedAvg",
+    "duet": "strategies.duet:Duet",
 }
+DEFAULT_STRATEGIES = ("cloud_only", "local_finetune", "fedavg")
 DEFAULT_EXPERIMENT = Path(__file__).resolve().parent.parent / "experiments" / "quickstart.toml"
 
 
@@ -33,7 +35,7 @@ class ExperimentSection:
 
     name: str = "experiment"
     seed: int = 0
-    strategies: tuple[str, ...] = tuple(SHORT_NAMES)
+    strategies: tuple[str, ...] = DEFAULT_STRATEGIES
     hosts: int = 0  # 0 = one per CPU Ray sees
     deadline_s: float = 600.0  # per exchange, simulated seconds
     wait_s: float = 300.0  # simulated seconds a strategy waits when too few devices are online

@@ -227,12 +227,13 @@ class FleetGrid(Grid):
         self.selected[dst] = True
 
         payloads: dict[int, Payload] = {}
+        decoded: dict[int, dict] = {}  # ArrayRecords shared across contents, decoded once
         down = np.zeros(len(msgs))
         jobs: dict[tuple[int, int, str], list[int]] = {}
         for i, m in enumerate(msgs):
             key = id(m.content)
             if key not in payloads:
-                payloads[key] = to_payload(m.content)
+                payloads[key] = to_payload(m.content, decoded)
             if not dropped[i]:
                 down[i] = payloads[key].nbytes()
                 jobs.setdefault((int(self.pool.host_of[dst[i]]), key, m.metadata.message_type), []).append(i)

@@ -7,11 +7,21 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from devices.runtime import Payload
 
 
-def to_payload(content: RecordDict) -> Payload:
-    """Flower ``RecordDict`` -> ``Payload`` (arrays decoded to numpy once)."""
+def to_payload(content: RecordDict, cache: dict[int, dict[str, np.ndarray]] | None = None) -> Payload:
+    """Flower ``RecordDict`` -> ``Payload`` (arrays decoded to numpy once).
+
+    With ``cache``, an ``ArrayRecord`` object shared by many messages (a model body sent
+    beside per-device heads) is decoded once and its numpy dict reused, so pickling a
+    host's jobs ships it once per host.
+    """
     p = Payload()
     for name, rec in content.array_records.items():
-        p.arrays[name] = {k: v.numpy() for k, v in rec.items()}
+        if cache is None:
+            p.arrays[name] = {k: v.numpy() for k, v in rec.items()}
+        else:
+            if id(rec) not in cache:
+                cache[id(rec)] = {k: v.numpy() for k, v in rec.items()}
+            p.arrays[name] = cache[id(rec)]
     for name, rec in content.metric_records.items():
         p.metrics[name] = dict(rec)
     for name, rec in content.config_records.items():

@@ -23,7 +23,7 @@ from devices.models import ModelSpec
 from devices.pool import HostPool
 from devices.runtime import DeviceApp
 from simulator import metrics
-from simulator.cloud import train_cloud_model
+from simulator.cloud import CloudContext, train_cloud_model
 from simulator.config import SHORT_NAMES, ExperimentConfig
 from simulator.errors import ConfigError, FleetsimError
 from simulator.fleet import Fleet, build_fleet
@@ -136,6 +136,8 @@ def run_experiment(cfg: ExperimentConfig, out: str, *, ray_address: str | None =
     pool = HostPool(fleet.interactions, fleet.timeline, spec, cfg.device, seed, n_hosts=cfg.experiment.hosts,
                     use_ray=use_ray, ray_address=ray_address)
     n_rounds = fleet.timeline.n_rounds
+    cloud = CloudContext(fleet.interactions, fleet.timeline.history_end, spec, initial, seed,
+                         epochs=c.epochs, lr=c.lr, batch_size=c.batch_size, negatives=c.negatives)
     try:
         from tqdm import tqdm
 
@@ -143,6 +145,10 @@ def run_experiment(cfg: ExperimentConfig, out: str, *, ray_address: str | None =
         for name, strategy in strategies:
             bar.set_description(name)
             pool.reset(initial)
+            t_start = time.perf_counter()
+            if hasattr(strategy, "prepare"):  # cloud-side training before round 1 (DUET, MoMoDistill)
+                strategy.prepare(cloud)
+            t_prepared = time.perf_counter()
 
             def on_round(result: RoundResult, name: str = name) -> None:
                 writer.write_round(name, result)
@@ -150,12 +156,14 @@ def run_experiment(cfg: ExperimentConfig, out: str, *, ray_address: str | None =
 
             grid = FleetGrid(fleet, pool, strategy.device_app, seed=seed, deadline_s=cfg.experiment.deadline_s,
                              wait_s=cfg.experiment.wait_s, on_round=on_round)
-            t_start = time.perf_counter()
             with flower_patched(grid, seed), quiet_flower():
-                strategy.start(grid=grid, initial_arrays=array_record(initial), num_rounds=n_rounds,
-                               evaluate_fn=grid.round_hook)
+                result = strategy.start(grid=grid, initial_arrays=array_record(initial), num_rounds=n_rounds,
+                                        evaluate_fn=grid.round_hook)
                 grid.finish_round()
-            writer.write_summary(name, summarise(grid.results, fleet, time.perf_counter() - t_start, grid.clock.t))
+            summary = summarise(grid.results, fleet, time.perf_counter() - t_start, grid.clock.t)
+            summary["prepare_seconds"] = t_prepared - t_start
+            summary["strategy_metrics"] = {str(r): dict(m) for r, m in getattr(result, "train_metrics_clientapp", {}).items()}
+            writer.write_summary(name, summary)
         bar.close()
     finally:
         pool.shutdown()
