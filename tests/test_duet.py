@@ -1,0 +1,88 @@
+"""DUET served through FleetGrid: two exchanges, heads installed, bytes, no device training."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import SmallWorld, small_config
+from devices import models
+from simulator.cloud import CloudContext
+from simulator.grid import FleetGrid, flower_patched
+from simulator.records import array_record
+from simulator.run import make_strategy
+from strategies.duet_generator import head_nbytes
+
+
+def served(world: SmallWorld, rounds: int = 2, **params):
+    strategy = make_strategy("duet", {"epochs": 1, "fraction_train": 1.0, **params})
+    w = world
+    strategy.prepare(CloudContext(w.fleet.interactions, w.fleet.timeline.history_end, w.spec, w.initial,
+                                  w.cfg.experiment.seed, batch_size=256))
+    grid = FleetGrid(w.fleet, w.pool, strategy.device_app, seed=3, deadline_s=1e9)
+    with flower_patched(grid, 3):
+        result = strategy.start(grid=grid, initial_arrays=array_record(w.initial), num_rounds=rounds,
+                                evaluate_fn=grid.round_hook)
+    return strategy, grid, result
+
+
+def test_each_round_uploads_windows_and_installs_generated_heads(always_online_world):
+    w = always_online_world
+    strategy, grid, result = served(w)
+    r1, r2 = (r.devices for r in grid.results)
+    assert all(r.info["exchanges"] == 2 for r in grid.results)
+    sel = r1["selected"]
+    assert sel.all() and set(r1["status"]) == {"ok"}
+    # the device does no training: no FLOPs, nothing but a window and a metric going up
+    assert (r1["device_flops"] == 0).all()
+    assert (r1["bytes_up"] < 200).all() and (r1["bytes_up"] >= 40).all()
+    body = sum(v.nbytes for v in strategy.body.values())
+    head = head_nbytes(w.spec)
+    assert (r1["bytes_down"] >= body + head).all()  # first contact: body + head
+    assert (r2["bytes_down"] < body).all() and (r2["bytes_down"] >= head).all()  # then heads only
+    # devices hold the DUET body and their own generated head
+    host = w.pool.hosts[0]
+    dev = next(iter(host.personal))
+    assert set(host.personal[dev]) == set(w.spec.head_keys())
+    held = host.versions[int(host.held[dev])]
+    assert all(np.array_equal(held[k], strategy.body[k]) for k in held)
+    heads = [host.personal[d]["head.w1"] for d in list(host.personal)[:5]]
+    assert any(not np.allclose(heads[0], h) for h in heads[1:])  # personalised, not one head
+    assert result.train_metrics_clientapp[1]["generation_ms_per_device"] > 0
+
+
+def test_generated_head_is_what_the_generator_gives_for_the_uploaded_window(always_online_world):
+    w = always_online_world
+    strategy, grid, _ = served(w, rounds=1)
+    host = w.pool.hosts[0]
+    local = np.array(sorted(host.personal)[:3])
+    windows = host.last_windows(local, 1)
+    expect = strategy.generate(windows)
+    for j, i in enumerate(local):
+        for k in w.spec.head_keys():
+            np.testing.assert_allclose(host.personal[int(i)][k], expect[k][j], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("params", [{"stabilizer": False}, {"frozen_bases": True}, {"m": 2, "tau": 2.0}])
+def test_ablations_run(always_online_world, params):
+    _, grid, _ = served(always_online_world, rounds=1, **params)
+    assert grid.results[0].info["ok"] > 0
+
+
+def test_short_windows_are_padded():
+    # a device whose whole stream is shorter than L uploads a left-padded window
+    w = SmallWorld(small_config(data={"mean_daily_interactions": 0.3},
+                                profiles={"online_peak": 1.0, "online_trough": 1.0, "failure_rate": 0.0}))
+    host = w.pool.hosts[0]
+    windows = host.last_windows(np.arange(len(host.device_ids)), 1)
+    counts = np.diff(host.inter.indptr)
+    short = np.flatnonzero((counts > 0) & (counts < w.spec.window))
+    assert len(short) > 0
+    i = short[0]
+    n = min(int(counts[i]), w.spec.window)
+    t_end = w.fleet.timeline.window(1)[1]
+    items = host.inter.items[host.inter.indptr[i]:host.inter.indptr[i + 1]][host.inter.times[host.inter.indptr[i]:host.inter.indptr[i + 1]] < t_end]
+    assert (windows[i, : w.spec.window - len(items)] == models.PAD).all()
+    assert np.array_equal(windows[i, w.spec.window - len(items):], items)
+    assert n >= len(items)
+    _, grid, _ = served(w, rounds=1)
+    assert grid.results[0].info["ok"] > 0 and grid.results[0].info["failed"] == 0

@@ -1,0 +1,213 @@
+"""DUET's parameter generator: shapes, gradients, stabiliser arithmetic, training, config."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from devices import models
+from devices.synthetic import SyntheticConfig, generate
+from simulator.errors import ConfigError
+from strategies.duet_generator import (
+    GeneratorConfig,
+    duet_logits,
+    encode_windows,
+    generate_heads,
+    head_layers,
+    head_nbytes,
+    init_generator,
+    is_basis,
+    train_duet,
+)
+
+N_ITEMS = 60
+
+
+def setup(backbone: str, gcfg: GeneratorConfig = GeneratorConfig(), seed: int = 0):
+    spec = models.ModelSpec(n_items=N_ITEMS, backbone=backbone)
+    p = models.init_params(spec, seed)
+    gen = {k: torch.from_numpy(v) for k, v in init_generator(spec, gcfg, seed, head_init=p).items()}
+    return spec, models.to_torch(p), gen
+
+
+def random_windows(n: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randint(0, N_ITEMS, (n, 10), generator=g)
+    w[0, :4] = models.PAD  # a short stream, left-padded
+    return w
+
+
+@pytest.fixture(scope="module")
+def tiny_fleet():
+    fleet = generate(SyntheticConfig(n_devices=25, n_items=N_ITEMS, n_rounds=1, history_days=4.0,
+                                     mean_daily_interactions=4.0), seed=0)
+    spec = models.ModelSpec(n_items=N_ITEMS)
+    return fleet.interactions, fleet.timeline.history_end, spec, models.init_params(spec, 0)
+
+
+def train(tiny_fleet, gcfg: GeneratorConfig, epochs: int):
+    inter, end, spec, body0 = tiny_fleet
+    return train_duet(inter, end, spec, gcfg, body0, epochs=epochs, lr=0.01, batch_size=64, negatives=4, seed=5)
+
+
+@pytest.mark.parametrize("backbone", models.BACKBONES)
+@pytest.mark.parametrize("n", [1, 7])
+def test_head_shapes_match_spec(backbone, n):
+    spec, body, gen = setup(backbone)
+    heads = generate_heads(gen, body, random_windows(n), spec, GeneratorConfig())
+    shapes = spec.shapes()
+    assert list(heads) == list(spec.head_keys())
+    for k, v in heads.items():
+        assert v.shape == (n, *shapes[k]) and v.dtype == torch.float32
+    assert all(k.startswith("gen.") and v.dtype == torch.float32 for k, v in gen.items())
+
+
+def test_head_layers_and_nbytes():
+    din = models.ModelSpec(n_items=N_ITEMS, backbone="din")
+    assert head_layers(din) == [("head.w1", "head.b1", 64, 128), ("head.w2", "head.b2", 128, 64),
+                                ("head.w3", "head.b3", 64, 1)]
+    assert head_nbytes(din) == 66_564
+    for bb in ("gru4rec", "sasrec"):
+        spec = models.ModelSpec(n_items=N_ITEMS, backbone=bb)
+        assert head_nbytes(spec) == 8_448
+        _, body, gen = setup(bb)
+        heads = generate_heads(gen, body, random_windows(1), spec, GeneratorConfig())
+        assert models.num_bytes({k: v[0].numpy() for k, v in heads.items()}) == 8_448
+
+
+@pytest.mark.parametrize("backbone", ["gru4rec", "din"])
+def test_gradients_reach_every_basis_decoder_and_encoder(backbone):
+    spec, body, gen = setup(backbone)
+    gen = {k: v.clone().requires_grad_(True) for k, v in gen.items()}
+    body = {k: v.clone().requires_grad_(True) for k, v in body.items()}
+    cands = torch.randint(0, N_ITEMS, (16, 5), generator=torch.Generator().manual_seed(2))
+    logits = duet_logits(body, gen, random_windows(16), cands, spec, GeneratorConfig())
+    models.bce_loss(logits[None], torch.ones(1, 16)).sum().backward()
+    kinds = set()
+    for k, v in gen.items():
+        assert v.grad is not None, k
+        kinds.add(k.rsplit(".", 1)[-1])
+        if is_basis(k):
+            assert v.shape[0] == 5
+            for i in range(5):  # every one of the m decoders
+                assert v.grad[i].abs().sum() > 0, (k, i)
+        else:
+            assert v.grad.abs().sum() > 0, k
+    assert {"A", "D", "d0", "C", "c0", "w_ih", "w_hh", "w1", "w2"} <= kinds
+    assert sum(k.endswith(".A") for k in gen) == len(head_layers(spec))
+    assert body["item_emb"].grad.abs().sum() > 0
+
+
+def test_stabilizer_weights_match_hand_computation():
+    gcfg = GeneratorConfig(m=3, tau=2.0)
+    spec, body, gen = setup("gru4rec", gcfg)
+    gen = dict(gen)
+    gen["gen.head.w1.D"] = gen["gen.head.w1.D"] * 40  # decoders far apart: p is far from uniform
+    windows = random_windows(4)
+    out = generate_heads(gen, body, windows, spec, gcfg, return_weights=True)
+    z = encode_windows(gen, body, windows).double().numpy()
+    A, D, d0 = (gen[f"gen.head.w1.{k}"].double().numpy() for k in ("A", "D", "d0"))
+    for n in range(4):
+        e = A @ z[n]
+        W = np.stack([D[i] @ e + d0[i] for i in range(3)])  # (m, in*out) flattened candidates
+        S = W @ W.T
+        logit = S.sum(1) / 2.0
+        p = np.exp(logit - logit.max())
+        p /= p.sum()
+        got = out["stabilizer_weights"]["head.w1"][n].numpy()
+        np.testing.assert_allclose(got, p, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(out["head.w1"][n].numpy().ravel(), p @ W, rtol=1e-4, atol=1e-5)
+    p_all = out["stabilizer_weights"]["head.w1"]
+    assert float(p_all.max() - p_all.min()) > 0.05
+    for k, p in out["stabilizer_weights"].items():
+        assert p.shape == (4, 3) and (p >= 0).all(), k
+        torch.testing.assert_close(p.sum(-1), torch.ones(4))
+
+
+def test_stabilizer_off_is_one_plain_decoder():
+    gcfg = GeneratorConfig(stabilizer=False)
+    spec, body, gen = setup("din", gcfg)
+    assert gen["gen.head.w2.D"].shape == (1, 128 * 64, 32) and gen["gen.head.b2.c0"].shape == (1, 64)
+    windows = random_windows(3)
+    out = generate_heads(gen, body, windows, spec, gcfg, return_weights=True)
+    e = encode_windows(gen, body, windows) @ gen["gen.head.w2.A"].T
+    expect = (e @ gen["gen.head.w2.D"][0].T + gen["gen.head.w2.d0"][0]).reshape(3, 128, 64)
+    torch.testing.assert_close(out["head.w2"], expect)
+    assert all(torch.equal(p, torch.ones(3, 1)) for p in out["stabilizer_weights"].values())
+
+
+@pytest.mark.parametrize("backbone", models.BACKBONES)
+def test_all_pad_window_gives_finite_head_and_logits(backbone):
+    spec, body, gen = setup(backbone)
+    windows = torch.full((2, 10), models.PAD)
+    heads = generate_heads(gen, body, windows, spec, GeneratorConfig())
+    assert all(torch.isfinite(v).all() for v in heads.values())
+    logits = duet_logits(body, gen, windows, torch.zeros(2, 5, dtype=torch.long), spec, GeneratorConfig())
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("backbone", models.BACKBONES)
+def test_duet_logits_equal_per_sample_loop(backbone):
+    spec, body, gen = setup(backbone)
+    windows = random_windows(4)
+    cands = torch.randint(0, N_ITEMS, (4, 6), generator=torch.Generator().manual_seed(3))
+    batched = duet_logits(body, gen, windows, cands, spec, GeneratorConfig())
+    assert batched.shape == (4, 6)
+    for j in range(4):
+        heads = generate_heads(gen, body, windows[j : j + 1], spec, GeneratorConfig())
+        one = models.forward({**body, **heads}, windows[j][None, None], cands[j][None, None])[0, 0]
+        torch.testing.assert_close(batched[j], one, rtol=1e-5, atol=1e-5)
+
+
+def test_init_is_seeded():
+    spec = models.ModelSpec(n_items=N_ITEMS)
+    a, b = init_generator(spec, GeneratorConfig(), 4), init_generator(spec, GeneratorConfig(), 4)
+    c = init_generator(spec, GeneratorConfig(), 5)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(a["gen.head.w1.D"], c["gen.head.w1.D"])
+    assert all(k.startswith("gen.") and v.dtype == np.float32 for k, v in a.items())
+
+
+def test_train_duet_learns_deterministically_and_trains_every_basis(tiny_fleet):
+    gcfg = GeneratorConfig()
+    body, gen, losses = train(tiny_fleet, gcfg, epochs=2)
+    body2, gen2, losses2 = train(tiny_fleet, gcfg, epochs=2)
+    assert losses == losses2 and len(losses) == 2
+    assert all(np.array_equal(gen[k], gen2[k]) for k in gen) and all(np.array_equal(body[k], body2[k]) for k in body)
+    assert losses[1] < losses[0]
+    _, _, spec, body0 = tiny_fleet
+    for k in spec.head_keys():  # the universal head is returned unchanged
+        assert np.array_equal(body[k], body0[k])
+    assert not np.array_equal(body["gru.w_hh"], body0["gru.w_hh"])
+    gen0 = init_generator(spec, gcfg, 5, head_init=body0)
+    for k in gen:
+        if is_basis(k):
+            for i in range(gcfg.m):
+                assert not np.array_equal(gen[k][i], gen0[k][i]), (k, i)
+        else:
+            assert not np.array_equal(gen[k], gen0[k]), k
+    b, g = models.to_torch(body), {k: torch.from_numpy(v) for k, v in gen.items()}
+    h1 = generate_heads(g, b, random_windows(5), spec, gcfg)
+    h2 = generate_heads(g, b, random_windows(5), spec, gcfg)
+    assert all(torch.equal(h1[k], h2[k]) for k in h1)
+
+
+def test_frozen_bases_stay_bit_identical(tiny_fleet):
+    gcfg = GeneratorConfig(frozen_bases=True)
+    _, gen, losses = train(tiny_fleet, gcfg, epochs=1)
+    _, _, spec, body0 = tiny_fleet
+    gen0 = init_generator(spec, gcfg, 5, head_init=body0)
+    assert np.isfinite(losses).all()
+    for k in gen:
+        if is_basis(k):
+            assert np.array_equal(gen[k], gen0[k]), k
+        else:
+            assert not np.array_equal(gen[k], gen0[k]), k
+
+
+@pytest.mark.parametrize("field,value", [("m", 0), ("tau", 0), ("tau", -1.0), ("tau", float("inf")),
+                                         ("z_dim", 0), ("e_dim", 2.5), ("m", True), ("stabilizer", 1)])
+def test_invalid_config_names_the_key(field, value):
+    with pytest.raises(ConfigError) as err:
+        GeneratorConfig(**{field: value})
+    assert err.value.key == f"strategies.duet.{field}"
