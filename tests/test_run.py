@@ -111,6 +111,8 @@ def test_fleetgrid_and_flower_engine_aggregate_the_same_weights(always_online_wo
     ("fedavg", {"min_train_nodes": 1.5}, "strategies.fedavg.min_train_nodes"),
     ("local_finetune", {"local_steps": "x"}, "strategies.local_finetune.local_steps"),
     ("local_finetune", {"lr": 0}, "strategies.local_finetune.lr"),
+    ("duet", {"m": 0}, "strategies.duet.m"),
+    ("duet", {"tau": -1.0}, "strategies.duet.tau"),
     ("builtins:int", {}, "subclass of flwr.serverapp.strategy.Strategy"),
     ("os:path", {}, "subclass of flwr.serverapp.strategy.Strategy"),
 ])
