@@ -75,6 +75,8 @@ class DeviceHost:
         """Forget all device state; every device holds ``initial`` (the installed app)."""
         self.versions: dict[int, dict[str, np.ndarray]] = {}
         self._fingerprints: dict[bytes, int] = {}
+        self._by_identity: dict[int, tuple[dict, int]] = {}
+        self._next_vid = 0
         self.held = np.zeros(len(self.device_ids), dtype=np.int64)
         self.personal: dict[int, dict[str, np.ndarray]] = {}
         self.kv: dict[str, dict[int, Any]] = {}
@@ -82,15 +84,21 @@ class DeviceHost:
             self.held[:] = self._register(initial)
 
     def _register(self, arrays: dict[str, np.ndarray]) -> int:
+        # The same payload object reaches many jobs of one call: hash it once.
+        cached = self._by_identity.get(id(arrays))
+        if cached is not None and cached[0] is arrays:
+            return cached[1]
         h = hashlib.blake2b(digest_size=16)
         for k in sorted(arrays):
             h.update(k.encode())
             h.update(np.ascontiguousarray(arrays[k]).tobytes())
         fp = h.digest()
         if fp not in self._fingerprints:
-            vid = len(self._fingerprints) + 1
+            self._next_vid += 1
+            vid = self._next_vid
             self._fingerprints[fp] = vid
             self.versions[vid] = {k: np.array(v, dtype=np.float32) for k, v in arrays.items()}
+        self._by_identity[id(arrays)] = (arrays, self._fingerprints[fp])
         return self._fingerprints[fp]
 
     def hold(self, local: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
@@ -98,12 +106,14 @@ class DeviceHost:
         self.held[local] = vid
         for i in local:
             self.personal.pop(int(i), None)
-        self._drop_unused_versions()
 
     def _drop_unused_versions(self) -> None:
+        """Forget shared versions no device holds any more (once per round, not per job)."""
         used = set(np.unique(self.held).tolist())
         for vid in [v for v in self.versions if v not in used]:
             del self.versions[vid]
+        self._by_identity.clear()
+        self._fingerprints = {fp: vid for fp, vid in self._fingerprints.items() if vid in self.versions}
 
     def set_personal(self, local: np.ndarray, params: dict[str, torch.Tensor]) -> None:
         """Store per-device parameters. Item tables (one row per catalogue item) are kept
@@ -184,6 +194,7 @@ class DeviceHost:
     @torch.no_grad()
     def score(self, round: int) -> dict[str, Any]:
         """Prequential scoring of window ``round`` with the model each device holds now."""
+        self._drop_unused_versions()
         s = self.eval_samples(round)
         scores = np.zeros(s.candidates.shape, dtype=np.float32)
         owners = np.unique(s.owner)
