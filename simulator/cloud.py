@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -20,32 +21,40 @@ def history_rows(inter: Interactions, history_end: float) -> np.ndarray:
     return np.flatnonzero((inter.times < history_end) & ~first)
 
 
-def train_cloud_model(inter: Interactions, history_end: float, spec: models.ModelSpec, *, epochs: int,
-                      lr: float, batch_size: int, negatives: int, seed: int) -> tuple[dict[str, np.ndarray], list[float]]:
-    """Adam on BCE over all devices' history samples; returns params and per-epoch loss."""
+def fit(trainable: list[torch.Tensor], logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        builder: SampleBuilder, rows: np.ndarray, *, epochs: int, lr: float, batch_size: int, negatives: int,
+        seed: int, tag: int) -> list[float]:
+    """Adam on BCE over samples of ``rows`` (fresh negatives every epoch); returns the
+    per-epoch mean loss. ``logits(windows (N, L), candidates (N, C)) -> (N, C)``."""
     torch.manual_seed(seed)
     torch.set_num_threads(1)  # measured: small GRU batches run 4x slower on 2 threads here
-    builder = SampleBuilder(inter, spec.window)
-    rows = history_rows(inter, history_end)
-    p = {k: v.clone().requires_grad_(True) for k, v in models.to_torch(models.init_params(spec, seed)).items()}
-    opt = torch.optim.Adam(p.values(), lr=lr)
-    rng = np.random.default_rng(np.random.SeedSequence([seed, CLOUD_TAG]))
+    opt = torch.optim.Adam(trainable, lr=lr)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, tag]))
     losses = []
     for epoch in range(epochs):
-        s = builder.build(rows, negatives, stream_key(seed, CLOUD_TAG, epoch))
+        s = builder.build(rows, negatives, stream_key(seed, tag, epoch))
         order = rng.permutation(len(s))
         total, n = 0.0, 0
         for b in range(0, len(order), batch_size):
             idx = order[b : b + batch_size]
-            win = torch.from_numpy(s.windows[idx])[None]
-            cand = torch.from_numpy(s.candidates[idx])[None]
-            loss = models.bce_loss(models.forward(p, win, cand), torch.ones(1, len(idx))).sum()
+            out = logits(torch.from_numpy(s.windows[idx]), torch.from_numpy(s.candidates[idx]))
+            loss = models.bce_loss(out[None], torch.ones(1, len(idx))).sum()
             opt.zero_grad()
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(idx)
             n += len(idx)
         losses.append(total / max(n, 1))
+    return losses
+
+
+def train_cloud_model(inter: Interactions, history_end: float, spec: models.ModelSpec, *, epochs: int,
+                      lr: float, batch_size: int, negatives: int, seed: int) -> tuple[dict[str, np.ndarray], list[float]]:
+    """Adam on BCE over all devices' history samples; returns params and per-epoch loss."""
+    p = {k: v.clone().requires_grad_(True) for k, v in models.to_torch(models.init_params(spec, seed)).items()}
+    losses = fit(list(p.values()), lambda w, c: models.forward(p, w[None], c[None])[0],
+                 SampleBuilder(inter, spec.window), history_rows(inter, history_end), epochs=epochs, lr=lr,
+                 batch_size=batch_size, negatives=negatives, seed=seed, tag=CLOUD_TAG)
     return {k: v.detach()[0].numpy().copy() for k, v in p.items()}, losses
 
 

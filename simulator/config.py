@@ -84,13 +84,9 @@ class ModelConfig:
     window: int = 10
 
     def __post_init__(self) -> None:
-        from devices.models import BACKBONES
+        from devices.models import ModelSpec
 
-        if self.backbone not in BACKBONES:
-            raise ConfigError("model.backbone", self.backbone, f"one of {', '.join(BACKBONES)}")
-        for key in ("dim", "window"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"model.{key}", getattr(self, key), "a positive integer")
+        ModelSpec(n_items=1, backbone=self.backbone, dim=self.dim, window=self.window)  # one set of rules
 
 
 @dataclass(frozen=True)

@@ -38,8 +38,8 @@ import torch
 
 from devices import models
 from devices.data import Interactions
-from devices.samples import SampleBuilder, stream_key
-from simulator.cloud import history_rows
+from devices.samples import SampleBuilder
+from simulator.cloud import fit, history_rows
 from simulator.errors import ConfigError
 
 DUET_TAG = 4  # sample stream and shuffling of the joint training (cloud.py uses 3)
@@ -182,29 +182,13 @@ def train_duet(inter: Interactions, history_end: float, spec: models.ModelSpec, 
     """
     torch.manual_seed(seed)
     torch.set_num_threads(1)  # as train_cloud_model: small batches run faster on one thread
-    builder = SampleBuilder(inter, spec.window)
-    rows = history_rows(inter, history_end)
     heads = set(spec.head_keys())
     body = {k: v.clone().requires_grad_(k not in heads) for k, v in models.to_torch(body_init).items()}
     g0 = init_generator(spec, gcfg, seed, head_init={k: body_init[k] for k in heads})
     gen = {k: torch.from_numpy(v).requires_grad_(not (gcfg.frozen_bases and is_basis(k))) for k, v in g0.items()}
-    opt = torch.optim.Adam([v for v in (*body.values(), *gen.values()) if v.requires_grad], lr=lr)
-    rng = np.random.default_rng(np.random.SeedSequence([seed, DUET_TAG]))
-    losses = []
-    for epoch in range(epochs):
-        s = builder.build(rows, negatives, stream_key(seed, DUET_TAG, epoch))
-        order = rng.permutation(len(s))
-        total, n = 0.0, 0
-        for b in range(0, len(order), batch_size):
-            idx = order[b : b + batch_size]
-            win, cand = torch.from_numpy(s.windows[idx]), torch.from_numpy(s.candidates[idx])
-            logits = duet_logits(body, gen, win, cand, spec, gcfg)
-            loss = models.bce_loss(logits[None], torch.ones(1, len(idx))).sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(idx)
-            n += len(idx)
-        losses.append(total / max(n, 1))
+    trainable = [v for v in (*body.values(), *gen.values()) if v.requires_grad]
+    losses = fit(trainable, lambda w, c: duet_logits(body, gen, w, c, spec, gcfg), SampleBuilder(inter, spec.window),
+                 history_rows(inter, history_end), epochs=epochs, lr=lr, batch_size=batch_size, negatives=negatives,
+                 seed=seed, tag=DUET_TAG)
     return ({k: v.detach()[0].numpy().copy() for k, v in body.items()},
             {k: v.detach().numpy().copy() for k, v in gen.items()}, losses)
