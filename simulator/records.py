@@ -1,10 +1,31 @@
 """The only place that converts between Flower records and fleetsim's plain payloads."""
 from __future__ import annotations
 
+import io
+
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from devices.runtime import Payload
+
+
+_NPY_HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}
+
+
+def to_array(a: np.ndarray) -> Array:
+    """numpy -> Flower ``Array``, byte-identical to ``Array(a)`` but without ``np.save``
+    per call: the .npy header is built once per dtype and shape (replies are thousands of
+    same-shaped arrays per round)."""
+    a = np.ascontiguousarray(a)
+    key = (a.dtype.str, a.shape)
+    header = _NPY_HEADERS.get(key)
+    if header is None:
+        buf = io.BytesIO()
+        np.lib.format.write_array_header_1_0(
+            buf, {"descr": np.lib.format.dtype_to_descr(a.dtype), "fortran_order": False, "shape": a.shape})
+        header = _NPY_HEADERS[key] = buf.getvalue()
+    return Array(dtype=str(a.dtype), shape=tuple(int(d) for d in a.shape), stype="numpy.ndarray",
+                 data=header + a.tobytes())
 
 
 def to_payload(content: RecordDict, cache: dict[int, dict[str, np.ndarray]] | None = None) -> Payload:
@@ -33,7 +54,7 @@ def to_recorddict(payload: Payload) -> RecordDict:
     """``Payload`` -> Flower ``RecordDict``."""
     rd = RecordDict()
     for name, arrays in payload.arrays.items():
-        rd[name] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+        rd[name] = ArrayRecord({k: to_array(v) for k, v in arrays.items()})
     for name, rec in payload.metrics.items():
         rd[name] = MetricRecord(dict(rec))
     for name, rec in payload.configs.items():
@@ -46,4 +67,4 @@ def arrays_of(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    return ArrayRecord({k: to_array(v) for k, v in arrays.items()})

@@ -139,3 +139,16 @@ def test_waiting_for_devices_advances_simulated_time_not_wall_time():
     assert len(nodes) == 20
     assert grid.clock.t > t_sim
     assert time.perf_counter() - t_wall < 1.0  # Flower's sleep(1) never ran
+
+
+def test_fast_flower_arrays_are_byte_identical_to_flowers_own():
+    from flwr.app import Array
+
+    from simulator.records import to_array
+
+    rng = np.random.default_rng(0)
+    for a in (rng.random((3, 4), dtype=np.float32), rng.random(7), np.arange(5, dtype=np.int32),
+              np.float32(2.5) * np.ones(()), rng.random((4, 3)).T):
+        ours, theirs = to_array(a), Array(np.ascontiguousarray(a))
+        assert (ours.data, ours.dtype, ours.shape, ours.stype) == (theirs.data, theirs.dtype, theirs.shape, theirs.stype)
+        np.testing.assert_array_equal(ours.numpy(), a)
