@@ -4,6 +4,7 @@ Layout of a run directory::
 
     DIR/config.toml                    resolved experiment
     DIR/fleet.json                     drift events, history cut, bucket thresholds
+    DIR/fleet_devices.parquet          one row per device: history activity, bucket, hardware
     DIR/<strategy>/devices.parquet/    one part file per round (a parquet dataset:
                                        ``pandas.read_parquet`` reads the directory)
     DIR/<strategy>/rounds.parquet/     one row per round: online, selected, ok, dropped, ...
@@ -114,6 +115,19 @@ class RunWriter:
             "start_clock_s": tl.start_clock, "drift_events": [asdict(e) for e in tl.drift_events],
             "bucket_thresholds": fleet.bucket_thresholds,
         })
+        pr = fleet.profiles
+        table = pa.table({
+            "device_id": np.arange(fleet.n_devices, dtype=np.int64),
+            "history_interactions": fleet.history_counts,
+            "interactions": fleet.interactions.counts,
+            "bucket": np.asarray(fleet.buckets, dtype=str),
+            "tier": np.asarray(pr.tier, dtype=np.int8), "flops": pr.flops, "down_bps": pr.down_bps,
+            "up_bps": pr.up_bps, "rtt_s": pr.rtt_s, "tz_offset_h": pr.tz_offset_h, "failure_p": pr.failure_p,
+        })
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".", suffix=".tmp")
+        os.close(fd)
+        pq.write_table(table, tmp)
+        os.replace(tmp, self.dir / "fleet_devices.parquet")
 
     def write_round(self, strategy: str, result) -> None:
         """Append one round of one strategy (device rows + the round's fleet facts)."""
