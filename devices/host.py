@@ -135,18 +135,25 @@ class DeviceHost:
                     own[k] = arr.copy()
 
     def held_params(self, local: np.ndarray) -> dict[str, torch.Tensor]:
-        """Batched params of the models held by ``local`` devices (M = 1 where shared)."""
+        """Batched params of the models held by ``local`` devices (M = 1 where shared).
+
+        Personal keys beyond the backbone's (a MetaPatch patch) are included; a device
+        without one gets zeros, which for a residual patch is the identity."""
         local = np.asarray(local, dtype=np.int64)
         versions = np.unique(self.held[local])
-        personal_keys = set()
+        personal_keys: dict[str, tuple[int, ...]] = {}
         for i in local:
-            personal_keys.update(self.personal.get(int(i), {}))
+            for k, v in self.personal.get(int(i), {}).items():
+                personal_keys.setdefault(k, getattr(v, "shape", None))
         out = {}
         for k in self.spec.shapes():
             if len(versions) == 1 and k not in personal_keys:
                 out[k] = torch.from_numpy(self.versions[int(versions[0])][k])[None]
             else:
                 out[k] = torch.from_numpy(np.stack([self._param(int(i), k) for i in local]))
+        for k in sorted(set(personal_keys) - set(self.spec.shapes())):
+            zero = np.zeros(personal_keys[k], dtype=np.float32)
+            out[k] = torch.from_numpy(np.stack([self.personal.get(int(i), {}).get(k, zero) for i in local]))
         return out
 
     def _param(self, i: int, k: str) -> np.ndarray:

@@ -163,6 +163,39 @@ def _gather(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return out.reshape(*ids.shape, *table.shape[2:])
 
 
+PATCH_LAYERS = ("encoder", "head.1")  # where a MetaPatch residual patch can sit
+
+
+def patch_keys(layer: str) -> tuple[str, str]:
+    """Param names of a residual patch after ``layer`` (see ``apply_patch``)."""
+    return f"patch.{layer}.w", f"patch.{layer}.b"
+
+
+def patch_width(spec: "ModelSpec", layer: str) -> int:
+    """Width of the activation a patch after ``layer`` sees: the body output (d) or the
+    first head layer (d for the GRU4Rec/SASRec user tower, 128 for DIN's classifier)."""
+    if layer not in PATCH_LAYERS:
+        raise ConfigError("patch.layer", layer, f"one of {', '.join(PATCH_LAYERS)}")
+    if layer == "head.1" and spec.backbone == "din":
+        return DIN_HIDDEN[0]
+    return spec.dim
+
+
+def apply_patch(params: dict[str, torch.Tensor], h: torch.Tensor, layer: str) -> torch.Tensor:
+    """MetaPatch residual patch h <- h + (h W + b), if the params hold one for ``layer``.
+
+    ``h`` is (M, N, ..., width); W (M, width, width) and b (M, width) may hold one patch
+    per device (M = B) on a shared model (M = 1). A zero patch is the identity.
+    """
+    w = params.get(f"patch.{layer}.w")
+    if w is None:
+        return h
+    lead = [1] * (h.dim() - 3)
+    w = w.reshape(w.shape[0], *lead, *w.shape[1:])
+    b = params[f"patch.{layer}.b"].reshape(w.shape[0], *lead, 1, -1)
+    return h + torch.matmul(h, w) + b
+
+
 def encode(params: dict[str, torch.Tensor], windows: torch.Tensor) -> torch.Tensor:
     """GRU4Rec body: windows (M, N, L) item ids (PAD on the left) -> hidden state (M, N, d)."""
     _, n, L = windows.shape
@@ -191,7 +224,8 @@ def encode(params: dict[str, torch.Tensor], windows: torch.Tensor) -> torch.Tens
 
 def head(params: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
     """GRU4Rec/SASRec head (user tower): hidden state (M, N, d) -> user vector (M, N, d)."""
-    u = torch.relu(torch.matmul(h, params["head.w1"]) + params["head.b1"].unsqueeze(1))
+    h = apply_patch(params, h, "encoder")
+    u = apply_patch(params, torch.relu(torch.matmul(h, params["head.w1"]) + params["head.b1"].unsqueeze(1)), "head.1")
     return torch.matmul(u, params["head.w2"]) + params["head.b2"].unsqueeze(1)
 
 
@@ -277,9 +311,9 @@ def din_logits(params: dict[str, torch.Tensor], windows: torch.Tensor, candidate
     a = _linear(torch.sigmoid(pre), params["din.att.w2"], params["din.att.b2"]).squeeze(-1)  # (M, N, C, L)
     keep = valid.squeeze(-1).unsqueeze(2)  # (M, N, 1, L)
     a = torch.softmax(a + (1 - keep) * MASKED, -1) * keep
-    interest = torch.matmul(a, e_h)  # (M, N, C, d)
+    interest = apply_patch(params, torch.matmul(a, e_h), "encoder")  # (M, N, C, d)
     z = torch.cat([interest, e_t.expand_as(interest)], -1)
-    z = torch.relu(_linear(z, params["head.w1"], params["head.b1"]))
+    z = apply_patch(params, torch.relu(_linear(z, params["head.w1"], params["head.b1"])), "head.1")
     z = torch.relu(_linear(z, params["head.w2"], params["head.b2"]))
     out = _linear(z, params["head.w3"], params["head.b3"]).squeeze(-1)
     return out + _gather(params["item_bias"], candidates)

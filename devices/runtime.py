@@ -132,6 +132,11 @@ class DeviceContext:
         """Per-device parameters (leading dim B) that override the held shared ones."""
         self.host.set_personal(self.local, params)
 
+    def shared(self, key: str) -> dict[str, Any]:
+        """Host-wide state every device of this host sees (e.g. shared parameters a
+        strategy ships once and all its devices keep)."""
+        return self.host.kv.setdefault(f"shared:{key}", {})
+
     def state(self, key: str) -> dict[int, Any]:
         """Strategy-specific per-device state, keyed by local index (persists across rounds)."""
         return self.host.kv.setdefault(key, {})

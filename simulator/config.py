@@ -24,6 +24,7 @@ SHORT_NAMES = {
     "local_finetune": "strategies.local_finetune:LocalFinetune",
     "fedavg": "strategies.fedavg:FedAvg",
     "duet": "strategies.duet:Duet",
+    "metapatch": "strategies.metapatch:MetaPatch",
 }
 DEFAULT_STRATEGIES = ("cloud_only", "local_finetune", "fedavg")
 DEFAULT_EXPERIMENT = Path(__file__).resolve().parent.parent / "experiments" / "quickstart.toml"

@@ -1,0 +1,136 @@
+"""MetaPatch (KDD 2021, device side of Device-Cloud Collaborative Learning).
+
+Paper -> code (METHODS.md, MetaPatch): the frozen cloud model gets a residual *patch*
+after layer ``patch_layer`` (``devices.models.apply_patch``: h <- h + h W + b). Its
+weights are not stored per device: they are generated from the shared parameters
+Theta = (Theta_W, Theta_b), learned on the cloud and frozen on the device, and the tiny
+per-device metapatch phi_u (``patch_dim`` floats): W = reshape(phi_u Theta_W),
+b = phi_u Theta_b **(our choice: a linear map, no offset, so phi_u = 0 is the unpatched
+cloud model)**. On the device only phi_u is trained (BCE, ``local_steps`` full-batch SGD
+steps), starting from its previous value or zeros; it persists between rounds and is
+uploaded (a few floats).
+
+Device training is vectorised: the phi of every device a host serves in a round form one
+(B, k) tensor trained at once on the shared, frozen model (no loop over devices).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from devices import models
+from devices.runtime import DeviceApp, DeviceContext, Payload
+from strategies.common import check_fraction, check_positive, mean_metrics, sample_fraction
+
+THETA_TAG = 11
+
+
+def init_theta(spec: models.ModelSpec, layer: str, dim: int, seed: int) -> dict[str, np.ndarray]:
+    """Shared patch parameters Theta: small random maps from phi (dim) to W and b."""
+    width = models.patch_width(spec, layer)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, THETA_TAG]))
+    scale = 1.0 / np.sqrt(dim * width)
+    return {"theta.w": (rng.standard_normal((dim, width * width)) * scale).astype(np.float32),
+            "theta.b": (rng.standard_normal((dim, width)) * scale).astype(np.float32)}
+
+
+def patch_from_phi(theta: dict[str, torch.Tensor], phi: torch.Tensor, layer: str) -> dict[str, torch.Tensor]:
+    """Patch params for each phi (B, k): {patch.<layer>.w: (B, width, width), .b: (B, width)}."""
+    width = theta["theta.b"].shape[1]
+    w_key, b_key = models.patch_keys(layer)
+    return {w_key: (phi @ theta["theta.w"]).reshape(-1, width, width), b_key: phi @ theta["theta.b"]}
+
+
+def train_phi(held: dict[str, torch.Tensor], theta: dict[str, torch.Tensor], phi: torch.Tensor, win, cand, weight,
+              layer: str, steps: int, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``steps`` SGD steps on phi (B, k) only; the model and Theta are constants."""
+    phi = phi.detach().clone().requires_grad_(True)
+    frozen = {k: v.detach() for k, v in held.items()}
+    theta = {k: v.detach() for k, v in theta.items()}
+    losses = torch.zeros(len(phi))
+    for _ in range(steps):
+        losses = models.bce_loss(models.forward({**frozen, **patch_from_phi(theta, phi, layer)}, win, cand), weight)
+        (grad,) = torch.autograd.grad(losses.sum(), [phi])
+        with torch.no_grad():
+            phi -= lr * grad
+    return phi.detach(), losses.detach()
+
+
+def train(ctx: DeviceContext, payload: Payload) -> list[Payload]:
+    """Device: train phi_u on recent data (from its previous value), keep and upload it."""
+    cfg = payload.config()
+    layer, dim = str(cfg["patch-layer"]), int(cfg["patch-dim"])
+    shared = ctx.shared("metapatch")
+    if "theta" in payload.arrays:  # first contact, or Theta was refitted
+        shared["current"] = {k: torch.from_numpy(np.array(v)) for k, v in payload.arrays["theta"].items()}
+    theta = shared["current"]
+    store = ctx.state("metapatch.phi")
+    phi0 = torch.from_numpy(np.stack([store.get(int(i), np.zeros(dim, np.float32)) for i in ctx.local]))
+    win, cand, weight, counts = ctx.train_samples()
+    held = {k: v for k, v in ctx.held_params().items() if not k.startswith("patch.")}
+    steps = int(cfg.get("local-steps", ctx.settings.local_steps))
+    phi, losses = train_phi(held, theta, phi0, win, cand, weight, layer, steps, float(cfg.get("lr", ctx.settings.lr)))
+    for j, i in enumerate(ctx.local):
+        store[int(i)] = phi[j].numpy().copy()
+    ctx.set_personal(patch_from_phi(theta, phi, layer))
+    ctx.count_train(counts, steps, cand.shape[-1])
+    return [Payload(arrays={"phi": {"phi": phi[j].numpy()}},
+                    metrics={"metrics": {"num-examples": int(counts[j]), "train_loss": float(losses[j])}})
+            for j in range(len(ctx))]
+
+
+class MetaPatch(Strategy):
+    """Server half: ship Theta once, ask a fraction of online devices to train phi_u."""
+
+    device_app = DeviceApp({MessageType.TRAIN: train})
+
+    def __init__(self, fraction_train: float = 1.0, patch_dim: int = 8, patch_layer: str = "encoder",
+                 local_steps: int | None = None, lr: float | None = None) -> None:
+        self.fraction_train = check_fraction("fraction_train", fraction_train)
+        self.patch_dim = int(check_positive("patch_dim", patch_dim, integer=True))
+        if patch_layer not in models.PATCH_LAYERS:
+            raise ValueError(f"patch_layer = {patch_layer!r}: one of {', '.join(models.PATCH_LAYERS)}")
+        self.patch_layer = patch_layer
+        self.local_steps = None if local_steps is None else check_positive("local_steps", local_steps, integer=True)
+        self.lr = None if lr is None else check_positive("lr", lr)
+        self.theta: dict[str, np.ndarray] | None = None
+        self.phis: dict[int, np.ndarray] = {}  # uploaded metapatches, by device (MoMoDistill reads them)
+
+    def summary(self) -> None:
+        pass
+
+    def prepare(self, cloud) -> None:
+        self.theta = init_theta(cloud.spec, self.patch_layer, self.patch_dim, cloud.seed)
+        self._theta_record = ArrayRecord({k: Array(v) for k, v in self.theta.items()})
+        self._has_theta: set[int] = set()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        nodes = sample_fraction(grid, self.fraction_train, 1)
+        cfg = {"server-round": server_round, "patch-layer": self.patch_layer, "patch-dim": self.patch_dim}
+        if self.local_steps is not None:
+            cfg["local-steps"] = self.local_steps
+        if self.lr is not None:
+            cfg["lr"] = self.lr
+        plain = RecordDict({"config": ConfigRecord(cfg)})
+        with_theta = RecordDict({"config": ConfigRecord(cfg), "theta": self._theta_record})
+        return [Message(plain if n in self._has_theta else with_theta, dst_node_id=n, message_type=MessageType.TRAIN)
+                for n in nodes]
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        for r in replies:
+            if not r.has_error():
+                self._has_theta.add(r.metadata.src_node_id)
+                self.phis[r.metadata.src_node_id] = r.content["phi"]["phi"].numpy()
+        return None, mean_metrics(replies)
+
+    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
+        return []
+
+    def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
+        return None
