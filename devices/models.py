@@ -327,6 +327,26 @@ def backbone_of(params: dict[str, torch.Tensor]) -> str:
     raise ValueError(f"no backbone marker ({', '.join(BACKBONE_MARKERS.values())}) among the parameters")
 
 
+def body_output(params: dict[str, torch.Tensor], windows: torch.Tensor) -> torch.Tensor | None:
+    """The body's output (M, N, d) for backbones whose body does not look at the
+    candidate (GRU4Rec, SASRec); None for DIN. Training only what comes after the body
+    (a patch, the head) can compute it once instead of every step."""
+    backbone = backbone_of(params)
+    if backbone == "din":
+        return None
+    fn = encode if backbone == "gru4rec" else sas_encode
+    m, n, L = windows.shape
+    if m > 1 and all(v.shape[0] == 1 for k, v in params.items() if not k.startswith("patch.")):
+        # one shared body: one large matmul over all rows beats M small broadcast ones
+        return fn(params, windows.reshape(1, m * n, L)).reshape(m, n, -1)
+    return fn(params, windows)
+
+
+def forward_from_body(params: dict[str, torch.Tensor], h: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Logits (M, N, C) from a ``body_output``: patches, head and scoring."""
+    return score(params, head(params, h), candidates)
+
+
 def forward(params: dict[str, torch.Tensor], windows: torch.Tensor, candidates: torch.Tensor,
             backbone: str | None = None) -> torch.Tensor:
     """Full backbone: logits (M, N, C) of each sample's candidates.

@@ -52,9 +52,13 @@ def train_phi(held: dict[str, torch.Tensor], theta: dict[str, torch.Tensor], phi
     phi = phi.detach().clone().requires_grad_(True)
     frozen = {k: v.detach() for k, v in held.items()}
     theta = {k: v.detach() for k, v in theta.items()}
+    with torch.no_grad():  # the patch sits after the body: its output is the same every step
+        h = models.body_output(frozen, win)
     losses = torch.zeros(len(phi))
     for _ in range(steps):
-        losses = models.bce_loss(models.forward({**frozen, **patch_from_phi(theta, phi, layer)}, win, cand), weight)
+        p = {**frozen, **patch_from_phi(theta, phi, layer)}
+        out = models.forward(p, win, cand) if h is None else models.forward_from_body(p, h, cand)
+        losses = models.bce_loss(out, weight)
         (grad,) = torch.autograd.grad(losses.sum(), [phi])
         with torch.no_grad():
             phi -= lr * grad
