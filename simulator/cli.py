@@ -1,4 +1,5 @@
-"""``fleetsim`` command line: ``fleetsim run [EXPERIMENT.toml] [--out DIR] [--set k=v ...]``.
+"""``fleetsim`` command line: ``fleetsim run [EXPERIMENT.toml] [--out DIR] [--set k=v ...]`` and
+``fleetsim report RUN_DIR [RUN_DIR ...] [--out DIR] [--baseline NAME]``.
 
 Every user error (config, data, arguments, output folder) ends in one line on stderr
 and exit code 2; results already written are never touched.
@@ -43,6 +44,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="run seed (overrides experiment.seed)")
     run.add_argument("--ray-address", help="join an existing Ray cluster (default: start an embedded one)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--no-report", action="store_true", help="do not write report.html and figures into the run folder")
+    rep = sub.add_parser("report", help="compare strategies of one or more runs: report.html, figure PNGs, summary.csv")
+    rep.error = p.error  # type: ignore[method-assign]
+    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directory written by fleetsim run")
+    rep.add_argument("--out", help="folder for the report (default: the first RUN_DIR)")
+    rep.add_argument("--baseline", help="strategy the others are compared with (default: cloud_only)")
     return p
 
 
@@ -55,8 +62,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     summary = run_experiment(cfg, out, ray_address=args.ray_address, progress=not args.no_progress, log=log)
-    print(format_table(summary))
+    if summary.get("protocol") == "leave_last":
+        from simulator.paper import format_table as format_paper_table
+
+        print(format_paper_table(summary))
+    else:
+        print(format_table(summary))
     print(f"\nresults: {out}  (wall {time.perf_counter() - t0:.1f} s)")
+    if not args.no_report and summary.get("protocol") != "leave_last":
+        from simulator.report import build_report
+
+        print(f"report: {build_report([out], out).html}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from simulator.report import build_report
+
+    files = build_report(args.run_dirs, args.out, baseline=args.baseline)
+    print(f"report: {files.html}")
     return 0
 
 
@@ -67,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         _parser().print_help()
         return EXIT_USAGE
     try:
-        return cmd_run(args)
+        return cmd_report(args) if args.command == "report" else cmd_run(args)
     except FleetsimError as exc:
         print(f"fleetsim: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -28,6 +28,7 @@ SHORT_NAMES = {
 }
 DEFAULT_STRATEGIES = ("cloud_only", "local_finetune", "fedavg")
 DEFAULT_EXPERIMENT = Path(__file__).resolve().parent.parent / "experiments" / "quickstart.toml"
+PROTOCOLS = ("fleet", "leave_last")  # data.protocol of MovieLens experiments
 
 
 @dataclass(frozen=True)
@@ -66,10 +67,15 @@ class MovieLensConfig:
     path: str = ""
     n_rounds: int = 10
     history_fraction: float = 0.8
+    # "fleet": history + prequential rounds; "leave_last": the DUET paper's protocol
+    # (simulator/paper.py; n_rounds and history_fraction are then unused)
+    protocol: str = "fleet"
 
     def __post_init__(self) -> None:
         if not self.path:
             raise ConfigError("data.path", self.path, "the path of a MovieLens ratings file (u.data, ratings.dat or ratings.csv)")
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError("data.protocol", self.protocol, " or ".join(f'"{p}"' for p in PROTOCOLS))
         if self.n_rounds <= 0:
             raise ConfigError("data.n_rounds", self.n_rounds, "a positive integer")
         if not 0 < self.history_fraction < 1:
@@ -132,6 +138,8 @@ class ExperimentConfig:
             table = dataclasses.asdict(getattr(self, name))
             if name == "data":
                 table = {"source": self.source, **table}
+                if table.get("protocol") == "fleet":
+                    del table["protocol"]  # the default: keeps fleet runs' config.toml as before the key existed
             out.append(f"[{name}]")
             out += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
             out.append("")

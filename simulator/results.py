@@ -12,6 +12,9 @@ Layout of a run directory::
 
 Each part file is written to a temporary name and renamed, so a crash loses at most
 the round in flight and never leaves a half-written file.
+
+``load_run(DIR)`` reads a whole run back (config, summary, per-device records of every
+strategy, drift events) for reports and notebooks.
 """
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import asdict
+import tomllib
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -153,3 +157,121 @@ def read_devices(run_dir: str | Path, strategy: str) -> pd.DataFrame:
 def read_rounds(run_dir: str | Path, strategy: str) -> pd.DataFrame:
     folder = Path(run_dir) / strategy_dirname(strategy) / "rounds.parquet"
     return pd.read_parquet(folder).sort_values("round").reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Reading a whole run back (the results API for reports and notebooks)
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Run:
+    """One run directory read back from disk (see ``load_run``).
+
+    Attributes:
+        path: the run directory.
+        config: ``config.toml`` (the resolved experiment) parsed with ``tomllib``.
+        summary: ``summary.json`` (``layout_version`` and per-strategy metrics).
+        fleet: ``fleet.json`` (history cut, round length, drift events, bucket thresholds).
+        fleet_devices: ``fleet_devices.parquet``, one row per device.
+        devices: every strategy's ``devices.parquet`` rows, with a first column
+            ``strategy`` (categorical, categories in run order), ordered by strategy,
+            round and device.
+        rounds: every strategy's ``rounds.parquet`` rows, with a ``strategy`` column.
+        strategies: names of the finished strategies (those in ``summary.json``), in run order.
+    """
+
+    path: Path
+    config: dict[str, Any]
+    summary: dict[str, Any]
+    fleet: dict[str, Any]
+    fleet_devices: pd.DataFrame
+    devices: pd.DataFrame
+    rounds: pd.DataFrame
+    strategies: list[str]
+
+    @property
+    def name(self) -> str:
+        """The run directory's name."""
+        return self.path.resolve().name
+
+    @property
+    def drift_events(self) -> list[dict[str, Any]]:
+        """Drift events from ``fleet.json``: dicts with ``round`` (first affected round,
+        0 = during history), ``kind``, ``fraction`` of users and ``note``."""
+        return list(self.fleet.get("drift_events") or [])
+
+
+def _read_parquet(path: Path, what: str) -> pd.DataFrame:
+    if not path.exists():
+        raise FleetsimError(f"{path.parent}: {path.name} is missing; not a complete fleetsim run ({what})")
+    try:
+        return pd.read_parquet(path)
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise FleetsimError(f"{path}: unreadable ({first})") from None
+
+
+def _with_strategy(frames: list[pd.DataFrame], names: list[str]) -> pd.DataFrame:
+    col = pd.Categorical(np.repeat(names, [len(f) for f in frames]), categories=names)
+    df = pd.concat(frames, ignore_index=True)
+    df.insert(0, "strategy", col)
+    return df
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Read a fleet run directory written by ``fleetsim run``.
+
+    Raises ``FleetsimError`` (one line, naming the folder) when ``run_dir`` is not a run
+    directory, holds a leave-last (paper protocol) run, was written with another result
+    layout (``layout_version`` other than ``LAYOUT_VERSION``), or is missing a file.
+    Strategies still in flight when a run stopped (rounds on disk but not in
+    ``summary.json``) are left out.
+    """
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise FleetsimError(f"{path}: {'not a directory' if path.exists() else 'no such directory'}")
+    summary_path = path / "summary.json"
+    if not summary_path.is_file():
+        raise FleetsimError(f"{path}: not a fleetsim run directory (no summary.json)")
+    try:
+        summary = json.loads(summary_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise FleetsimError(f"{summary_path}: not readable as JSON ({str(exc).splitlines()[0]})") from None
+    if not isinstance(summary, dict):
+        raise FleetsimError(f"{summary_path}: not a fleetsim summary (expected a JSON object)")
+    if summary.get("protocol") == "leave_last":
+        raise FleetsimError(f"{path}: a leave_last run (summary.json only); reports need a fleet run")
+    version = summary.get("layout_version")
+    if version != LAYOUT_VERSION:
+        if isinstance(version, int) and version > LAYOUT_VERSION:
+            age = f"a newer result layout (layout_version {version})"
+        else:
+            age = f"an older result layout (layout_version {version if version is not None else 'missing'})"
+        raise FleetsimError(f"{path}: written with {age}; this fleetsim reads layout_version {LAYOUT_VERSION} "
+                            f"-- re-run the experiment with this version")
+    finished = summary.get("strategies")
+    if not isinstance(finished, dict) or not finished:
+        raise FleetsimError(f"{path}: summary.json lists no finished strategy")
+    try:
+        config = tomllib.loads((path / "config.toml").read_text())
+        fleet = json.loads((path / "fleet.json").read_text())
+    except FileNotFoundError as exc:
+        raise FleetsimError(f"{path}: {Path(exc.filename).name} is missing; not a complete fleetsim run") from None
+    except (OSError, ValueError) as exc:
+        raise FleetsimError(f"{path}: config.toml or fleet.json unreadable ({str(exc).splitlines()[0]})") from None
+    # run order: the experiment's strategy list, restricted to finished strategies
+    listed = [s for s in (config.get("experiment", {}).get("strategies") or []) if s in finished]
+    strategies = listed + [s for s in finished if s not in listed]
+    devices, rounds = [], []
+    for s in strategies:
+        folder = path / strategy_dirname(s)
+        devices.append(_read_parquet(folder / "devices.parquet", f"devices of {s}")
+                       .sort_values(["round", "device_id"], kind="stable"))
+        rounds.append(_read_parquet(folder / "rounds.parquet", f"rounds of {s}").sort_values("round"))
+    return Run(
+        path=path, config=config, summary=summary, fleet=fleet,
+        fleet_devices=_read_parquet(path / "fleet_devices.parquet", "per-device fleet facts"),
+        devices=_with_strategy(devices, strategies), rounds=_with_strategy(rounds, strategies),
+        strategies=strategies,
+    )

@@ -115,6 +115,10 @@ def summarise(results: list[RoundResult], fleet: Fleet, wall_s: float, sim_end: 
 def run_experiment(cfg: ExperimentConfig, out: str, *, ray_address: str | None = None, use_ray: bool = True,
                    progress: bool = True, log=print) -> dict[str, Any]:
     """Run every strategy of ``cfg`` on one fleet; write results to ``out``; return the summary."""
+    if getattr(cfg.data, "protocol", "fleet") == "leave_last":  # the DUET paper's protocol, not a fleet
+        from simulator.paper import run_leave_last
+
+        return run_leave_last(cfg, out, log=log)
     writer = RunWriter(out)  # fail on a bad --out before any expensive work
     try:
         strategies = [(name, make_strategy(name, cfg.strategies.get(name, {}))) for name in cfg.experiment.strategies]

@@ -1,0 +1,231 @@
+"""The DUET paper's protocol on MovieLens (``data.protocol = "leave_last"``): base vs
+finetune vs DUET, as in Table 1 of the paper (METHODS.md, "DUET").
+
+Per user, time-ordered: the LAST interaction is the test target, ranked against
+``device.eval_negatives`` (99) sampled items the user never interacted with (the test item
+included, none of them); every earlier interaction with at least one previous item is a
+training sample with ``cloud.negatives`` / ``device.negatives`` (4) sampled negatives.
+Windows are the last ``model.window`` (10) items before the target, so no training sample
+sees a test item, as target or in its window. Users with a single interaction have no
+window to score and are not evaluated.
+
+The split is expressed as a time cut so the fleet's training code runs unchanged: in the
+*training view* each user's last interaction is moved to t = +inf and the history cut is
++inf, so ``simulator.cloud.history_rows`` selects exactly the training samples, while the
+sample builder still knows every interaction (negatives exclude the test items too).
+
+- **base**: ``train_cloud_model`` (Adam, ``[cloud]`` epochs / lr / batch_size) on the
+  training samples.
+- **finetune**: each user's copy of the base model, ALL of it, trained on that user's own
+  training samples with ``device.local_steps`` full-batch SGD steps at ``device.lr``
+  (``models.sgd_train`` on local vocabularies, users batched; ``device.recent`` is not
+  used: a user trains on all its samples, as in the paper).
+- **duet**: ``train_duet`` from the base model (``[strategies.duet]`` m, tau, stabilizer,
+  frozen_bases, epochs, lr; DUET's defaults otherwise), then each user's head is generated
+  from the window before its test item and scores the test candidates with the body.
+
+Metrics: AUC pooled over all test samples (sklearn, exact), UAUC (mean per-user AUC),
+NDCG@10 and HR@10 (``metrics.device_metrics``, one positive per user).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+from devices import models
+from devices.data import Interactions
+from devices.movielens import load_ratings_with_epoch
+from devices.runtime import ITEM_TABLES, local_vocabulary
+from devices.samples import SampleBuilder, Samples, pad_by_owner, stream_key
+from simulator.cloud import history_rows, train_cloud_model
+from simulator.config import ExperimentConfig
+from simulator.errors import FleetsimError
+from simulator.metrics import device_metrics
+from simulator.results import RunWriter, write_json
+from strategies.duet_generator import GeneratorConfig, duet_logits, train_duet
+
+METHODS = ("base", "finetune", "duet")
+TEST_TAG, FINETUNE_TAG = 11, 12  # sample streams (cloud.py uses 3, DUET 4)
+FINETUNE_ROWS = 8192  # padded training samples per batch of users (bounds DIN's activations)
+
+
+@dataclass
+class LeaveLastSplit:
+    """The leave-last-out split of one ratings file (row indices into ``view``)."""
+
+    view: Interactions  # the ratings with each user's last interaction at t = +inf
+    train_rows: np.ndarray  # every interaction with >= 1 earlier item, except each user's last
+    test_rows: np.ndarray  # the last interaction of each evaluated user, in user order
+    users: np.ndarray  # the evaluated users (>= 2 interactions), in the order of test_rows
+
+
+def leave_last_split(inter: Interactions) -> LeaveLastSplit:
+    """Split each user's stream into training samples and its last interaction (the test)."""
+    counts = inter.counts
+    last = inter.indptr[1:] - 1
+    times = inter.times.copy()
+    times[last[counts > 0]] = math.inf
+    view = dataclasses.replace(inter, times=times)
+    users = np.flatnonzero(counts >= 2)
+    return LeaveLastSplit(view, history_rows(view, math.inf), last[users], users)
+
+
+def build_test_samples(builder: SampleBuilder, split: LeaveLastSplit, negatives: int, seed: int) -> Samples:
+    """Each evaluated user's test sample: its last item against ``negatives`` never-seen items."""
+    return builder.build(split.test_rows, negatives, stream_key(seed, TEST_TAG))
+
+
+def evaluate(scores: np.ndarray) -> dict[str, Any]:
+    """AUC (pooled, exact), UAUC, NDCG@10, HR@10 of scores (n_users, C), column 0 the positive."""
+    n, c = scores.shape
+    labels = np.zeros((n, c), np.int8)
+    labels[:, 0] = 1
+    m = device_metrics(scores, np.arange(n), n)
+    return {"auc": float(roc_auc_score(labels.ravel(), scores.ravel())), "uauc": float(np.nanmean(m["auc"])),
+            "ndcg10": float(m["ndcg10"].mean()), "hr10": float(m["hr10"].mean()), "n_users": int(n)}
+
+
+@torch.no_grad()
+def score_shared(params: dict[str, np.ndarray], test: Samples) -> np.ndarray:
+    """Scores (n, C) of the test samples under one shared model."""
+    p = models.to_torch(params)
+    return models.forward(p, torch.from_numpy(test.windows)[None], torch.from_numpy(test.candidates)[None])[0].numpy()
+
+
+def _user_batches(counts: np.ndarray, budget: int) -> list[np.ndarray]:
+    """Positions 0..n-1 in batches of similar sample counts, each <= ``budget`` padded rows."""
+    order = np.argsort(-counts, kind="stable")
+    out, i = [], 0
+    while i < len(order):
+        k = max(1, budget // max(int(counts[order[i]]), 1))
+        out.append(np.sort(order[i : i + k]))
+        i += k
+    return out
+
+
+def finetune_scores(base: dict[str, np.ndarray], builder: SampleBuilder, split: LeaveLastSplit, test: Samples, *,
+                    steps: int, lr: float, negatives: int, seed: int) -> np.ndarray:
+    """Scores (n, C) of each user's test sample under its own fine-tuned copy of ``base``.
+
+    Users are trained together in batches, each on its local vocabulary: the items its
+    training samples and its test sample touch. Plain SGD leaves the rows its training
+    never touches (e.g. unseen test negatives) exactly at the base model's values, so this
+    equals fine-tuning a full copy.
+    """
+    train = builder.build(split.train_rows, negatives, stream_key(seed, FINETUNE_TAG))
+    pos = np.full(builder.inter.n_users, -1, np.int64)
+    pos[split.users] = np.arange(len(split.users))
+    owner = pos[train.owner]  # every training row's user is evaluated (it has >= 2 interactions)
+    counts = np.bincount(owner, minlength=len(split.users))
+    shared = models.to_torch(base)
+    out = np.zeros(test.candidates.shape, np.float32)
+    for batch in _user_batches(counts, FINETUNE_ROWS):
+        sel = np.flatnonzero(np.isin(owner, batch))
+        win, cand, weight, _ = pad_by_owner(Samples(owner[sel], train.windows[sel], train.candidates[sel]), batch)
+        b, n, c = cand.shape
+        # test candidates ride along as extra "candidates" so they get local ids too
+        flat = np.concatenate([cand.reshape(b, n * c), test.candidates[batch]], 1)[:, :, None]
+        items, lw, lc = local_vocabulary(np.concatenate([win, test.windows[batch][:, None]], 1), flat,
+                                         builder.inter.n_items)
+        rows = torch.from_numpy(np.clip(items, 0, None))
+        p = {k: v[0][rows] if k in ITEM_TABLES else v.expand(b, *v.shape[1:]) for k, v in shared.items()}
+        lc = torch.from_numpy(lc[:, :, 0])
+        lw = torch.from_numpy(lw)
+        new, _ = models.sgd_train(p, lw[:, :n], lc[:, : n * c].reshape(b, n, c), torch.from_numpy(weight), steps, lr)
+        with torch.no_grad():
+            out[batch] = models.forward(new, lw[:, n:], lc[:, n * c :][:, None])[:, 0].numpy()
+    return out
+
+
+def duet_config(cfg: ExperimentConfig) -> tuple[GeneratorConfig, int, float]:
+    """Generator config, epochs and lr from ``[strategies.duet]`` (validated as the fleet's DUET)."""
+    from simulator.run import make_strategy  # run.py imports this module lazily
+
+    duet = make_strategy("duet", cfg.strategies.get("duet", {}))
+    return duet.gcfg, duet.epochs, duet.lr
+
+
+def run_leave_last(cfg: ExperimentConfig, out: str, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run base, finetune and DUET under the leave-last protocol; write config.toml and
+    summary.json to ``out``; return the summary."""
+    writer = RunWriter(out)  # fail on a bad --out before any expensive work
+    try:
+        gcfg, duet_epochs, duet_lr = duet_config(cfg)
+        t0 = time.perf_counter()
+        inter, _ = load_ratings_with_epoch(cfg.data.path)
+    except FleetsimError:
+        writer.discard_if_empty()  # leave no empty run folder behind for bad input
+        raise
+    writer.write_config(cfg.to_toml())
+    seed, c, dev = cfg.experiment.seed, cfg.cloud, cfg.device
+    spec = models.ModelSpec(n_items=inter.n_items, backbone=cfg.model.backbone, dim=cfg.model.dim,
+                            window=cfg.model.window)
+    split = leave_last_split(inter)
+    builder = SampleBuilder(split.view, spec.window)
+    test = build_test_samples(builder, split, dev.eval_negatives, seed)
+    timings = {"load_s": time.perf_counter() - t0}
+    log(f"leave_last: {inter.n_users} users ({len(split.users)} evaluated), {inter.n_items} items, "
+        f"{len(split.train_rows)} training samples; backbone {spec.backbone}, seed {seed}")
+    scores: dict[str, np.ndarray] = {}
+    losses: dict[str, list[float]] = {}
+
+    t = time.perf_counter()
+    base, losses["base"] = train_cloud_model(split.view, math.inf, spec, epochs=c.epochs, lr=c.lr,
+                                             batch_size=c.batch_size, negatives=c.negatives, seed=seed)
+    scores["base"] = score_shared(base, test)
+    timings["base_s"] = time.perf_counter() - t
+    log(f"base: {timings['base_s']:.1f} s, loss {_losses(losses['base'])}")
+
+    t = time.perf_counter()
+    scores["finetune"] = finetune_scores(base, builder, split, test, steps=dev.local_steps, lr=dev.lr,
+                                         negatives=dev.negatives, seed=seed)
+    timings["finetune_s"] = time.perf_counter() - t
+    log(f"finetune: {timings['finetune_s']:.1f} s")
+
+    t = time.perf_counter()
+    body, gen, losses["duet"] = train_duet(split.view, math.inf, spec, gcfg, base, epochs=duet_epochs, lr=duet_lr,
+                                           batch_size=c.batch_size, negatives=c.negatives, seed=seed)
+    with torch.no_grad():
+        scores["duet"] = duet_logits(models.to_torch(body), {k: torch.from_numpy(v) for k, v in gen.items()},
+                                     torch.from_numpy(test.windows), torch.from_numpy(test.candidates), spec,
+                                     gcfg).numpy()
+    timings["duet_s"] = time.perf_counter() - t
+    log(f"duet: {timings['duet_s']:.1f} s, loss {_losses(losses['duet'])}")
+    timings["total_s"] = time.perf_counter() - t0
+
+    summary = {
+        "protocol": "leave_last", "backbone": spec.backbone, "seed": seed,
+        "methods": {name: evaluate(scores[name]) for name in METHODS},
+        "timings": timings,
+        "data": {"path": cfg.data.path, "n_users": inter.n_users, "n_items": inter.n_items,
+                 "n_train_samples": len(split.train_rows), "n_test_users": len(split.users)},
+        "settings": {"cloud": dataclasses.asdict(c),
+                     "finetune": {"steps": dev.local_steps, "lr": dev.lr, "negatives": dev.negatives},
+                     "duet": {**dataclasses.asdict(gcfg), "epochs": duet_epochs, "lr": duet_lr},
+                     "eval_negatives": dev.eval_negatives, "window": spec.window},
+        "train_losses": losses,
+    }
+    write_json(writer.dir / "summary.json", summary)
+    return summary
+
+
+def _losses(values: list[float]) -> str:
+    return f"{values[0]:.4f} -> {values[-1]:.4f}" if values else "(untrained)"
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The table ``fleetsim run`` prints for a leave-last run."""
+    head = f"{'method':<9} {'AUC':>7} {'UAUC':>7} {'NDCG@10':>8} {'HR@10':>7} {'users':>6} {'s':>7}"
+    lines = [f"leave_last, {summary['backbone']}, seed {summary['seed']}", head, "-" * len(head)]
+    for name, m in summary["methods"].items():
+        secs = summary["timings"].get(f"{name}_s", math.nan)
+        lines.append(f"{name:<9} {m['auc']:7.4f} {m['uauc']:7.4f} {m['ndcg10']:8.4f} {m['hr10']:7.4f} "
+                     f"{m['n_users']:6d} {secs:7.1f}")
+    return "\n".join(lines)

@@ -1,0 +1,330 @@
+"""Tests for simulator/report.py and results.load_run: a report built from a small real run
+(files, PNG sizes, a self-contained HTML), the statistics with hand-computed or known
+answers, and the CLI's one-line errors for folders that are not (current) runs."""
+from __future__ import annotations
+
+import base64
+import json
+import math
+import shutil
+import struct
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import simulator.run as run_mod
+from devices.pool import HostPool
+from simulator import cli, report
+from simulator.errors import FleetsimError
+from simulator.results import LAYOUT_VERSION, load_run, read_devices, read_rounds
+from conftest import small_config
+
+STRATEGIES = ["cloud_only", "local_finetune", "fedavg"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A small real run (40 devices, 3 rounds, three strategies, in-process hosts)."""
+    out = tmp_path_factory.mktemp("run") / "small"
+    run_mod.run_experiment(small_config(), str(out), use_ray=False, progress=False, log=lambda msg: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def built(run_dir, tmp_path_factory) -> report.ReportFiles:
+    return report.build_report([run_dir], tmp_path_factory.mktemp("report"))
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path.name} is not a PNG"
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+class Collect(HTMLParser):
+    """Every tag with its attributes, table cell texts and all text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+        self.cells: list[str] = []
+        self.tables = 0
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+        self.tables += tag == "table"
+        if tag in ("td", "th"):
+            self._cell = []
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self.cells.append("".join(self._cell).strip())
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+# The results API ------------------------------------------------------------------------
+
+
+def test_load_run(run_dir):
+    run = load_run(run_dir)
+    assert run.strategies == STRATEGIES
+    assert run.config["experiment"]["strategies"] == STRATEGIES and run.config["data"]["n_devices"] == 40
+    assert run.summary["layout_version"] == LAYOUT_VERSION
+    assert run.fleet["n_rounds"] == 3 and run.drift_events == run.fleet["drift_events"]
+    assert len(run.fleet_devices) == 40 and {"history_interactions", "bucket"} <= set(run.fleet_devices.columns)
+    assert list(run.devices.columns[:1]) == ["strategy"]
+    assert list(run.devices["strategy"].unique()) == STRATEGIES
+    for s in STRATEGIES:
+        mine = run.devices[run.devices["strategy"] == s].drop(columns="strategy").reset_index(drop=True)
+        pd.testing.assert_frame_equal(mine, read_devices(run_dir, s))
+        rounds = run.rounds[run.rounds["strategy"] == s].drop(columns="strategy").reset_index(drop=True)
+        pd.testing.assert_frame_equal(rounds, read_rounds(run_dir, s))
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda d: None, "no summary.json"),
+    (lambda d: (d / "summary.json").write_text("{not json"), "not readable as JSON"),
+    (lambda d: (d / "summary.json").write_text('{"layout_version": 1, "strategies": {}}'), "no finished strategy"),
+    (lambda d: (d / "summary.json").write_text('{"protocol": "leave_last", "methods": {}}'), "leave_last"),
+    (lambda d: (d / "summary.json").write_text('{"strategies": {"a": {}}}'), "layout_version missing"),
+])
+def test_load_run_rejects(tmp_path, make, needle):
+    make(tmp_path)
+    with pytest.raises(FleetsimError, match=needle):
+        load_run(tmp_path)
+
+
+# Files and HTML -------------------------------------------------------------------------
+
+
+def test_every_figure_is_a_png_of_the_expected_size(built):
+    assert [p.name for p in built.figures] == list(report.FIGURES)
+    for p in built.figures:
+        assert p.stat().st_size > 10_000, p.name
+        _, w, h = report.FIGURES[p.name]
+        assert png_size(p) == (round(w * report.DPI), round(h * report.DPI)), p.name
+
+
+def test_html_is_self_contained_and_embeds_figures_and_tables(built):
+    text = built.html.read_text(encoding="utf-8")
+    parser = Collect()
+    parser.feed(text)
+    parser.close()
+
+    images = [a.get("src") or "" for tag, a in parser.tags if tag == "img"]
+    assert len(images) == len(report.FIGURES)
+    for src, fig in zip(images, built.figures):
+        prefix = "data:image/png;base64,"
+        assert src.startswith(prefix)
+        assert base64.b64decode(src[len(prefix):]) == fig.read_bytes()
+    # nothing is fetched from anywhere: no URL, no src/href to a file, no external CSS or script
+    assert "http://" not in text and "https://" not in text
+    for tag, attrs in parser.tags:
+        for key in ("src", "href"):
+            assert attrs.get(key) is None or attrs[key].startswith("data:"), (tag, attrs)
+        assert tag not in ("link", "script", "iframe", "object", "embed")
+
+    assert parser.tables >= 3  # runs, summary, paired comparison (and buckets)
+    for header in ["overall AUC", "UAUC", "p10 per-user AUC", "NDCG@10", "HR@10", "tail UAUC", "MB up / device-round",
+                   "MB down / device-round", "device GFLOPs / device-round", "simulated h", "wall s",
+                   "mean UAUC difference", "95 % CI low", "95 % CI high", "users who gain"]:
+        assert header in parser.cells, header
+    for s in STRATEGIES:
+        assert s in parser.cells
+
+
+def test_summary_csv_matches_summary_json(built, run_dir):
+    table = pd.read_csv(built.summary_csv)
+    summary = json.loads((run_dir / "summary.json").read_text())["strategies"]
+    assert list(table["strategy"]) == STRATEGIES
+    for _, row in table.iterrows():
+        s = summary[row["strategy"]]
+        assert row["uauc"] == pytest.approx(s["uauc"], rel=1e-5)
+        assert row["overall_auc"] == pytest.approx(s["overall_auc"], rel=1e-5)
+        assert row["tail_uauc"] == pytest.approx(s["by_bucket"]["tail"]["uauc"], rel=1e-5)
+        assert row["simulated_hours"] == pytest.approx(s["simulated_seconds"] / 3600, rel=1e-5)
+    comparison = pd.read_csv(built.comparison_csv)
+    assert list(comparison["strategy"]) == ["local_finetune", "fedavg"]
+    assert set(comparison["baseline"]) == {"cloud_only"}
+    for _, row in comparison.iterrows():
+        assert row["ci_low"] <= row["mean_uauc_diff"] <= row["ci_high"]
+        assert row["significant"] == ("no" if row["ci_low"] <= 0 <= row["ci_high"] else "yes")
+
+
+def test_per_user_numbers_agree_with_the_summary(run_dir):
+    """The report's per-user AUCs (metrics.user_auc of the records) give summary.json's UAUC."""
+    run = load_run(run_dir)
+    for e in report.make_entries([run]):
+        ci = report.bootstrap_mean_ci(e.users["auc"].to_numpy(), n_boot=50)
+        assert ci.mean == pytest.approx(e.summary["uauc"], abs=1e-12)
+        assert ci.n == e.summary["n_users_auc"]
+
+
+# Statistics ------------------------------------------------------------------------------
+
+
+def test_bootstrap_ci_covers_a_known_difference():
+    """Per-user differences drawn around a true mean of 0.03: one CI covers it, and over 200
+    independent samples about 95 % of the CIs do."""
+    rng = np.random.default_rng(7)
+    truth = 0.03
+    base = rng.beta(8, 2, 2000)
+    other = base + truth + rng.normal(0, 0.05, 2000)
+    ci = report.bootstrap_mean_ci(other - base, seed=1)
+    assert ci.lo < truth < ci.hi and ci.significant
+    assert ci.hi - ci.lo == pytest.approx(2 * 1.96 * 0.05 / math.sqrt(2000), rel=0.15)
+
+    covered = 0
+    for k in range(200):
+        d = truth + rng.normal(0, 0.05, 100)
+        c = report.bootstrap_mean_ci(d, n_boot=400, seed=k)
+        covered += c.lo <= truth <= c.hi
+    assert 0.88 <= covered / 200 <= 0.99
+
+
+def test_bootstrap_edge_cases():
+    empty = report.bootstrap_mean_ci([np.nan])
+    assert empty.n == 0 and math.isnan(empty.mean) and not empty.significant
+    one = report.bootstrap_mean_ci([0.7])
+    assert (one.mean, one.lo, one.hi, one.n) == (0.7, 0.7, 0.7, 1)
+    same = report.bootstrap_mean_ci([0.0, 0.0, 0.0])
+    assert (same.lo, same.hi) == (0.0, 0.0) and not same.significant
+    assert report.bootstrap_mean_ci([1.0, 2.0, 3.0], seed=4) == report.bootstrap_mean_ci([1.0, 2.0, 3.0], seed=4)
+
+
+def test_paired_comparison_uses_only_users_in_both():
+    """Strategy A saw users 0-3 and 5, the baseline 1-5 with no defined AUC for user 5:
+    only users 1, 2, 3 pair."""
+    a = pd.DataFrame({"device_id": [5, 0, 1, 2, 3], "auc": [0.9, 0.1, 0.8, 0.6, 0.5]})
+    b = pd.DataFrame({"device_id": [1, 2, 3, 4, 5], "auc": [0.7, 0.6, 0.7, 0.2, np.nan]})
+    d = report.paired_user_diff(a, b)
+    assert list(d["device_id"]) == [1, 2, 3]
+    np.testing.assert_allclose(d["diff"], [0.1, 0.0, -0.2])
+    pc = report.paired_comparison(a, b, n_boot=200)
+    assert pc.n_users == 3
+    assert pc.diff.mean == pytest.approx(-0.1 / 3)
+    assert (pc.frac_gain, pc.frac_loss) == (pytest.approx(1 / 3), pytest.approx(1 / 3))
+    assert pc.diff.lo >= -0.2 - 1e-12 and pc.diff.hi <= 0.1 + 1e-12
+
+
+def test_comparison_table_pairs_different_device_subsets(run_dir):
+    """A strategy that only saw the even devices is paired with the baseline on those alone."""
+    entries = report.make_entries([load_run(run_dir)])
+    base, _ = report.pick_baseline(entries, None)
+    fedavg = next(e for e in entries if e.strategy == "fedavg")
+    fedavg.users = fedavg.users[fedavg.users["device_id"] % 2 == 0]
+    table = report.comparison_table(entries, base, n_boot=100).set_index("strategy")
+    both = fedavg.users.merge(base.users, on="device_id").dropna(subset=["auc_x", "auc_y"])
+    assert 0 < len(both) < base.users["auc"].notna().sum()
+    assert table.loc["fedavg", "paired_users"] == len(both)
+    assert table.loc["fedavg", "mean_uauc_diff"] == pytest.approx((both["auc_x"] - both["auc_y"]).mean())
+    assert table.loc["local_finetune", "paired_users"] == base.users["auc"].notna().sum()
+
+
+def test_round_pair_auc_weights_by_pairs():
+    records = pd.DataFrame({"round": [1, 1, 2], "device_id": [0, 1, 0], "auc": [1.0, 0.5, 0.25],
+                            "n_pos": [1, 3, 2], "n_neg": [99, 297, 198]})
+    got = report.round_pair_auc(records)
+    assert list(got["round"]) == [1, 2]
+    np.testing.assert_allclose(got["auc"], [(99 * 1.0 + 891 * 0.5) / 990, 0.25])
+
+
+def test_running_median():
+    x = np.array([3.0, 1.0, 2.0, 2.0, 4.0, 5.0])
+    y = np.array([30.0, 10.0, 20.0, 22.0, 40.0, 50.0])
+    mx, my = report.running_median(x, y, window=3)
+    assert list(mx) == [1.0, 2.0, 3.0, 4.0, 5.0]
+    # sorted y: 10, 20, 22, 30, 40, 50; centred window 3 (edges use 2 points)
+    np.testing.assert_allclose(my, [15.0, (20.0 + 22.0) / 2, 30.0, 40.0, 45.0])
+
+
+def test_colours_are_fixed_per_strategy():
+    assert report.strategy_colours(["fedavg", "x", "cloud_only"]) == [
+        report.KNOWN_COLOURS["fedavg"], report.EXTRA_COLOURS[0], report.KNOWN_COLOURS["cloud_only"]]
+    two = report.strategy_colours(["fedavg", "fedavg"])
+    assert two[0] == report.KNOWN_COLOURS["fedavg"] and two[1] != two[0]
+
+
+# Command line ----------------------------------------------------------------------------
+
+
+def call(capsys, *argv: str) -> tuple[int, str, str]:
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fleetsim: error: "), lines
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def test_cli_report_on_a_folder_that_is_not_a_run(capsys, tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    assert_one_line_error(*call(capsys, "report", str(tmp_path))[::2], str(tmp_path), "not a fleetsim run")
+    assert_one_line_error(*call(capsys, "report", str(tmp_path / "missing"))[::2], "no such directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_cli_report_on_an_older_layout(capsys, run_dir, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(run_dir, old)
+    summary = json.loads((old / "summary.json").read_text())
+    summary["layout_version"] = 0
+    (old / "summary.json").write_text(json.dumps(summary))
+    before = sorted(p.name for p in old.iterdir())
+    assert_one_line_error(*call(capsys, "report", str(old))[::2], str(old), "older result layout",
+                          "layout_version 0")
+    assert sorted(p.name for p in old.iterdir()) == before  # nothing written
+
+
+def test_cli_report_unknown_baseline(capsys, run_dir, tmp_path):
+    code, _, err = call(capsys, "report", str(run_dir), "--out", str(tmp_path / "r"), "--baseline", "nope")
+    assert_one_line_error(code, err, "--baseline nope", "cloud_only, local_finetune, fedavg")
+
+
+def test_cli_report_combines_runs(capsys, run_dir, tmp_path):
+    twin = tmp_path / "twin"
+    shutil.copytree(run_dir, twin, ignore=shutil.ignore_patterns("*.png", "*.html", "*.csv"))
+    out = tmp_path / "both"
+    code, stdout, err = call(capsys, "report", str(run_dir), str(twin), "--out", str(out), "--baseline", "fedavg")
+    assert code == 0, err
+    assert stdout.strip() == f"report: {out / 'report.html'}"
+    table = pd.read_csv(out / "summary.csv")
+    assert list(table["strategy"]) == [f"{r}/{s}" for r in ("small", "twin") for s in STRATEGIES]
+    comparison = pd.read_csv(out / "comparison.csv")
+    assert set(comparison["baseline"]) == {"small/fedavg"} and len(comparison) == 5
+    same = comparison.set_index("strategy").loc["twin/fedavg"]
+    assert same["mean_uauc_diff"] == 0 and same["significant"] == "no"
+    assert not (twin / "report.html").exists()
+
+
+def test_run_writes_its_report_unless_told_not_to(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(run_mod, "HostPool", lambda *a, **k: HostPool(*a, **{**k, "use_ray": False}))
+    exp = tmp_path / "tiny.toml"
+    exp.write_text('[experiment]\nstrategies = ["cloud_only", "fedavg"]\n[data]\nn_devices = 30\nn_items = 40\n'
+                   "n_rounds = 2\nhistory_days = 3.0\nmean_daily_interactions = 4.0\n[cloud]\nepochs = 1\n")
+    code, out, err = call(capsys, "run", str(exp), "--out", str(tmp_path / "a"), "--no-progress")
+    assert code == 0, err
+    assert f"report: {tmp_path / 'a' / 'report.html'}" in out
+    assert {"report.html", "summary.csv", *report.FIGURES} <= {p.name for p in (tmp_path / "a").iterdir()}
+
+    code, out, err = call(capsys, "run", str(exp), "--out", str(tmp_path / "b"), "--no-progress", "--no-report")
+    assert code == 0, err
+    assert "report:" not in out and not (tmp_path / "b" / "report.html").exists()
+    assert load_run(tmp_path / "b").strategies == ["cloud_only", "fedavg"]
