@@ -225,7 +225,9 @@ def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
         raise ConfigError("strategies", strategies, "tables [strategies.<name>] of strategy parameters")
     exp = build_section(ExperimentSection, raw.get("experiment", {}), "experiment")
     for sname in strategies:
-        if sname not in exp.strategies:
+        # Tables of built-in strategies not run this time are kept (narrowing a run with
+        # --set experiment.strategies=[...] must not fail); any other name is a typo.
+        if sname not in exp.strategies and sname not in SHORT_NAMES:
             raise ConfigError(f"strategies.{sname}", "...", f"parameters for a strategy not in experiment.strategies {list(exp.strategies)}")
     return ExperimentConfig(
         experiment=exp,
