@@ -12,11 +12,23 @@ overrides ``start``): (1) ``query.window``: the selected devices upload their wi
 device its head (plus the body the first time). No backward pass on the device. A device
 that cannot connect keeps its last head. ``prepare`` trains body + encoder + generator
 jointly on history data (the cloud's), starting from the universal model.
+
+Optional retraining (``retrain_every`` = K > 0; issue 3, part 4): in every K-th round,
+after collecting that round's windows and before generating, the cloud continues the
+joint training for ``retrain_epochs`` epochs at ``lr`` on the windows uploaded since the
+last retrain (``duet_generator.UploadedSamples``: "prefix -> next item" inside each
+window, distinct (device, window) pairs only, mixed with ``retrain_history`` x as many
+history samples). The retrained body gets a new version; the cloud records the body
+version each device holds and ships the body again (its full bytes) with the head to any
+device holding an older one, so body and head always match on the device. Devices that
+are not reached keep their old body + head pair.
 """
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+
+import math
 
 import numpy as np
 import torch
@@ -27,7 +39,9 @@ from flwr.serverapp.strategy import Result, Strategy
 from devices import models
 from devices.runtime import DeviceApp, DeviceContext, Payload
 from strategies.common import check_fraction, check_positive, mean_metrics, sample_fraction
-from strategies.duet_generator import GeneratorConfig, generate_heads, init_generator, train_duet
+from devices.samples import SampleBuilder
+from simulator.cloud import history_rows
+from strategies.duet_generator import GeneratorConfig, UploadedSamples, generate_heads, retrain_duet, train_duet
 
 WINDOW, INSTALL = "query.window", "query.install"
 
@@ -53,31 +67,69 @@ class Duet(Strategy):
     device_app = DeviceApp({WINDOW: upload_window, INSTALL: install_head})
 
     def __init__(self, fraction_train: float = 0.5, m: int = 5, tau: float = 1.0, stabilizer: bool = True,
-                 frozen_bases: bool = False, epochs: int = 3, lr: float = 0.005) -> None:
+                 frozen_bases: bool = False, epochs: int = 3, lr: float = 0.005, retrain_every: int = 0,
+                 retrain_epochs: int = 1, retrain_history: float = 1.0) -> None:
         self.fraction_train = check_fraction("fraction_train", fraction_train)
         self.epochs = int(check_positive("epochs", epochs, integer=True))
         self.lr = float(check_positive("lr", lr))
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
             raise ValueError(f"m = {m!r}: must be a positive integer (number of parallel decoders)")
+        if isinstance(retrain_every, bool) or not isinstance(retrain_every, int) or retrain_every < 0:
+            raise ValueError(f"retrain_every = {retrain_every!r}: must be an integer >= 0 (rounds between cloud "
+                             "retrainings; 0 = off)")
+        self.retrain_every = retrain_every
+        self.retrain_epochs = int(check_positive("retrain_epochs", retrain_epochs, integer=True))
+        if (isinstance(retrain_history, bool) or not isinstance(retrain_history, (int, float))
+                or not 0 <= retrain_history < math.inf):
+            raise ValueError(f"retrain_history = {retrain_history!r}: must be a number >= 0 (history samples per "
+                             "window sample)")
+        self.retrain_history = float(retrain_history)
         self.gcfg = GeneratorConfig(m=m, tau=float(check_positive("tau", tau)), stabilizer=bool(stabilizer),
                                     frozen_bases=bool(frozen_bases))
         self.body: dict[str, np.ndarray] | None = None
         self.gen: dict[str, np.ndarray] | None = None
-        self._has_body: set[int] = set()
+        self.body_version = 0  # bumped by every retraining
+        self._device_body: dict[int, int] = {}  # node id -> body version it holds
+        self._uploads: list[tuple[np.ndarray, np.ndarray]] = []  # (node ids, windows) since the last retrain
 
     def summary(self) -> None:
         pass
 
     def prepare(self, cloud) -> None:
         """Joint cloud training of body + encoder + generator on the history data."""
-        self.spec = cloud.spec
+        self.spec, self.cloud = cloud.spec, cloud
         self.body, self.gen, self.train_losses = train_duet(
             cloud.interactions, cloud.history_end, cloud.spec, self.gcfg, cloud.initial, epochs=self.epochs,
             lr=self.lr, batch_size=cloud.batch_size, negatives=cloud.negatives, seed=cloud.seed)
-        self._body_t = models.to_torch(self.body)
-        self._gen_t = {k: torch.from_numpy(v) for k, v in self.gen.items()}
-        self._body_record = ArrayRecord({k: Array(v) for k, v in self.body.items()})
-        self._has_body = set()
+        self._install(self.body, self.gen)
+        self.body_version, self._device_body, self._uploads = 0, {}, []
+        if self.retrain_every:
+            self._builder = SampleBuilder(cloud.interactions, cloud.spec.window)
+            self._hist_rows = history_rows(cloud.interactions, cloud.history_end)
+
+    def _install(self, body: dict[str, np.ndarray], gen: dict[str, np.ndarray]) -> None:
+        self.body, self.gen = body, gen
+        self._body_t = models.to_torch(body)
+        self._gen_t = {k: torch.from_numpy(v) for k, v in gen.items()}
+        self._body_record = ArrayRecord({k: Array(v) for k, v in body.items()})
+
+    def retrain(self, rnd: int) -> int:
+        """Continue the joint training on the windows uploaded since the last retrain;
+        returns the number of training samples (window + history) of one epoch."""
+        nodes = np.concatenate([n for n, _ in self._uploads])
+        windows = np.concatenate([w for _, w in self._uploads]).astype(np.int64)
+        self._uploads = []
+        pairs = np.unique(np.concatenate([nodes[:, None], windows], 1), axis=0)  # distinct (device, window)
+        samples = UploadedSamples(pairs[:, 1:], pairs[:, 0], self._builder, self._hist_rows, self.retrain_history)
+        if len(samples) == 0:
+            return 0
+        c = self.cloud
+        body, gen, losses = retrain_duet(self.body, self.gen, samples, self.spec, self.gcfg, epochs=self.retrain_epochs,
+                                         lr=self.lr, batch_size=c.batch_size, negatives=c.negatives, seed=c.seed, rnd=rnd)
+        self._install(body, gen)
+        self.body_version += 1
+        self.retrain_losses = losses
+        return len(samples) + samples.n_history
 
     def generate(self, windows: np.ndarray) -> dict[str, np.ndarray]:
         """Heads for a batch of windows (N, L): one batched forward pass."""
@@ -103,30 +155,40 @@ class Duet(Strategy):
         return result
 
     def round(self, grid: Grid, rnd: int) -> MetricRecord:
-        """One round: collect windows, generate every head in one pass, install them."""
+        """One round: collect windows, (every K rounds retrain), generate every head in one
+        pass, install them (with the body where the device's body is out of date)."""
         nodes = sample_fraction(grid, self.fraction_train, 1)
         ask = RecordDict({"config": ConfigRecord({"server-round": rnd})})
         replies = [r for r in grid.send_and_receive([Message(ask, dst_node_id=n, message_type=WINDOW) for n in nodes])
                    if not r.has_error()]
+        windows = np.stack([r.content["window"]["items"].numpy() for r in replies]) if replies else None
+        out: dict[str, float | int] = {"devices": len(replies)}
+        if replies and self.retrain_every:
+            self._uploads.append((np.array([r.metadata.src_node_id for r in replies], np.int64), windows))
+        if self.retrain_every and rnd % self.retrain_every == 0 and self._uploads:
+            t0 = time.perf_counter()
+            n = self.retrain(rnd)
+            out.update(retrain_s=time.perf_counter() - t0, retrain_samples=n, body_version=self.body_version)
         if not replies:
-            return MetricRecord({"devices": 0})
-        windows = np.stack([r.content["window"]["items"].numpy() for r in replies])
+            return MetricRecord(out)
         t0 = time.perf_counter()
         heads = self.generate(windows)
         gen_s = time.perf_counter() - t0
-        messages = []
+        messages, body_sent = [], 0
         for j, r in enumerate(replies):
             dev = r.metadata.src_node_id
             content = RecordDict({"head": ArrayRecord({k: Array(v[j]) for k, v in heads.items()}),
                                   "config": ConfigRecord({"server-round": rnd})})
-            if dev not in self._has_body:
-                content["body"] = self._body_record  # one shared object: shipped once per host
+            if self._device_body.get(dev) != self.body_version:
+                content["body"] = self._body_record  # one shared object: decoded once per host
+                body_sent += 1
             messages.append(Message(content, dst_node_id=dev, message_type=INSTALL))
         installed = grid.send_and_receive(messages)
-        self._has_body.update(m.metadata.src_node_id for m in installed if not m.has_error())
+        self._device_body.update((m.metadata.src_node_id, self.body_version) for m in installed if not m.has_error())
         done = mean_metrics(installed)
-        return MetricRecord({"devices": len(replies), "installed": int(done["num-examples"]) if done else 0,
-                             "generation_s": gen_s, "generation_ms_per_device": 1e3 * gen_s / len(replies)})
+        out.update(installed=int(done["num-examples"]) if done else 0, body_sent=body_sent, generation_s=gen_s,
+                   generation_ms_per_device=1e3 * gen_s / len(replies))
+        return MetricRecord(out)
 
     # Flower's abstract methods: DUET's rounds are driven by ``round`` above.
     def configure_train(self, server_round, arrays, config, grid) -> Iterable[Message]:

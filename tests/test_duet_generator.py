@@ -1,4 +1,4 @@
-"""DUET's parameter generator: shapes, gradients, stabiliser arithmetic, training, config."""
+"""DUET's parameter generator: shapes, gradients, stabiliser arithmetic, training, retraining, config."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from devices import models
+from devices.samples import SampleBuilder
 from devices.synthetic import SyntheticConfig, generate
 from simulator.errors import ConfigError
 from strategies.duet_generator import (
     GeneratorConfig,
+    UploadedSamples,
     duet_logits,
     encode_windows,
     generate_heads,
@@ -17,8 +19,11 @@ from strategies.duet_generator import (
     head_nbytes,
     init_generator,
     is_basis,
+    retrain_duet,
     train_duet,
+    window_samples,
 )
+from simulator.cloud import history_rows
 
 N_ITEMS = 60
 
@@ -211,3 +216,50 @@ def test_invalid_config_names_the_key(field, value):
     with pytest.raises(ConfigError) as err:
         GeneratorConfig(**{field: value})
     assert err.value.key == f"strategies.duet.{field}"
+
+
+def test_window_samples_are_prefix_to_next_item_inside_the_window():
+    P = models.PAD
+    w = np.array([[P, P, 3, 5, 7], [1, 2, 3, 4, 5], [P, P, P, P, 9]])
+    wins, pos, own = window_samples(w, np.array([10, 11, 12]))
+    got = sorted((int(o), tuple(x), int(p)) for x, p, o in zip(wins, pos, own))
+    assert got == sorted([(10, (P, P, P, P, 3), 5), (10, (P, P, P, 3, 5), 7)]
+                         + [(11, (P,) * (5 - t) + tuple(range(1, t + 1)), t + 1) for t in range(1, 5)])
+
+
+def test_uploaded_samples_avoid_known_items_mix_history_and_are_seeded(tiny_fleet):
+    inter, end, spec, _ = tiny_fleet
+    rows = history_rows(inter, end)
+    rng = np.random.default_rng(0)
+    windows, owners = rng.integers(0, N_ITEMS, (6, 10)), np.arange(6)
+    up = UploadedSamples(windows, owners, SampleBuilder(inter, 10), rows, history=0.5)
+    assert len(up) == 6 * 9 and up.n_history == 27
+    s = up.build(np.arange(len(up)), 4, np.uint64(7))
+    assert len(s) == len(up) + up.n_history
+    assert np.array_equal(s.candidates[: len(up), 0], up.positives)
+    user = inter.user_of()
+    for j in range(len(up)):  # window-sample negatives: not in the device's history nor its windows
+        o = up.owners[j]
+        known = set(windows[o]) | set(inter.items[rows[user[rows] == o]])
+        assert not known & set(s.candidates[j, 1:].tolist())
+    s2 = up.build(np.arange(len(up)), 4, np.uint64(7))
+    assert np.array_equal(s.candidates, s2.candidates) and np.array_equal(s.windows, s2.windows)
+    assert not np.array_equal(up.build(np.arange(len(up)), 4, np.uint64(8)).candidates, s.candidates)
+
+
+def test_retrain_continues_from_the_given_model_deterministically(tiny_fleet):
+    inter, end, spec, _ = tiny_fleet
+    gcfg = GeneratorConfig()
+    body, gen, _ = train(tiny_fleet, gcfg, epochs=1)
+    windows = np.random.default_rng(1).integers(0, N_ITEMS, (8, 10))
+    up = UploadedSamples(windows, np.arange(8), SampleBuilder(inter, 10), history_rows(inter, end), history=1.0)
+    kw = dict(epochs=2, lr=0.01, batch_size=64, negatives=4, seed=5)
+    b1, g1, l1 = retrain_duet(body, gen, up, spec, gcfg, rnd=3, **kw)
+    b2, g2, l2 = retrain_duet(body, gen, up, spec, gcfg, rnd=3, **kw)
+    assert l1 == l2 and len(l1) == 2 and np.isfinite(l1).all()
+    assert all(np.array_equal(g1[k], g2[k]) for k in g1) and all(np.array_equal(b1[k], b2[k]) for k in b1)
+    assert all(not np.array_equal(g1[k], gen[k]) for k in gen)  # every generator parameter moves
+    assert not np.array_equal(b1["item_emb"], body["item_emb"])
+    assert all(np.array_equal(b1[k], body[k]) for k in spec.head_keys())  # universal head untouched
+    _, g3, _ = retrain_duet(body, gen, up, spec, GeneratorConfig(frozen_bases=True), rnd=3, **kw)
+    assert all(np.array_equal(g3[k], gen[k]) == is_basis(k) for k in gen)
