@@ -186,6 +186,23 @@ class DeviceHost:
                          for u in local], dtype=np.int64)
         return self.builder.windows_before(local, ends) if len(ends) else np.zeros((0, self.spec.window), np.int64)
 
+    def window_samples(self, local: np.ndarray, round: int):
+        s = self.eval_samples(round)
+        sub = s.take(np.flatnonzero(np.isin(s.owner, local)))
+        win, cand, weight, counts = pad_by_owner(sub, np.asarray(local, dtype=np.int64))
+        return torch.from_numpy(win), torch.from_numpy(cand), torch.from_numpy(weight), counts
+
+    def recent_items(self, local: np.ndarray, round: int, n: int) -> list[np.ndarray]:
+        """Each device's last ``n`` items before the end of round ``round``'s window."""
+        _, t_end = self.timeline.window(round)
+        indptr, times = self.inter.indptr, self.inter.times
+        out = []
+        for u in np.asarray(local, dtype=np.int64):
+            s, e = indptr[u], indptr[u + 1]
+            hi = s + np.searchsorted(times[s:e], t_end, side="left")
+            out.append(self.inter.items[max(s, hi - n) : hi].astype(np.int32))
+        return out
+
     def eval_samples(self, round: int) -> Samples:
         """Positives of round ``round``'s window with 99 negatives each (cached: every
         strategy is scored on exactly the same samples)."""

@@ -118,6 +118,20 @@ class DeviceContext:
         """Each device's last L item ids up to the end of this round's window (B, L)."""
         return self.host.last_windows(self.local, self.round)
 
+    def window_samples(self) -> tuple[torch.Tensor, ...]:
+        """This round's interactions, each against ``eval_negatives`` negatives: the very
+        samples the prequential scoring of this round used. Padded like ``train_samples``."""
+        return self.host.window_samples(self.local, self.round)
+
+    def windows_before_round(self) -> np.ndarray:
+        """Each device's last L item ids before this round's window opened (B, L)."""
+        return self.host.last_windows(self.local, self.round - 1)
+
+    def recent_items(self, n: int) -> list[np.ndarray]:
+        """Each device's last ``n`` item ids up to the end of this round's window, oldest
+        first (what it uploads when a strategy asks for its recent data)."""
+        return self.host.recent_items(self.local, self.round, n)
+
     # State -----------------------------------------------------------------------
 
     def held_params(self) -> dict[str, torch.Tensor]:

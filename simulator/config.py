@@ -25,6 +25,7 @@ SHORT_NAMES = {
     "fedavg": "strategies.fedavg:FedAvg",
     "duet": "strategies.duet:Duet",
     "metapatch": "strategies.metapatch:MetaPatch",
+    "momodistill": "strategies.momodistill:MoMoDistill",
 }
 DEFAULT_STRATEGIES = ("cloud_only", "local_finetune", "fedavg")
 DEFAULT_EXPERIMENT = Path(__file__).resolve().parent.parent / "experiments" / "quickstart.toml"

@@ -167,6 +167,8 @@ def run_experiment(cfg: ExperimentConfig, out: str, *, ray_address: str | None =
             summary = summarise(grid.results, fleet, time.perf_counter() - t_start, grid.clock.t)
             summary["prepare_seconds"] = t_prepared - t_start
             summary["strategy_metrics"] = {str(r): dict(m) for r, m in getattr(result, "train_metrics_clientapp", {}).items()}
+            summary["strategy_eval_metrics"] = {str(r): dict(m) for r, m in
+                                                getattr(result, "evaluate_metrics_clientapp", {}).items()}
             writer.write_summary(name, summary)
         bar.close()
     finally:

@@ -65,6 +65,19 @@ def train_phi(held: dict[str, torch.Tensor], theta: dict[str, torch.Tensor], phi
     return phi.detach(), losses.detach()
 
 
+def train_local_phi(ctx: DeviceContext, theta: dict[str, torch.Tensor], phi0: torch.Tensor,
+                    cfg: dict) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """The devices of ``ctx`` train their phi (B, k) from ``phi0`` on their recent data
+    with the model they hold frozen; returns phi, last losses, sample counts (FLOPs counted)."""
+    win, cand, weight, counts = ctx.train_samples()
+    held = {k: v for k, v in ctx.held_params().items() if not k.startswith("patch.")}
+    steps = int(cfg.get("local-steps", ctx.settings.local_steps))
+    phi, losses = train_phi(held, theta, phi0, win, cand, weight, str(cfg["patch-layer"]), steps,
+                            float(cfg.get("lr", ctx.settings.lr)))
+    ctx.count_train(counts, steps, cand.shape[-1])
+    return phi, losses, counts
+
+
 def train(ctx: DeviceContext, payload: Payload) -> list[Payload]:
     """Device: train phi_u on recent data (from its previous value), keep and upload it."""
     cfg = payload.config()
@@ -75,14 +88,10 @@ def train(ctx: DeviceContext, payload: Payload) -> list[Payload]:
     theta = shared["current"]
     store = ctx.state("metapatch.phi")
     phi0 = torch.from_numpy(np.stack([store.get(int(i), np.zeros(dim, np.float32)) for i in ctx.local]))
-    win, cand, weight, counts = ctx.train_samples()
-    held = {k: v for k, v in ctx.held_params().items() if not k.startswith("patch.")}
-    steps = int(cfg.get("local-steps", ctx.settings.local_steps))
-    phi, losses = train_phi(held, theta, phi0, win, cand, weight, layer, steps, float(cfg.get("lr", ctx.settings.lr)))
+    phi, losses, counts = train_local_phi(ctx, theta, phi0, cfg)
     for j, i in enumerate(ctx.local):
         store[int(i)] = phi[j].numpy().copy()
     ctx.set_personal(patch_from_phi(theta, phi, layer))
-    ctx.count_train(counts, steps, cand.shape[-1])
     return [Payload(arrays={"phi": {"phi": phi[j].numpy()}},
                     metrics={"metrics": {"num-examples": int(counts[j]), "train_loss": float(losses[j])}})
             for j in range(len(ctx))]

@@ -47,7 +47,8 @@ def test_quickstart():
     assert cfg.device == DeviceSettings(local_steps=5, recent=30)
     assert cfg.profiles == ProfileConfig()
     assert cfg.strategies == {"fedavg": {"fraction_train": 0.1}, "local_finetune": {"fraction_train": 1.0},
-                              "duet": {"fraction_train": 0.5}, "metapatch": {"fraction_train": 1.0, "patch_dim": 8}}
+                              "duet": {"fraction_train": 0.5}, "metapatch": {"fraction_train": 1.0, "patch_dim": 8},
+                              "momodistill": {"fraction_train": 1.0, "patch_dim": 8, "distill_every": 2}}
 
 
 def test_default_experiment_is_quickstart():

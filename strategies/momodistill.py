@@ -1,0 +1,428 @@
+"""MoMoDistill (KDD 2021, cloud side of Device-Cloud Collaborative Learning) + MetaPatch.
+
+The full loop of METHODS.md: cloud model -> devices learn metapatches -> the cloud distils
+the device models ("model over models") -> the new cloud model, the refitted shared patch
+parameters Theta and an auxiliary encoder are pushed to devices -> ...
+
+Paper -> code:
+
+- **Devices** train their metapatch phi_u exactly as in ``strategies.metapatch`` (only
+  phi_u changes; the cloud model and Theta are frozen on the device). With phi_u they
+  upload their recent data: the last ``recent + L`` item ids (``device.recent`` targets
+  and the window before the first one; int32, bytes counted) **(our choice: the paper's
+  cloud owns the interaction logs; here the cloud sees only what devices upload)**.
+- **Distillation** (every ``distill_every`` rounds, on the data uploaded since the last
+  one): the cloud model f minimises, over each reporting device u's samples,
+  BCE(y, f(x)) + lambda * KD(f_u(x) || f(x)), where f_u = the cloud model the device held
+  + the patch generated from its phi_u and Theta, and KD is the binary KL divergence of
+  the two click probabilities (``kd_weight`` = lambda = 1). Adam, ``distill_epochs``.
+- **Refit** of Theta and the auxiliary encoder, distilling the device models into the
+  proxy (new cloud model + patch): the proxy is trained with the same BCE + lambda*KD
+  twice per device, once with its reported phi_u (so the metapatches devices keep stay
+  meaningful under the new Theta) and once with the phi predicted by the auxiliary
+  encoder from the device's window **(our choice)**. The auxiliary encoder is
+  phi = ReLU(mean item embedding of the window . W1 + b1) . W2 + b2 on the cloud model's
+  embeddings; W2 starts at 0 (phi = 0: the plain cloud model) **(our choice)**.
+- **Push**: the new cloud model, Theta and the encoder go to every selected device and,
+  with ``push = "online"``, to every online device still holding an older version (a
+  deployed app update; bytes counted). A device with no metapatch yet (new or cold)
+  starts from the phi the auxiliary encoder predicts from its last window.
+- **Measurement** (``fraction_evaluate`` > 0, Flower's federated evaluation): after each
+  distillation, online devices that never reported score this round's interactions with
+  the initial cloud model, the distilled one, and the distilled one + their predicted
+  patch. Their data never reached the cloud, so this answers "does distillation improve
+  the cloud model itself" and "does the cold-start patch help" on held-out users.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from devices import models
+from devices.models import PAD
+from devices.runtime import DeviceApp, DeviceContext, Payload
+from devices.samples import Samples, pad_by_owner
+from strategies.common import check_fraction, check_positive, mean_metrics, sample_fraction
+from strategies.metapatch import MetaPatch, patch_from_phi, train_local_phi
+
+MOMO_TAG = 13
+PUSH_MODES = ("selected", "online")
+
+
+# Auxiliary encoder (cloud-trained, runs on the device for cold starts) ---------------
+
+def init_aux(spec: models.ModelSpec, dim: int, seed: int) -> dict[str, np.ndarray]:
+    """Auxiliary encoder window -> phi; W2 = 0 so it first predicts phi = 0."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, MOMO_TAG, 1]))
+    d = spec.dim
+    return {"aux.w1": (rng.standard_normal((d, d)) / np.sqrt(d)).astype(np.float32),
+            "aux.b1": np.zeros(d, np.float32), "aux.w2": np.zeros((d, dim), np.float32),
+            "aux.b2": np.zeros(dim, np.float32)}
+
+
+def predict_phi(aux: dict[str, torch.Tensor], item_emb: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+    """phi (B, k) from windows (B, L) and the cloud model's item table (1 or B, V, d)."""
+    ids = windows.clamp(min=0)
+    emb = item_emb[0][ids] if item_emb.shape[0] == 1 else item_emb[torch.arange(len(ids))[:, None], ids]
+    mask = (windows >= 0).unsqueeze(-1).to(emb.dtype)
+    mean = (emb * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    return torch.relu(mean @ aux["aux.w1"] + aux["aux.b1"]) @ aux["aux.w2"] + aux["aux.b2"]
+
+
+def aux_flops(spec: models.ModelSpec, dim: int) -> float:
+    """Multiply-adds x 2 of one ``predict_phi`` (a cold device runs it once)."""
+    d = spec.dim
+    return 2.0 * (spec.window * d + d * d + d * dim)
+
+
+# Device side ---------------------------------------------------------------------------
+
+def _tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
+
+
+def train(ctx: DeviceContext, payload: Payload) -> list[Payload]:
+    """Device: adopt a pushed bundle (cloud model, Theta, encoder), start phi from the
+    stored one or the encoder's prediction, train it if asked, upload phi + recent data."""
+    cfg = payload.config()
+    layer, dim = str(cfg["patch-layer"]), int(cfg["patch-dim"])
+    shared = ctx.shared("momodistill")
+    if "model" in payload.arrays:
+        ctx.hold(payload.arrays["model"])  # the new cloud model (drops the old patch override)
+    if "theta" in payload.arrays:
+        shared["theta"] = _tensors(payload.arrays["theta"])
+    if "aux" in payload.arrays:
+        shared["aux"] = _tensors(payload.arrays["aux"])
+    theta, aux = shared["theta"], shared.get("aux")
+    store = ctx.state("momodistill.phi")
+    phi0 = torch.from_numpy(np.stack([store.get(int(i), np.zeros(dim, np.float32)) for i in ctx.local]))
+    cold = np.array([int(i) not in store for i in ctx.local], dtype=bool) & (aux is not None)
+    if cold.any():  # new or cold device: a metapatch from its window
+        with torch.no_grad():
+            phi0[torch.from_numpy(cold)] = predict_phi(aux, ctx.held_params()["item_emb"],
+                                                      torch.from_numpy(ctx.last_windows()[cold]))
+        ctx.flops[cold] += aux_flops(ctx.spec, dim)
+    if cfg.get("train", True):
+        phi, losses, counts = train_local_phi(ctx, theta, phi0, cfg)
+        recent = ctx.recent_items(ctx.settings.recent + ctx.spec.window)
+    else:
+        phi = phi0
+    for j, i in enumerate(ctx.local):
+        store[int(i)] = phi[j].numpy().copy()
+    ctx.set_personal(patch_from_phi(theta, phi, layer))
+    if not cfg.get("train", True):
+        return [Payload(metrics={"metrics": {"num-examples": 0, "cold-start": int(cold[j])}}) for j in range(len(ctx))]
+    return [Payload(arrays={"phi": {"phi": phi[j].numpy()}, "data": {"items": recent[j]}},
+                    metrics={"metrics": {"num-examples": int(counts[j]), "train_loss": float(losses[j]),
+                                         "targets": int(min(ctx.settings.recent, max(len(recent[j]) - 1, 0))),
+                                         "cold-start": int(cold[j])}})
+            for j in range(len(ctx))]
+
+
+@torch.no_grad()
+def evaluate(ctx: DeviceContext, payload: Payload) -> list[Payload]:
+    """Federated evaluation on this round's interactions (the prequential samples):
+    the initial cloud model, the distilled one, and the distilled one + the patch the
+    auxiliary encoder predicts from the window before the round. Nothing is adopted."""
+    from simulator.metrics import device_metrics
+
+    cfg = payload.config()
+    layer = str(cfg["patch-layer"])
+    win, cand, weight, counts = ctx.window_samples()
+    b, n = weight.shape
+    initial, distilled = _tensors(payload.arrays["initial"]), _tensors(payload.arrays["model"])
+    phi = predict_phi(_tensors(payload.arrays["aux"]), distilled["item_emb"][None],
+                      torch.from_numpy(ctx.windows_before_round()))
+    patched = {**{k: v[None] for k, v in distilled.items()},
+               **patch_from_phi(_tensors(payload.arrays["theta"]), phi, layer)}
+    mask = weight.numpy() > 0
+    owner = np.broadcast_to(np.arange(b)[:, None], (b, n))[mask]
+    out = {}
+    for name, params in (("initial", {k: v[None] for k, v in initial.items()}),
+                         ("distilled", {k: v[None] for k, v in distilled.items()}), ("aux", patched)):
+        if all(v.shape[0] == 1 for v in params.values()):  # one shared model: score all rows in one pass
+            logits = models.forward(params, win.reshape(1, b * n, -1), cand.reshape(1, b * n, -1))[0]
+            logits = logits.reshape(b, n, -1)
+        else:
+            logits = models.forward(params, win, cand)
+        out[name] = device_metrics(logits.numpy()[mask], owner, b)["auc"]
+    ctx.flops += 3 * counts * models.flops_per_sample(ctx.spec, cand.shape[-1], backward=False)
+    replies = []
+    for j in range(b):
+        ok = all(np.isfinite(out[k][j]) for k in out)  # the device has both labels
+        replies.append(Payload(metrics={"metrics": {"num-examples": int(ok), "phi-norm": float(phi[j].norm()),
+                                                    **{f"auc_{k}": float(out[k][j]) if ok else 0.0 for k in out}}}))
+    return replies
+
+
+# Cloud side ----------------------------------------------------------------------------
+
+def sequence_samples(seqs: list[np.ndarray], targets: list[int], window: int, n_items: int, negatives: int,
+                     rng: np.random.Generator) -> Samples:
+    """Samples from uploaded item sequences: the last ``targets[j]`` items of sequence j
+    are positives (with the L items before each as the window) against ``negatives``
+    uniform items absent from that sequence. Owners are sequence indices, ascending."""
+    owner, wins, pos = [], [], []
+    for j, (s, k) in enumerate(zip(seqs, targets)):
+        s = np.asarray(s, dtype=np.int64)
+        at = np.arange(max(1, len(s) - int(k)), len(s))
+        if not len(at):
+            continue
+        idx = at[:, None] - window + np.arange(window)[None, :]
+        wins.append(np.where(idx >= 0, s[np.clip(idx, 0, None)], PAD))
+        pos.append(s[at])
+        owner.append(np.full(len(at), j, dtype=np.int64))
+    if not owner:
+        return Samples(np.zeros(0, np.int64), np.zeros((0, window), np.int64), np.zeros((0, 1 + negatives), np.int64))
+    owner_a = np.concatenate(owner)
+    longest = max(len(s) for s in seqs)
+    seen = np.full((len(seqs), longest), PAD, dtype=np.int64)
+    for j, s in enumerate(seqs):
+        seen[j, : len(s)] = s
+    neg = rng.integers(0, n_items, (len(owner_a), negatives))
+    for _ in range(100):  # resample items the device interacted with
+        bad = (neg[:, :, None] == seen[owner_a][:, None, :]).any(-1)
+        if not bad.any():
+            break
+        neg[bad] = rng.integers(0, n_items, int(bad.sum()))
+    return Samples(owner_a, np.concatenate(wins), np.concatenate([np.concatenate(pos)[:, None], neg], axis=1))
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_prob: torch.Tensor) -> torch.Tensor:
+    """Elementwise binary KL(teacher || student) of click probabilities: zero when equal."""
+    t = teacher_prob.clamp(1e-7, 1 - 1e-7)
+    entropy = -(t * t.log() + (1 - t) * (1 - t).log())
+    return F.binary_cross_entropy_with_logits(student_logits, t, reduction="none") - entropy
+
+
+def _labels(logits: torch.Tensor) -> torch.Tensor:
+    y = torch.zeros_like(logits)
+    y[..., 0] = 1.0
+    return y
+
+
+@torch.no_grad()
+def patched_logits(cloud: dict[str, torch.Tensor], theta: dict[str, torch.Tensor], phis: torch.Tensor,
+                   samples: Samples, layer: str, chunk: int = 256) -> torch.Tensor:
+    """Logits (n, C) of each sample under its owner's patched model (cloud + patch(phi))."""
+    out = []
+    for c in range(0, len(phis), chunk):
+        group = np.arange(c, min(c + chunk, len(phis)))
+        sub = samples.take(np.flatnonzero((samples.owner >= group[0]) & (samples.owner <= group[-1])))
+        if not len(sub):
+            continue
+        win, cand, weight, _ = pad_by_owner(sub, group)
+        params = {**cloud, **patch_from_phi(theta, phis[group], layer)}
+        out.append(models.forward(params, torch.from_numpy(win), torch.from_numpy(cand))[torch.from_numpy(weight > 0)])
+    return torch.cat(out) if out else torch.zeros(0, samples.candidates.shape[1])
+
+
+def distill_cloud(cloud: dict[str, np.ndarray], teacher_prob: torch.Tensor, samples: Samples, *, epochs: int,
+                  lr: float, batch_size: int, kd_weight: float, seed: int) -> tuple[dict[str, np.ndarray], list[float]]:
+    """Cloud model <- Adam on sum BCE(y, f(x)) + kd_weight * KD(f_u(x) || f(x))."""
+    p = {k: torch.from_numpy(np.array(v))[None].requires_grad_(True) for k, v in cloud.items()}
+    opt = torch.optim.Adam(list(p.values()), lr=lr)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, MOMO_TAG, 2]))
+    win, cand = torch.from_numpy(samples.windows), torch.from_numpy(samples.candidates)
+    losses = []
+    for _ in range(epochs):
+        order = torch.from_numpy(rng.permutation(len(samples)))
+        total = 0.0
+        for b in range(0, len(order), batch_size):
+            idx = order[b : b + batch_size]
+            logits = models.forward(p, win[idx][None], cand[idx][None])[0]
+            loss = (F.binary_cross_entropy_with_logits(logits, _labels(logits), reduction="none")
+                    + kd_weight * kd_loss(logits, teacher_prob[idx])).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+        losses.append(total / max(len(samples), 1))
+    return {k: v.detach()[0].numpy().copy() for k, v in p.items()}, losses
+
+
+def refit_patch(cloud: dict[str, np.ndarray], theta: dict[str, np.ndarray], aux: dict[str, np.ndarray],
+                phis: torch.Tensor, windows: np.ndarray, teacher_prob: torch.Tensor, samples: Samples, layer: str, *,
+                epochs: int, lr: float, kd_weight: float, seed: int, batch_devices: int = 256,
+                ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[float]]:
+    """Theta and the auxiliary encoder <- distil the device models into the proxy (frozen
+    new cloud model + patch from the reported phi, and from the predicted phi)."""
+    frozen = {k: torch.from_numpy(np.array(v))[None] for k, v in cloud.items()}
+    th = {k: torch.from_numpy(np.array(v)).requires_grad_(True) for k, v in theta.items()}
+    ax = {k: torch.from_numpy(np.array(v)).requires_grad_(True) for k, v in aux.items()}
+    opt = torch.optim.Adam([*th.values(), *ax.values()], lr=lr)
+    d = len(phis)
+    win, cand, weight, _ = (torch.from_numpy(a) for a in pad_by_owner(samples, np.arange(d)))
+    teacher = torch.zeros(cand.shape)
+    teacher[weight > 0] = teacher_prob
+    with torch.no_grad():
+        h = models.body_output(frozen, win)
+    last = torch.from_numpy(windows)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, MOMO_TAG, 3]))
+    losses = []
+    for _ in range(epochs):
+        total = 0.0
+        for b in np.array_split(rng.permutation(d), max(1, -(-d // batch_devices))):
+            b = torch.from_numpy(np.sort(b))
+            loss = torch.zeros(())
+            for phi in (phis[b], predict_phi(ax, frozen["item_emb"], last[b])):
+                params = {**frozen, **patch_from_phi(th, phi, layer)}
+                logits = (models.forward(params, win[b], cand[b]) if h is None
+                          else models.forward_from_body(params, h[b], cand[b]))
+                per = (F.binary_cross_entropy_with_logits(logits, _labels(logits), reduction="none")
+                       + kd_weight * kd_loss(logits, teacher[b])).mean(-1)
+                loss = loss + (per * weight[b]).sum() / weight[b].sum().clamp(min=1.0)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(b)
+        losses.append(total / max(d, 1))
+    return ({k: v.detach().numpy().copy() for k, v in th.items()},
+            {k: v.detach().numpy().copy() for k, v in ax.items()}, losses)
+
+
+class MoMoDistill(MetaPatch):
+    """Server half of the full loop: MetaPatch rounds, distillation every K rounds, pushes."""
+
+    device_app = DeviceApp({MessageType.TRAIN: train, MessageType.EVALUATE: evaluate})
+
+    def __init__(self, fraction_train: float = 1.0, patch_dim: int = 8, patch_layer: str = "encoder",
+                 local_steps: int | None = None, lr: float | None = None, distill_every: int = 2,
+                 kd_weight: float = 1.0, distill_epochs: int = 1, distill_lr: float = 0.001,
+                 refit_epochs: int = 5, refit_lr: float = 0.01, push: str = "online",
+                 fraction_evaluate: float = 0.0) -> None:
+        super().__init__(fraction_train, patch_dim, patch_layer, local_steps, lr)
+        self.distill_every = int(check_positive("distill_every", distill_every, integer=True))
+        if isinstance(kd_weight, bool) or not isinstance(kd_weight, (int, float)) or not 0 <= kd_weight < float("inf"):
+            raise ValueError(f"kd_weight = {kd_weight!r}: must be a number >= 0")
+        self.kd_weight = float(kd_weight)
+        self.distill_epochs = int(check_positive("distill_epochs", distill_epochs, integer=True))
+        self.distill_lr = float(check_positive("distill_lr", distill_lr))
+        self.refit_epochs = int(check_positive("refit_epochs", refit_epochs, integer=True))
+        self.refit_lr = float(check_positive("refit_lr", refit_lr))
+        if push not in PUSH_MODES:
+            raise ValueError(f"push = {push!r}: one of {', '.join(PUSH_MODES)}")
+        self.push = push
+        self.fraction_evaluate = 0.0 if fraction_evaluate == 0 else check_fraction("fraction_evaluate", fraction_evaluate)
+
+    def prepare(self, cloud) -> None:
+        super().prepare(cloud)
+        self.spec, self.seed, self.batch_size, self.negatives = cloud.spec, cloud.seed, cloud.batch_size, cloud.negatives
+        self.initial = {k: np.asarray(v, np.float32) for k, v in cloud.initial.items()}
+        self.model = dict(self.initial)
+        self.aux = init_aux(cloud.spec, self.patch_dim, cloud.seed)
+        self.version = 0  # 0: the installed cloud model, the initial Theta, no encoder yet
+        self.device_version: dict[int, int] = {}
+        self.pending: dict[int, tuple[np.ndarray, np.ndarray, int]] = {}  # since the last distillation
+        self.reported: set[int] = set()
+        self.distillations: list[dict[str, float]] = []
+        self._make_bundle()
+
+    def _make_bundle(self) -> None:
+        rec = lambda arrays: ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+        self._theta_record = rec(self.theta)
+        self._bundle = {"theta": self._theta_record}
+        if self.version > 0:
+            self._bundle.update(model=rec(self.model), aux=rec(self.aux))
+        self._initial_record = rec(self.initial)
+
+    def _config(self, server_round: int, train: bool) -> ConfigRecord:
+        cfg = {"server-round": server_round, "patch-layer": self.patch_layer, "patch-dim": self.patch_dim,
+               "train": train}
+        if self.local_steps is not None:
+            cfg["local-steps"] = self.local_steps
+        if self.lr is not None:
+            cfg["lr"] = self.lr
+        return ConfigRecord(cfg)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        nodes = sample_fraction(grid, self.fraction_train, 1)
+        stale = lambda n: self.device_version.get(n, -1) < self.version
+        plain = RecordDict({"config": self._config(server_round, True)})
+        bundled = RecordDict({"config": self._config(server_round, True), **self._bundle})
+        msgs = [Message(bundled if stale(n) else plain, dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
+        if self.push == "online" and self.version > 0:
+            push = RecordDict({"config": self._config(server_round, False), **self._bundle})
+            chosen = set(nodes)
+            msgs += [Message(push, dst_node_id=n, message_type=MessageType.TRAIN)
+                     for n in grid.get_node_ids() if n not in chosen and stale(n)]
+        return msgs
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        cold = 0
+        for r in replies:
+            if r.has_error():
+                continue
+            dev = r.metadata.src_node_id
+            self.device_version[dev] = self.version
+            cold += int(r.content["metrics"].get("cold-start", 0))
+            if "phi" in r.content:
+                phi = r.content["phi"]["phi"].numpy()
+                self.phis[dev] = phi
+                self.reported.add(dev)
+                self.pending[dev] = (phi, r.content["data"]["items"].numpy(), int(r.content["metrics"]["targets"]))
+        metrics = dict(mean_metrics(replies) or {})
+        metrics.update(version=self.version, cold_starts=cold, reported_total=len(self.reported))
+        if server_round % self.distill_every == 0 and self.pending:
+            metrics.update(self.distill(server_round))
+            return ArrayRecord({k: Array(v) for k, v in self.model.items()}), MetricRecord(metrics)
+        return None, MetricRecord(metrics)
+
+    def distill(self, server_round: int) -> dict[str, float]:
+        """Distil the reported device models into the cloud model, refit Theta and the
+        encoder, start a new version (pushed from the next round)."""
+        t0 = time.perf_counter()
+        devs = sorted(self.pending)
+        phis = torch.from_numpy(np.stack([self.pending[d][0] for d in devs]))
+        seqs = [self.pending[d][1] for d in devs]
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, MOMO_TAG, server_round]))
+        samples = sequence_samples(seqs, [self.pending[d][2] for d in devs], self.spec.window, self.spec.n_items,
+                                   self.negatives, rng)
+        cloud_t = {k: torch.from_numpy(v)[None] for k, v in self.model.items()}
+        theta_t = {k: torch.from_numpy(v) for k, v in self.theta.items()}
+        teacher = torch.sigmoid(patched_logits(cloud_t, theta_t, phis, samples, self.patch_layer))
+        self.model, d_losses = distill_cloud(self.model, teacher, samples, epochs=self.distill_epochs, lr=self.distill_lr,
+                                             batch_size=self.batch_size, kd_weight=self.kd_weight, seed=self.seed + server_round)
+        windows = np.stack([np.where(np.arange(-self.spec.window, 0) + len(s) >= 0,
+                                     np.asarray(s, np.int64)[np.clip(np.arange(-self.spec.window, 0) + len(s), 0, None)], PAD)
+                            for s in seqs])
+        self.theta, self.aux, r_losses = refit_patch(self.model, self.theta, self.aux, phis, windows, teacher, samples,
+                                                     self.patch_layer, epochs=self.refit_epochs, lr=self.refit_lr,
+                                                     kd_weight=self.kd_weight, seed=self.seed + server_round)
+        self.version += 1
+        self._make_bundle()
+        self.pending = {}
+        info = {"distilled_devices": len(devs), "distill_samples": len(samples), "distill_loss": d_losses[-1],
+                "refit_loss": r_losses[-1], "distill_seconds": time.perf_counter() - t0}
+        self.distillations.append({"round": server_round, **info})
+        return info
+
+    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
+        if not self.fraction_evaluate or self.version == 0 or server_round % self.distill_every:
+            return []
+        never = sorted(set(grid.get_node_ids()) - self.reported)
+        if not never:
+            return []
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, MOMO_TAG, 4, server_round]))
+        k = max(1, int(len(never) * self.fraction_evaluate))
+        chosen = np.sort(rng.choice(never, size=k, replace=False))
+        content = RecordDict({"config": self._config(server_round, False), "initial": self._initial_record,
+                              **self._bundle})
+        return [Message(content, dst_node_id=int(n), message_type=MessageType.EVALUATE) for n in chosen]
+
+    def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
+        out = mean_metrics(replies)
+        if out is None:
+            return None
+        out = dict(out)
+        out["users"] = out.pop("num-examples")
+        out["gain_distilled"] = out["auc_distilled"] - out["auc_initial"]
+        out["gain_aux"] = out["auc_aux"] - out["auc_distilled"]
+        return MetricRecord(out)
