@@ -804,6 +804,7 @@ class ReportFiles:
     figures: list[Path]
     summary_csv: Path
     comparison_csv: Path
+    buckets_csv: Path
 
 
 def build_report(run_dirs: Sequence[str | Path], out: str | Path | None = None, *, baseline: str | None = None,
@@ -843,8 +844,9 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path | None = None, 
         summary_csv, comparison_csv = out_dir / "summary.csv", out_dir / "comparison.csv"
         _write_csv(summary, summary_csv)
         _write_csv(comparison, comparison_csv)
+        _write_csv(buckets, out_dir / "buckets.csv")
         html_path = out_dir / "report.html"
         write_html(html_path, runs, entries, note, summary, comparison, buckets, list(paths.values()))
     except OSError as exc:
         raise FleetsimError(f"--out {out_dir}: cannot write the report ({exc.strerror or exc})") from None
-    return ReportFiles(html_path, list(paths.values()), summary_csv, comparison_csv)
+    return ReportFiles(html_path, list(paths.values()), summary_csv, comparison_csv, out_dir / "buckets.csv")

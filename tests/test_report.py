@@ -158,6 +158,12 @@ def test_summary_csv_matches_summary_json(built, run_dir):
     for _, row in comparison.iterrows():
         assert row["ci_low"] <= row["mean_uauc_diff"] <= row["ci_high"]
         assert row["significant"] == ("no" if row["ci_low"] <= 0 <= row["ci_high"] else "yes")
+    buckets = pd.read_csv(built.buckets_csv)
+    assert len(buckets) == 3 * len(STRATEGIES) and set(buckets["bucket"]) == {"head", "torso", "tail"}
+    for _, row in buckets.iterrows():
+        s = summary[row["strategy"]]["by_bucket"][row["bucket"]]
+        assert row["uauc"] == pytest.approx(s["uauc"], rel=1e-5)
+        assert np.isnan(row["gain"]) == (row["strategy"] == "cloud_only")
 
 
 def test_per_user_numbers_agree_with_the_summary(run_dir):
