@@ -9,7 +9,7 @@ parallel decoders combined by the self-similarity softmax (the stabiliser).
 Each round has two exchanges (FLOWER-NOTES.md: a strategy needing two exchanges
 overrides ``start``): (1) ``query.window``: the selected devices upload their window;
 (2) the cloud generates all heads in ONE batched pass and ``query.install`` sends each
-device its head (plus the body the first time). No backward pass on the device. A device
+device its head (plus the body on first contact). No backward pass on the device. A device
 that cannot connect keeps its last head. ``prepare`` trains body + encoder + generator
 jointly on history data (the cloud's), starting from the universal model.
 
@@ -21,14 +21,15 @@ window, distinct (device, window) pairs only, mixed with ``retrain_history`` x a
 history samples). The retrained body gets a new version; the cloud records the body
 version each device holds and ships the body again (its full bytes) with the head to any
 device holding an older one, so body and head always match on the device. Devices that
-are not reached keep their old body + head pair.
+are not reached keep their old body + head pair. A retraining round's strategy metrics
+carry ``retrain_s`` (cloud wall time), ``retrain_samples`` (window + history samples of
+one epoch) and ``body_version``; every round carries ``body_sent`` (devices sent a body).
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
-
-import math
 
 import numpy as np
 import torch
@@ -38,9 +39,9 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from devices import models
 from devices.runtime import DeviceApp, DeviceContext, Payload
-from strategies.common import check_fraction, check_positive, mean_metrics, sample_fraction
 from devices.samples import SampleBuilder
 from simulator.cloud import history_rows
+from strategies.common import check_fraction, check_positive, mean_metrics, sample_fraction
 from strategies.duet_generator import GeneratorConfig, UploadedSamples, generate_heads, retrain_duet, train_duet
 
 WINDOW, INSTALL = "query.window", "query.install"
