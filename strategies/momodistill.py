@@ -296,8 +296,8 @@ class MoMoDistill(MetaPatch):
                  local_steps: int | None = None, lr: float | None = None, distill_every: int = 2,
                  kd_weight: float = 1.0, distill_epochs: int = 1, distill_lr: float = 0.001,
                  refit_epochs: int = 5, refit_lr: float = 0.01, push: str = "online",
-                 fraction_evaluate: float = 0.0) -> None:
-        super().__init__(fraction_train, patch_dim, patch_layer, local_steps, lr)
+                 fraction_evaluate: float = 0.0, theta_epochs: int = 3) -> None:
+        super().__init__(fraction_train, patch_dim, patch_layer, local_steps, lr, theta_epochs)
         self.distill_every = int(check_positive("distill_every", distill_every, integer=True))
         if isinstance(kd_weight, bool) or not isinstance(kd_weight, (int, float)) or not 0 <= kd_weight < float("inf"):
             raise ValueError(f"kd_weight = {kd_weight!r}: must be a number >= 0")
