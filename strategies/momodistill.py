@@ -194,6 +194,17 @@ def sequence_samples(seqs: list[np.ndarray], targets: list[int], window: int, n_
     return Samples(owner_a, np.concatenate(wins), np.concatenate([np.concatenate(pos)[:, None], neg], axis=1))
 
 
+def last_windows(seqs: list[np.ndarray], window: int) -> np.ndarray:
+    """The last ``window`` items of each sequence (B, L), PAD on the left; an empty
+    upload (a device with no interactions yet) gives an all-PAD window."""
+    out = np.full((len(seqs), window), PAD, np.int64)
+    for j, s in enumerate(seqs):
+        tail = np.asarray(s, np.int64)[-window:]
+        if len(tail):
+            out[j, window - len(tail):] = tail
+    return out
+
+
 def kd_loss(student_logits: torch.Tensor, teacher_prob: torch.Tensor) -> torch.Tensor:
     """Elementwise binary KL(teacher || student) of click probabilities: zero when equal."""
     t = teacher_prob.clamp(1e-7, 1 - 1e-7)
@@ -390,9 +401,7 @@ class MoMoDistill(MetaPatch):
         teacher = torch.sigmoid(patched_logits(cloud_t, theta_t, phis, samples, self.patch_layer))
         self.model, d_losses = distill_cloud(self.model, teacher, samples, epochs=self.distill_epochs, lr=self.distill_lr,
                                              batch_size=self.batch_size, kd_weight=self.kd_weight, seed=self.seed + server_round)
-        windows = np.stack([np.where(np.arange(-self.spec.window, 0) + len(s) >= 0,
-                                     np.asarray(s, np.int64)[np.clip(np.arange(-self.spec.window, 0) + len(s), 0, None)], PAD)
-                            for s in seqs])
+        windows = last_windows(seqs, self.spec.window)
         self.theta, self.aux, r_losses = refit_patch(self.model, self.theta, self.aux, phis, windows, teacher, samples,
                                                      self.patch_layer, epochs=self.refit_epochs, lr=self.refit_lr,
                                                      kd_weight=self.kd_weight, seed=self.seed + server_round)

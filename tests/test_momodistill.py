@@ -15,7 +15,7 @@ from simulator.grid import FleetGrid, flower_patched
 from simulator.records import array_record
 from simulator.run import make_strategy
 from strategies.metapatch import init_theta, patch_from_phi
-from strategies.momodistill import (init_aux, kd_loss, patched_logits, predict_phi, sequence_samples)
+from strategies.momodistill import (init_aux, kd_loss, last_windows, patched_logits, predict_phi, sequence_samples)
 
 
 def test_kd_is_zero_when_the_device_model_equals_the_cloud_model():
@@ -44,6 +44,11 @@ def test_sequence_samples_take_the_last_targets_with_their_windows_and_unseen_ne
     assert s.windows[4].tolist() == [PAD, PAD, PAD, PAD, 3] and s.candidates[4, 0] == 4
     for i, o in enumerate(s.owner):
         assert not np.isin(s.candidates[i, 1:], seqs[o]).any()
+
+
+def test_last_windows_pad_short_and_empty_uploads():
+    w = last_windows([np.arange(10, 25), np.array([3, 4]), np.array([], np.int32)], 5)
+    assert w.tolist() == [[20, 21, 22, 23, 24], [PAD, PAD, PAD, 3, 4], [PAD] * 5]  # empty: MovieLens found it
 
 
 def run_loop(world: SmallWorld, rounds: int, **params):
