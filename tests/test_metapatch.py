@@ -113,3 +113,23 @@ def test_bad_parameters_name_the_key(params, key):
 
     with pytest.raises(ConfigError, match=f"strategies\\.metapatch\\.{key}"):
         make_strategy("metapatch", params)
+
+
+def test_chunked_training_by_sample_count_equals_one_batch(always_online_world, monkeypatch):
+    """Devices are trained in chunks sorted by sample count: same phi as one big batch."""
+    from devices.runtime import Payload
+    import strategies.metapatch as mp
+
+    w = always_online_world
+    host = w.pool.hosts[0]
+    theta = init_theta(w.spec, "encoder", 8, 0)
+    cfg = {"config": {"server-round": 2, "patch-layer": "encoder", "patch-dim": 8}}
+    results = []
+    for chunk in (10_000, 3):
+        monkeypatch.setattr(mp, "PHI_CHUNK", chunk)
+        host.reset(w.initial)
+        (res,) = host.run(2, 1, [(mp.train, Payload(arrays={"theta": theta}, configs=cfg), host.device_ids)])
+        assert res.replies is not None, res.error
+        results.append(np.stack([r.arrays["phi"]["phi"] for r in res.replies]))
+    assert np.abs(results[0]).sum() > 0
+    np.testing.assert_allclose(results[1], results[0], rtol=1e-5, atol=1e-6)
