@@ -11,7 +11,9 @@ overrides ``start``): (1) ``query.window``: the selected devices upload their wi
 (2) the cloud generates all heads in ONE batched pass and ``query.install`` sends each
 device its head (plus the body on first contact). No backward pass on the device. A device
 that cannot connect keeps its last head. ``prepare`` trains body + encoder + generator
-jointly on history data (the cloud's), starting from the universal model.
+jointly on history data (the cloud's), starting from the universal model, or, with
+``from_scratch = true``, from the same fresh init the universal model starts from (the
+paper's fully joint training; ``epochs`` then counts the whole training).
 
 Optional retraining (``retrain_every`` = K > 0; issue 3, part 4): in every K-th round,
 after collecting that round's windows and before generating, the cloud continues the
@@ -69,7 +71,7 @@ class Duet(Strategy):
 
     def __init__(self, fraction_train: float = 0.5, m: int = 5, tau: float = 1.0, stabilizer: bool = True,
                  frozen_bases: bool = False, epochs: int = 3, lr: float = 0.005, retrain_every: int = 0,
-                 retrain_epochs: int = 1, retrain_history: float = 1.0) -> None:
+                 retrain_epochs: int = 1, retrain_history: float = 1.0, from_scratch: bool = False) -> None:
         self.fraction_train = check_fraction("fraction_train", fraction_train)
         self.epochs = int(check_positive("epochs", epochs, integer=True))
         self.lr = float(check_positive("lr", lr))
@@ -85,8 +87,10 @@ class Duet(Strategy):
             raise ValueError(f"retrain_history = {retrain_history!r}: must be a number >= 0 (history samples per "
                              "window sample)")
         self.retrain_history = float(retrain_history)
+        if not isinstance(from_scratch, bool):
+            raise ValueError(f"from_scratch = {from_scratch!r}: must be true or false")
         self.gcfg = GeneratorConfig(m=m, tau=float(check_positive("tau", tau)), stabilizer=bool(stabilizer),
-                                    frozen_bases=bool(frozen_bases))
+                                    frozen_bases=bool(frozen_bases), from_scratch=from_scratch)
         self.body: dict[str, np.ndarray] | None = None
         self.gen: dict[str, np.ndarray] | None = None
         self.body_version = 0  # bumped by every retraining

@@ -32,6 +32,11 @@ epoch mixes in ``history`` times as many samples drawn from the history data. Bo
 encoder + generator continue from their current values with a fresh Adam, through the same
 loop as the first training (``simulator.cloud.fit``).
 
+``from_scratch=True`` (the paper's fully joint training, "body, encoder and generator are
+optimised together on history data"): ``train_duet`` starts body and decoder offsets from
+``models.init_params(spec, seed)`` instead of the universal model (numbers on
+ml-latest-small: docs/duet_table1.md, "Further variants (session 3)").
+
 Initialisation (our choice): d_n^(i), c_n^(i) = the universal model's head (``head_init``)
 plus noise of 1 % of the layer's 1/sqrt(in) scale, D and C small (their product with e_n
 starts at a few % of that scale), so DUET starts at the base model with near-uniform p and
@@ -70,6 +75,7 @@ class GeneratorConfig:
     tau: float = 1.0  # softmax temperature of the stabiliser
     stabilizer: bool = True
     frozen_bases: bool = False
+    from_scratch: bool = False  # joint training from a fresh init instead of the universal model
 
     def __post_init__(self) -> None:
         for key in ("z_dim", "e_dim", "m"):
@@ -79,7 +85,7 @@ class GeneratorConfig:
         t = self.tau
         if isinstance(t, bool) or not isinstance(t, (int, float, np.floating)) or not 0 < t < math.inf:
             raise ConfigError("strategies.duet.tau", t, "a finite number > 0")
-        for key in ("stabilizer", "frozen_bases"):
+        for key in ("stabilizer", "frozen_bases", "from_scratch"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"strategies.duet.{key}", getattr(self, key), "true or false")
 
@@ -189,13 +195,18 @@ def train_duet(inter: Interactions, history_end: float, spec: models.ModelSpec, 
 
     Mirrors ``simulator.cloud.train_cloud_model``. Returns (body params with the universal
     head unchanged, generator params, per-epoch mean loss). ``frozen_bases`` leaves the
-    decoder bases out of the optimiser (and out of autograd).
+    decoder bases out of the optimiser (and out of autograd). With ``gcfg.from_scratch`` the
+    body and the decoder offsets start from ``models.init_params(spec, seed)`` (the fresh
+    init the universal model itself starts from) instead of ``body_init``: the paper's fully
+    joint training; the returned body still carries ``body_init``'s (unused) head.
     """
     torch.manual_seed(seed)
     torch.set_num_threads(1)  # as train_cloud_model: small batches run faster on one thread
     heads = set(spec.head_keys())
-    body = {k: v.clone().requires_grad_(k not in heads) for k, v in models.to_torch(body_init).items()}
-    g0 = init_generator(spec, gcfg, seed, head_init={k: body_init[k] for k in heads})
+    start = models.init_params(spec, seed) if gcfg.from_scratch else body_init
+    body = {k: v.clone().requires_grad_(k not in heads)
+            for k, v in models.to_torch({**start, **{k: body_init[k] for k in heads}}).items()}
+    g0 = init_generator(spec, gcfg, seed, head_init={k: start[k] for k in heads})
     gen = {k: torch.from_numpy(v).requires_grad_(not (gcfg.frozen_bases and is_basis(k))) for k, v in g0.items()}
     trainable = [v for v in (*body.values(), *gen.values()) if v.requires_grad]
     losses = fit(trainable, lambda w, c: duet_logits(body, gen, w, c, spec, gcfg), SampleBuilder(inter, spec.window),

@@ -68,7 +68,8 @@ def test_generated_head_is_what_the_generator_gives_for_the_uploaded_window(alwa
             np.testing.assert_allclose(host.personal[int(i)][k], expect[k][j], rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("params", [{"stabilizer": False}, {"frozen_bases": True}, {"m": 2, "tau": 2.0}])
+@pytest.mark.parametrize("params", [{"stabilizer": False}, {"frozen_bases": True}, {"m": 2, "tau": 2.0},
+                                    {"from_scratch": True}])
 def test_ablations_run(always_online_world, params):
     _, grid, _ = served(always_online_world, rounds=1, **params)
     assert grid.results[0].info["ok"] > 0
@@ -162,6 +163,7 @@ def test_retraining_is_deterministic_under_a_seed(always_online_world):
     ("strategies.duet.retrain_every=true", ["strategies.duet.retrain_every = True"]),
     ("strategies.duet.retrain_epochs=0", ["strategies.duet.retrain_epochs = 0", "positive integer"]),
     ("strategies.duet.retrain_history=-0.5", ["strategies.duet.retrain_history = -0.5", "number >= 0"]),
+    ("strategies.duet.from_scratch=1", ["strategies.duet.from_scratch = 1", "true or false"]),
 ])
 def test_bad_retrain_settings_are_one_line_errors(fleetsim, tmp_path, setting, needles):
     code, _, err = fleetsim("run", write_experiment(tmp_path, TINY), "--set", 'experiment.strategies=["duet"]',

@@ -210,8 +210,31 @@ def test_frozen_bases_stay_bit_identical(tiny_fleet):
             assert not np.array_equal(gen[k], gen0[k]), k
 
 
+def test_from_scratch_starts_at_the_fresh_init_not_the_universal_model(tiny_fleet):
+    inter, end, spec, body0 = tiny_fleet
+    universal = {k: v + np.float32(0.5) for k, v in body0.items()}  # stands in for a trained model
+    fresh = models.init_params(spec, 5)
+    kw = dict(lr=0.01, batch_size=64, negatives=4, seed=5)
+    scratch = GeneratorConfig(from_scratch=True)
+    body, gen, losses = train_duet(inter, end, spec, scratch, universal, epochs=0, **kw)
+    assert losses == []
+    for k in body:  # body from the fresh init; the (unused) universal head is returned unchanged
+        assert np.array_equal(body[k], universal[k] if k in spec.head_keys() else fresh[k]), k
+    gen0 = init_generator(spec, scratch, 5, head_init=fresh)  # decoder offsets = the fresh head + noise
+    assert all(np.array_equal(gen[k], gen0[k]) for k in gen)
+    body_u, gen_u, _ = train_duet(inter, end, spec, GeneratorConfig(), universal, epochs=0, **kw)
+    assert all(np.array_equal(body_u[k], universal[k]) for k in body_u)
+    assert not np.array_equal(gen_u["gen.head.w1.d0"], gen["gen.head.w1.d0"])
+    b1, g1, l1 = train_duet(inter, end, spec, scratch, universal, epochs=2, **kw)
+    b2, g2, l2 = train_duet(inter, end, spec, scratch, body0, epochs=2, **kw)  # the start ignores body_init
+    assert l1 == l2 and l1[1] < l1[0]
+    assert all(np.array_equal(g1[k], g2[k]) for k in g1)
+    assert all(np.array_equal(b1[k], b2[k]) for k in b1 if k not in spec.head_keys())
+
+
 @pytest.mark.parametrize("field,value", [("m", 0), ("tau", 0), ("tau", -1.0), ("tau", float("inf")),
-                                         ("z_dim", 0), ("e_dim", 2.5), ("m", True), ("stabilizer", 1)])
+                                         ("z_dim", 0), ("e_dim", 2.5), ("m", True), ("stabilizer", 1),
+                                         ("from_scratch", "yes")])
 def test_invalid_config_names_the_key(field, value):
     with pytest.raises(ConfigError) as err:
         GeneratorConfig(**{field: value})
