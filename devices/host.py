@@ -176,17 +176,23 @@ class DeviceHost:
         win, cand, weight, counts = pad_by_owner(samples, local)
         return torch.from_numpy(win), torch.from_numpy(cand), torch.from_numpy(weight), counts
 
+    def _stream_ends(self, local: np.ndarray, round: int) -> np.ndarray:
+        """Per device, the row one past its last interaction before the end of round
+        ``round``'s window (what it has seen by then)."""
+        _, t_end = self.timeline.window(round)
+        indptr, times = self.inter.indptr, self.inter.times
+        return np.array([indptr[u] + np.searchsorted(times[indptr[u]:indptr[u + 1]], t_end, side="left")
+                         for u in local], dtype=np.int64)
+
     def last_windows(self, local: np.ndarray, round: int) -> np.ndarray:
         """Each device's last L items before the end of round ``round``'s window (what
         it can upload as its real-time samples), left-padded with PAD."""
-        _, t_end = self.timeline.window(round)
-        indptr, times = self.inter.indptr, self.inter.times
         local = np.asarray(local, dtype=np.int64)
-        ends = np.array([indptr[u] + np.searchsorted(times[indptr[u]:indptr[u + 1]], t_end, side="left")
-                         for u in local], dtype=np.int64)
+        ends = self._stream_ends(local, round)
         return self.builder.windows_before(local, ends) if len(ends) else np.zeros((0, self.spec.window), np.int64)
 
     def window_samples(self, local: np.ndarray, round: int):
+        """``local`` devices' samples of round ``round``'s window, as scored, padded by device."""
         s = self.eval_samples(round)
         sub = s.take(np.flatnonzero(np.isin(s.owner, local)))
         win, cand, weight, counts = pad_by_owner(sub, np.asarray(local, dtype=np.int64))
@@ -194,14 +200,10 @@ class DeviceHost:
 
     def recent_items(self, local: np.ndarray, round: int, n: int) -> list[np.ndarray]:
         """Each device's last ``n`` items before the end of round ``round``'s window."""
-        _, t_end = self.timeline.window(round)
-        indptr, times = self.inter.indptr, self.inter.times
-        out = []
-        for u in np.asarray(local, dtype=np.int64):
-            s, e = indptr[u], indptr[u + 1]
-            hi = s + np.searchsorted(times[s:e], t_end, side="left")
-            out.append(self.inter.items[max(s, hi - n) : hi].astype(np.int32))
-        return out
+        local = np.asarray(local, dtype=np.int64)
+        starts = self.inter.indptr[local]
+        return [self.inter.items[max(s, e - n) : e].astype(np.int32)
+                for s, e in zip(starts, self._stream_ends(local, round))]
 
     def eval_samples(self, round: int) -> Samples:
         """Positives of round ``round``'s window with 99 negatives each (cached: every

@@ -29,7 +29,6 @@ one epoch) and ``body_version``; every round carries ``body_sent`` (devices sent
 """
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterable
 
@@ -43,7 +42,7 @@ from devices import models
 from devices.runtime import DeviceApp, DeviceContext, Payload
 from devices.samples import SampleBuilder
 from simulator.cloud import history_rows
-from strategies.common import check_fraction, check_positive, mean_metrics, sample_fraction
+from strategies.common import check_fraction, check_non_negative, check_positive, mean_metrics, sample_fraction
 from strategies.duet_generator import GeneratorConfig, UploadedSamples, generate_heads, retrain_duet, train_duet
 
 WINDOW, INSTALL = "query.window", "query.install"
@@ -77,16 +76,11 @@ class Duet(Strategy):
         self.lr = float(check_positive("lr", lr))
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
             raise ValueError(f"m = {m!r}: must be a positive integer (number of parallel decoders)")
-        if isinstance(retrain_every, bool) or not isinstance(retrain_every, int) or retrain_every < 0:
-            raise ValueError(f"retrain_every = {retrain_every!r}: must be an integer >= 0 (rounds between cloud "
-                             "retrainings; 0 = off)")
-        self.retrain_every = retrain_every
+        self.retrain_every = int(check_non_negative("retrain_every", retrain_every, integer=True,
+                                                    meaning="rounds between cloud retrainings; 0 = off"))
         self.retrain_epochs = int(check_positive("retrain_epochs", retrain_epochs, integer=True))
-        if (isinstance(retrain_history, bool) or not isinstance(retrain_history, (int, float))
-                or not 0 <= retrain_history < math.inf):
-            raise ValueError(f"retrain_history = {retrain_history!r}: must be a number >= 0 (history samples per "
-                             "window sample)")
-        self.retrain_history = float(retrain_history)
+        self.retrain_history = float(check_non_negative("retrain_history", retrain_history,
+                                                        meaning="history samples per window sample"))
         if not isinstance(from_scratch, bool):
             raise ValueError(f"from_scratch = {from_scratch!r}: must be true or false")
         self.gcfg = GeneratorConfig(m=m, tau=float(check_positive("tau", tau)), stabilizer=bool(stabilizer),

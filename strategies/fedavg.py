@@ -11,7 +11,7 @@ from flwr.app import MessageType
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
 from devices.runtime import DeviceApp, DeviceContext, Payload, evaluate_received, train_held_models
-from strategies.common import check_fraction
+from strategies.common import check_fraction, check_non_negative
 
 
 def train(ctx: DeviceContext, payload: Payload) -> list[Payload]:
@@ -37,12 +37,10 @@ class FedAvg(FlowerFedAvg):
     def __init__(self, fraction_train: float = 0.1, fraction_evaluate: float = 0.0,
                  min_train_nodes: int = 2, min_evaluate_nodes: int = 0, min_available_nodes: int = 2, **kwargs) -> None:
         check_fraction("fraction_train", fraction_train)
-        if isinstance(fraction_evaluate, bool) or not isinstance(fraction_evaluate, (int, float)) or not 0 <= fraction_evaluate <= 1:
-            raise ValueError(f"fraction_evaluate = {fraction_evaluate!r}: must be a number in [0, 1]")
+        check_fraction("fraction_evaluate", fraction_evaluate, allow_zero=True)
         for key, v in (("min_train_nodes", min_train_nodes), ("min_evaluate_nodes", min_evaluate_nodes),
                        ("min_available_nodes", min_available_nodes)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{key} = {v!r}: must be a non-negative integer")
+            check_non_negative(key, v, integer=True)
         super().__init__(fraction_train=fraction_train, fraction_evaluate=fraction_evaluate,
                          min_train_nodes=min_train_nodes, min_evaluate_nodes=min_evaluate_nodes,
                          min_available_nodes=min_available_nodes, **kwargs)

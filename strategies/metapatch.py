@@ -29,7 +29,7 @@ from flwr.serverapp.strategy import Strategy
 from devices import models
 from devices.samples import SampleBuilder, stream_key
 from devices.runtime import DeviceApp, DeviceContext, Payload
-from strategies.common import check_fraction, check_positive, mean_metrics, sample_fraction
+from strategies.common import check_fraction, check_non_negative, check_positive, mean_metrics, sample_fraction
 
 THETA_TAG = 11
 PHI_CHUNK = 1024  # devices whose phi train in one batched pass
@@ -164,9 +164,7 @@ class MetaPatch(Strategy):
         self.patch_layer = patch_layer
         self.local_steps = None if local_steps is None else check_positive("local_steps", local_steps, integer=True)
         self.lr = None if lr is None else check_positive("lr", lr)
-        if isinstance(theta_epochs, bool) or not isinstance(theta_epochs, int) or theta_epochs < 0:
-            raise ValueError(f"theta_epochs = {theta_epochs!r}: must be an integer >= 0")
-        self.theta_epochs = theta_epochs
+        self.theta_epochs = int(check_non_negative("theta_epochs", theta_epochs, integer=True))
         self.theta: dict[str, np.ndarray] | None = None
         self.phis: dict[int, np.ndarray] = {}  # uploaded metapatches, by device (MoMoDistill reads them)
 

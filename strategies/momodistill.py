@@ -48,7 +48,7 @@ from devices import models
 from devices.models import PAD
 from devices.runtime import DeviceApp, DeviceContext, Payload
 from devices.samples import Samples, pad_by_owner
-from strategies.common import check_fraction, check_positive, mean_metrics, sample_fraction
+from strategies.common import check_fraction, check_non_negative, check_positive, mean_metrics, sample_fraction
 from strategies.metapatch import MetaPatch, patch_from_phi, train_local_phi
 
 MOMO_TAG = 13
@@ -310,9 +310,7 @@ class MoMoDistill(MetaPatch):
                  fraction_evaluate: float = 0.0, theta_epochs: int = 3) -> None:
         super().__init__(fraction_train, patch_dim, patch_layer, local_steps, lr, theta_epochs)
         self.distill_every = int(check_positive("distill_every", distill_every, integer=True))
-        if isinstance(kd_weight, bool) or not isinstance(kd_weight, (int, float)) or not 0 <= kd_weight < float("inf"):
-            raise ValueError(f"kd_weight = {kd_weight!r}: must be a number >= 0")
-        self.kd_weight = float(kd_weight)
+        self.kd_weight = float(check_non_negative("kd_weight", kd_weight))
         self.distill_epochs = int(check_positive("distill_epochs", distill_epochs, integer=True))
         self.distill_lr = float(check_positive("distill_lr", distill_lr))
         self.refit_epochs = int(check_positive("refit_epochs", refit_epochs, integer=True))
@@ -320,7 +318,7 @@ class MoMoDistill(MetaPatch):
         if push not in PUSH_MODES:
             raise ValueError(f"push = {push!r}: one of {', '.join(PUSH_MODES)}")
         self.push = push
-        self.fraction_evaluate = 0.0 if fraction_evaluate == 0 else check_fraction("fraction_evaluate", fraction_evaluate)
+        self.fraction_evaluate = check_fraction("fraction_evaluate", fraction_evaluate, allow_zero=True)
 
     def prepare(self, cloud) -> None:
         super().prepare(cloud)
