@@ -1,8 +1,8 @@
 """Cloud-side training of the backbone on history data (the universal / CloudOnly model)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -76,3 +76,6 @@ class CloudContext:
     lr: float = 0.005
     batch_size: int = 512
     negatives: int = 4
+    # Cloud-side results strategies of one run may share (e.g. MetaPatch's learned Theta,
+    # which MoMoDistill needs too), keyed by everything they depend on.
+    cache: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)

@@ -55,6 +55,9 @@ def learn_theta(cloud, layer: str, dim: int, *, epochs: int, lr: float = 0.01, b
     """
     from simulator.cloud import history_rows
 
+    key = ("metapatch.theta", layer, dim, epochs, lr, batch_size, phi_decay)
+    if key in cloud.cache:  # MetaPatch and MoMoDistill in one run learn the same Theta
+        return {k: v.copy() for k, v in cloud.cache[key].items()}
     theta0 = init_theta(cloud.spec, layer, dim, cloud.seed)
     th = {k: torch.from_numpy(v.copy()).requires_grad_(True) for k, v in theta0.items()}
     frozen = {k: torch.from_numpy(np.asarray(v, np.float32))[None] for k, v in cloud.initial.items()}
@@ -80,7 +83,8 @@ def learn_theta(cloud, layer: str, dim: int, *, epochs: int, lr: float = 0.01, b
             opt.step()
     out = {k: v.detach().numpy() for k, v in th.items()}
     scale = np.sqrt(sum((v**2).sum() for v in theta0.values()) / max(sum((v**2).sum() for v in out.values()), 1e-12))
-    return {k: (v * scale).astype(np.float32) for k, v in out.items()}
+    cloud.cache[key] = {k: (v * scale).astype(np.float32) for k, v in out.items()}
+    return {k: v.copy() for k, v in cloud.cache[key].items()}
 
 
 def patch_from_phi(theta: dict[str, torch.Tensor], phi: torch.Tensor, layer: str) -> dict[str, torch.Tensor]:

@@ -133,3 +133,20 @@ def test_chunked_training_by_sample_count_equals_one_batch(always_online_world, 
         results.append(np.stack([r.arrays["phi"]["phi"] for r in res.replies]))
     assert np.abs(results[0]).sum() > 0
     np.testing.assert_allclose(results[1], results[0], rtol=1e-5, atol=1e-6)
+
+
+def test_metapatch_and_momodistill_share_one_learned_theta_per_run(always_online_world):
+    w = always_online_world
+    cloud = CloudContext(w.fleet.interactions, w.fleet.timeline.history_end, w.spec, w.initial, w.cfg.experiment.seed)
+    a, b = make_strategy("metapatch", {"theta_epochs": 1}), make_strategy("momodistill", {"theta_epochs": 1})
+    a.prepare(cloud)
+    b.prepare(cloud)
+    assert len(cloud.cache) == 1  # learned once, reused
+    assert all(np.array_equal(a.theta[k], b.theta[k]) for k in a.theta)
+    assert not np.array_equal(a.theta["theta.w"], init_theta(w.spec, "encoder", 8, w.cfg.experiment.seed)["theta.w"])
+    b.theta["theta.w"][:] = 0  # each strategy owns its copy
+    assert np.abs(a.theta["theta.w"]).sum() > 0
+    fresh = CloudContext(w.fleet.interactions, w.fleet.timeline.history_end, w.spec, w.initial, w.cfg.experiment.seed)
+    c = make_strategy("metapatch", {"theta_epochs": 1})
+    c.prepare(fresh)  # the same computation without the cache gives the same Theta
+    assert all(np.array_equal(a.theta[k], c.theta[k]) for k in a.theta)
