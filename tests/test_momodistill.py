@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import SmallWorld, small_config
+from test_cli import TINY, assert_one_line_error, fleetsim, write_experiment  # noqa: F401 (fleetsim: fixture)
 from devices import models
 from devices.models import PAD
 from simulator.cloud import CloudContext
@@ -151,3 +152,16 @@ def test_predict_phi_ignores_padding_and_starts_at_zero():
 def test_bad_parameters_name_the_key(params, key):
     with pytest.raises(ConfigError, match=f"strategies\\.momodistill\\.{key}"):
         make_strategy("momodistill", params)
+
+
+@pytest.mark.parametrize("setting, needles", [
+    ("strategies.momodistill.distill_every=0", ["strategies.momodistill.distill_every = 0", "positive integer"]),
+    ("strategies.momodistill.patch_dim=0", ["strategies.momodistill.patch_dim = 0", "positive integer"]),
+    ("strategies.momodistill.local_steps=0", ["strategies.momodistill.local_steps = 0", "positive integer"]),
+    ("strategies.momodistill.patch_layer=nope", ["strategies.momodistill.patch_layer = 'nope'", "encoder"]),
+])
+def test_bad_parameters_are_one_line_errors_from_the_cli(fleetsim, tmp_path, setting, needles):
+    code, _, err = fleetsim("run", write_experiment(tmp_path, TINY), "--set", 'experiment.strategies=["momodistill"]',
+                            "--set", setting, "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, *needles)
+    assert not (tmp_path / "o").exists()
