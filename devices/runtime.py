@@ -127,6 +127,10 @@ class DeviceContext:
         """Each device's last L item ids before this round's window opened (B, L)."""
         return self.host.last_windows(self.local, self.round - 1)
 
+    def items_before_round(self, n: int) -> list[np.ndarray]:
+        """Each device's last ``n`` item ids before this round's window opened, oldest first."""
+        return self.host.recent_items(self.local, self.round - 1, n)
+
     def recent_items(self, n: int) -> list[np.ndarray]:
         """Each device's last ``n`` item ids up to the end of this round's window, oldest
         first (what it uploads when a strategy asks for its recent data)."""

@@ -8,7 +8,7 @@ Paper -> code:
 
 - **Devices** train their metapatch phi_u exactly as in ``strategies.metapatch`` (only
   phi_u changes; the cloud model and Theta are frozen on the device). With phi_u they
-  upload their recent data: the last ``recent + L`` item ids (``device.recent`` targets
+  upload their recent data: the last ``recent + max(L, aux_history)`` item ids (``device.recent`` targets
   and the window before the first one; int32, bytes counted) **(our choice: the paper's
   cloud owns the interaction logs; here the cloud sees only what devices upload)**.
 - **Distillation** (every ``distill_every`` rounds, on the data uploaded since the last
@@ -20,13 +20,18 @@ Paper -> code:
   proxy (new cloud model + patch): the proxy is trained with the same BCE + lambda*KD
   twice per device, once with its reported phi_u (so the metapatches devices keep stay
   meaningful under the new Theta) and once with the phi predicted by the auxiliary
-  encoder from the device's window **(our choice)**. The auxiliary encoder is
-  phi = ReLU(mean item embedding of the window . W1 + b1) . W2 + b2 on the cloud model's
-  embeddings; W2 starts at 0 (phi = 0: the plain cloud model) **(our choice)**.
+  encoder from the items the device had *before* those samples' targets **(our choice)**.
+  The auxiliary encoder is phi = ReLU(mean item embedding of the user's last
+  ``aux_history`` items . W1 + b1) . W2 + b2 on the cloud model's embeddings **(our
+  choice; 50 items, longer than the model's window L, so the patch can add what the
+  window does not show)**. Before round 1 the encoder and Theta are pretrained on the
+  history the cloud holds (``pretrain_aux``, ``aux_epochs``; 0 = W2 starts at 0, phi = 0,
+  the plain cloud model): the rounds alone are far too little data to train it.
 - **Push**: the new cloud model, Theta and the encoder go to every selected device and,
   with ``push = "online"``, to every online device still holding an older version (a
-  deployed app update; bytes counted). A device with no metapatch yet (new or cold)
-  starts from the phi the auxiliary encoder predicts from its last window.
+  deployed app update; bytes counted). The encoder ships with Theta from the first
+  contact. A device with no metapatch yet (new or cold) starts from the phi the
+  auxiliary encoder predicts from its last ``aux_history`` items.
 - **Measurement** (``fraction_evaluate`` > 0, Flower's federated evaluation): after each
   distillation, online devices that never reported score this round's interactions with
   the initial cloud model, the distilled one, and the distilled one + their predicted
@@ -47,7 +52,7 @@ from flwr.serverapp import Grid
 from devices import models
 from devices.models import PAD
 from devices.runtime import DeviceApp, DeviceContext, Payload
-from devices.samples import Samples, pad_by_owner
+from devices.samples import SampleBuilder, Samples, pad_by_owner
 from strategies.common import check_fraction, check_non_negative, check_positive, mean_metrics, sample_fraction
 from strategies.metapatch import MetaPatch, patch_from_phi, train_local_phi
 
@@ -75,10 +80,44 @@ def predict_phi(aux: dict[str, torch.Tensor], item_emb: torch.Tensor, windows: t
     return torch.relu(mean @ aux["aux.w1"] + aux["aux.b1"]) @ aux["aux.w2"] + aux["aux.b2"]
 
 
-def aux_flops(spec: models.ModelSpec, dim: int) -> float:
-    """Multiply-adds x 2 of one ``predict_phi`` (a cold device runs it once)."""
+def pretrain_aux(cloud, theta: dict[str, np.ndarray], aux: dict[str, np.ndarray], layer: str, history: int, *,
+                 epochs: int, lr: float) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[float]]:
+    """Theta and the auxiliary encoder <- Adam on BCE over the history data the cloud holds
+    before round 1 (the data the cloud model was trained on), the cloud model frozen: each
+    sample is scored by the cloud model + the patch the encoder predicts from the
+    ``history`` items before it (the last L of which are the model's window).
+
+    Why: the rounds give the cloud too few samples to train an encoder (about 0.3
+    interactions per user and round); trained on the rounds' uploads alone it overfitted and
+    *lowered* held-out users' AUC (see docs/dccl.md, "Cold start").
+    """
+    from simulator.cloud import fit, history_rows
+
+    frozen = {k: torch.from_numpy(np.asarray(v, np.float32))[None] for k, v in cloud.initial.items()}
+    th = {k: torch.from_numpy(np.array(v)).requires_grad_(True) for k, v in theta.items()}
+    ax = {k: torch.from_numpy(np.array(v)).requires_grad_(True) for k, v in aux.items()}
+    L, span = cloud.spec.window, max(history, cloud.spec.window)
+
+    def logits(context: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            h = models.body_output(frozen, context[None, :, span - L:])
+        phi = predict_phi(ax, frozen["item_emb"], context[:, span - history:])
+        params = {**frozen, **patch_from_phi(th, phi, layer)}  # one patched model per sample
+        if h is None:
+            return models.forward(params, context[:, None, span - L:], cand[:, None])[:, 0]
+        return models.forward_from_body(params, h[0][:, None], cand[:, None])[:, 0]
+
+    losses = fit([*th.values(), *ax.values()], logits, SampleBuilder(cloud.interactions, span),
+                 history_rows(cloud.interactions, cloud.history_end), epochs=epochs, lr=lr,
+                 batch_size=cloud.batch_size, negatives=cloud.negatives, seed=cloud.seed, tag=MOMO_TAG)
+    return ({k: v.detach().numpy().copy() for k, v in th.items()},
+            {k: v.detach().numpy().copy() for k, v in ax.items()}, losses)
+
+
+def aux_flops(spec: models.ModelSpec, dim: int, history: int) -> float:
+    """Multiply-adds x 2 of one ``predict_phi`` over ``history`` items (a cold device runs it once)."""
     d = spec.dim
-    return 2.0 * (spec.window * d + d * d + d * dim)
+    return 2.0 * (history * d + d * d + d * dim)
 
 
 # Device side ---------------------------------------------------------------------------
@@ -91,7 +130,7 @@ def train(ctx: DeviceContext, payload: Payload) -> list[Payload]:
     """Device: adopt a pushed bundle (cloud model, Theta, encoder), start phi from the
     stored one or the encoder's prediction, train it if asked, upload phi + recent data."""
     cfg = payload.config()
-    layer, dim = str(cfg["patch-layer"]), int(cfg["patch-dim"])
+    layer, dim, history = str(cfg["patch-layer"]), int(cfg["patch-dim"]), int(cfg["aux-history"])
     shared = ctx.shared("momodistill")
     if "model" in payload.arrays:
         ctx.hold(payload.arrays["model"])  # the new cloud model (drops the old patch override)
@@ -103,14 +142,14 @@ def train(ctx: DeviceContext, payload: Payload) -> list[Payload]:
     store = ctx.state("momodistill.phi")
     phi0 = torch.from_numpy(np.stack([store.get(int(i), np.zeros(dim, np.float32)) for i in ctx.local]))
     cold = np.array([int(i) not in store for i in ctx.local], dtype=bool) & (aux is not None)
-    if cold.any():  # new or cold device: a metapatch from its window
+    if cold.any():  # new or cold device: a metapatch from its last ``aux-history`` items
+        context = last_windows(ctx.recent_items(history), history)[cold]
         with torch.no_grad():
-            phi0[torch.from_numpy(cold)] = predict_phi(aux, ctx.held_params()["item_emb"],
-                                                      torch.from_numpy(ctx.last_windows()[cold]))
-        ctx.flops[cold] += aux_flops(ctx.spec, dim)
+            phi0[torch.from_numpy(cold)] = predict_phi(aux, ctx.held_params()["item_emb"], torch.from_numpy(context))
+        ctx.flops[cold] += aux_flops(ctx.spec, dim, history)
     if cfg.get("train", True):
         phi, losses, counts = train_local_phi(ctx, theta, phi0, cfg)
-        recent = ctx.recent_items(ctx.settings.recent + ctx.spec.window)
+        recent = ctx.recent_items(ctx.settings.recent + max(ctx.spec.window, history))
     else:
         phi = phi0
     for j, i in enumerate(ctx.local):
@@ -129,16 +168,16 @@ def train(ctx: DeviceContext, payload: Payload) -> list[Payload]:
 def evaluate(ctx: DeviceContext, payload: Payload) -> list[Payload]:
     """Federated evaluation on this round's interactions (the prequential samples):
     the initial cloud model, the distilled one, and the distilled one + the patch the
-    auxiliary encoder predicts from the window before the round. Nothing is adopted."""
+    auxiliary encoder predicts from the last ``aux-history`` items before the round. Nothing is adopted."""
     from simulator.metrics import device_metrics
 
     cfg = payload.config()
-    layer = str(cfg["patch-layer"])
+    layer, history = str(cfg["patch-layer"]), int(cfg["aux-history"])
     win, cand, weight, counts = ctx.window_samples()
     b, n = weight.shape
     initial, distilled = _tensors(payload.arrays["initial"]), _tensors(payload.arrays["model"])
-    phi = predict_phi(_tensors(payload.arrays["aux"]), distilled["item_emb"][None],
-                      torch.from_numpy(ctx.windows_before_round()))
+    context = last_windows(ctx.items_before_round(history), history)
+    phi = predict_phi(_tensors(payload.arrays["aux"]), distilled["item_emb"][None], torch.from_numpy(context))
     patched = {**{k: v[None] for k, v in distilled.items()},
                **patch_from_phi(_tensors(payload.arrays["theta"]), phi, layer)}
     mask = weight.numpy() > 0
@@ -192,6 +231,13 @@ def sequence_samples(seqs: list[np.ndarray], targets: list[int], window: int, n_
             break
         neg[bad] = rng.integers(0, n_items, int(bad.sum()))
     return Samples(owner_a, np.concatenate(wins), np.concatenate([np.concatenate(pos)[:, None], neg], axis=1))
+
+
+def contexts(seqs: list[np.ndarray], targets: list[int], history: int) -> np.ndarray:
+    """The encoder's input for each uploaded sequence: its last ``history`` items *before*
+    the targets ``sequence_samples`` trains on (B, history), PAD on the left. Feeding it
+    the targets themselves would teach the encoder from what it is meant to predict."""
+    return last_windows([np.asarray(s)[: max(1, len(s) - int(k))] for s, k in zip(seqs, targets)], history)
 
 
 def last_windows(seqs: list[np.ndarray], window: int) -> np.ndarray:
@@ -307,7 +353,8 @@ class MoMoDistill(MetaPatch):
                  local_steps: int | None = None, lr: float | None = None, distill_every: int = 2,
                  kd_weight: float = 1.0, distill_epochs: int = 1, distill_lr: float = 0.001,
                  refit_epochs: int = 5, refit_lr: float = 0.01, push: str = "online",
-                 fraction_evaluate: float = 0.0, theta_epochs: int = 3) -> None:
+                 fraction_evaluate: float = 0.0, theta_epochs: int = 3, aux_history: int = 50,
+                 aux_epochs: int = 3, aux_lr: float = 0.003) -> None:
         super().__init__(fraction_train, patch_dim, patch_layer, local_steps, lr, theta_epochs)
         self.distill_every = int(check_positive("distill_every", distill_every, integer=True))
         self.kd_weight = float(check_non_negative("kd_weight", kd_weight))
@@ -315,6 +362,9 @@ class MoMoDistill(MetaPatch):
         self.distill_lr = float(check_positive("distill_lr", distill_lr))
         self.refit_epochs = int(check_positive("refit_epochs", refit_epochs, integer=True))
         self.refit_lr = float(check_positive("refit_lr", refit_lr))
+        self.aux_history = int(check_positive("aux_history", aux_history, integer=True))
+        self.aux_epochs = int(check_non_negative("aux_epochs", aux_epochs, integer=True))
+        self.aux_lr = float(check_positive("aux_lr", aux_lr))
         if push not in PUSH_MODES:
             raise ValueError(f"push = {push!r}: one of {', '.join(PUSH_MODES)}")
         self.push = push
@@ -326,7 +376,11 @@ class MoMoDistill(MetaPatch):
         self.initial = {k: np.asarray(v, np.float32) for k, v in cloud.initial.items()}
         self.model = dict(self.initial)
         self.aux = init_aux(cloud.spec, self.patch_dim, cloud.seed)
-        self.version = 0  # 0: the installed cloud model, the initial Theta, no encoder yet
+        self.aux_losses: list[float] = []
+        if self.aux_epochs:
+            self.theta, self.aux, self.aux_losses = pretrain_aux(cloud, self.theta, self.aux, self.patch_layer,
+                                                                 self.aux_history, epochs=self.aux_epochs, lr=self.aux_lr)
+        self.version = 0  # 0: the installed cloud model with the (pretrained) Theta and encoder
         self.device_version: dict[int, int] = {}
         self.pending: dict[int, tuple[np.ndarray, np.ndarray, int]] = {}  # since the last distillation
         self.reported: set[int] = set()
@@ -337,13 +391,15 @@ class MoMoDistill(MetaPatch):
         rec = lambda arrays: ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
         self._theta_record = rec(self.theta)
         self._bundle = {"theta": self._theta_record}
+        if self.version > 0 or self.aux_epochs:
+            self._bundle["aux"] = rec(self.aux)
         if self.version > 0:
-            self._bundle.update(model=rec(self.model), aux=rec(self.aux))
+            self._bundle["model"] = rec(self.model)
         self._initial_record = rec(self.initial)
 
     def _config(self, server_round: int, train: bool) -> ConfigRecord:
         cfg = {"server-round": server_round, "patch-layer": self.patch_layer, "patch-dim": self.patch_dim,
-               "train": train}
+               "aux-history": self.aux_history, "train": train}
         if self.local_steps is not None:
             cfg["local-steps"] = self.local_steps
         if self.lr is not None:
@@ -391,15 +447,16 @@ class MoMoDistill(MetaPatch):
         devs = sorted(self.pending)
         phis = torch.from_numpy(np.stack([self.pending[d][0] for d in devs]))
         seqs = [self.pending[d][1] for d in devs]
+        targets = [self.pending[d][2] for d in devs]
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, MOMO_TAG, server_round]))
-        samples = sequence_samples(seqs, [self.pending[d][2] for d in devs], self.spec.window, self.spec.n_items,
+        samples = sequence_samples(seqs, targets, self.spec.window, self.spec.n_items,
                                    self.negatives, rng)
         cloud_t = {k: torch.from_numpy(v)[None] for k, v in self.model.items()}
         theta_t = {k: torch.from_numpy(v) for k, v in self.theta.items()}
         teacher = torch.sigmoid(patched_logits(cloud_t, theta_t, phis, samples, self.patch_layer))
         self.model, d_losses = distill_cloud(self.model, teacher, samples, epochs=self.distill_epochs, lr=self.distill_lr,
                                              batch_size=self.batch_size, kd_weight=self.kd_weight, seed=self.seed + server_round)
-        windows = last_windows(seqs, self.spec.window)
+        windows = contexts(seqs, targets, self.aux_history)
         self.theta, self.aux, r_losses = refit_patch(self.model, self.theta, self.aux, phis, windows, teacher, samples,
                                                      self.patch_layer, epochs=self.refit_epochs, lr=self.refit_lr,
                                                      kd_weight=self.kd_weight, seed=self.seed + server_round)

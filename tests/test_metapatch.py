@@ -138,7 +138,8 @@ def test_chunked_training_by_sample_count_equals_one_batch(always_online_world, 
 def test_metapatch_and_momodistill_share_one_learned_theta_per_run(always_online_world):
     w = always_online_world
     cloud = CloudContext(w.fleet.interactions, w.fleet.timeline.history_end, w.spec, w.initial, w.cfg.experiment.seed)
-    a, b = make_strategy("metapatch", {"theta_epochs": 1}), make_strategy("momodistill", {"theta_epochs": 1})
+    # aux_epochs = 0: MoMoDistill's encoder pretraining would go on to refine its own copy of Theta
+    a, b = make_strategy("metapatch", {"theta_epochs": 1}), make_strategy("momodistill", {"theta_epochs": 1, "aux_epochs": 0})
     a.prepare(cloud)
     b.prepare(cloud)
     assert len(cloud.cache) == 1  # learned once, reused
