@@ -54,6 +54,7 @@ def synthesise(out: Path, n_devices: int, n_rounds: int, seed: int = 0) -> int:
                             "data": {"n_devices": n_devices, "n_rounds": n_rounds, "drift": "sudden",
                                      "drift_rounds": [n_rounds // 2]}})
     writer = RunWriter(out)
+    writer.create(mark_running=False)
     writer.write_config(cfg.to_toml())
     timeline = Timeline(HISTORY_END, ROUND_S, n_rounds, 0.0,
                         (DriftEvent(n_rounds // 2, "sudden", 0.5, "half of the users jump to a fresh taste"),))
@@ -109,7 +110,8 @@ def synthesise(out: Path, n_devices: int, n_rounds: int, seed: int = 0) -> int:
             counts = pd.Series(status[sel]).value_counts()
             info = {"round": r, "t_start": HISTORY_END + r * ROUND_S, "latency_s": float(sel_rng.uniform(5, 600)) if frac else 0.0,
                     "online": int(online.sum()), "active": int(scored.sum()), "selected": int(sel.sum()),
-                    "exchanges": 1 if frac else 0, **{k: int(counts.get(k, 0)) for k in ("ok", "dropped", "late", "failed")}}
+                    "exchanges": 1 if frac else 0, **{k: int(counts.get(k, 0)) for k in ("ok", "dropped", "late", "quarantined")},
+                    "errors": int(counts.get("error", 0))}
             writer.write_round(name, SimpleNamespace(round=r, devices=devices, info=info))
             frames.append(pd.DataFrame(devices))
         df = pd.concat(frames, ignore_index=True)

@@ -7,7 +7,8 @@ receives plain payloads and device functions and returns plain replies and costs
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import traceback
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -47,13 +48,63 @@ class SparseRows:
 
 @dataclass
 class JobResult:
-    """Outcome of one device function call for a batch of devices."""
+    """Outcome of one device function call for a batch of devices.
+
+    A device function that raised is a *code error* for every device of the call:
+    ``replies`` is None and ``error`` / ``error_type`` / ``traceback`` say what was raised.
+    A reply holding NaN or Inf in an array or a metric is *quarantined*: ``nonfinite``
+    marks it, and that device's state is rolled back to what it was before the call.
+    """
 
     device_ids: np.ndarray
-    replies: list[Payload] | None  # None when the call failed
+    replies: list[Payload] | None  # None when the call raised
     flops: np.ndarray
     bytes_up: np.ndarray
-    error: str = ""
+    error: str = ""  # first line of the message of the exception the device function raised
+    error_type: str = ""
+    traceback: str = ""
+    nonfinite: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+
+
+def nonfinite_replies(replies: list[Payload]) -> np.ndarray:
+    """Which replies hold a NaN or Inf in any array or float metric, vectorised per key.
+
+    Arrays of one key are stacked over replies and summed in float64 per reply: a sum
+    is non-finite iff an element is (float32 values cannot overflow a float64 sum), so
+    one reduction per key replaces an ``isfinite`` per array; a float64 array whose sum
+    overflowed is checked element-wise before it is called non-finite.
+    """
+    n = len(replies)
+    bad = np.zeros(n, dtype=bool)
+    if n == 0:
+        return bad
+    groups: dict[tuple, list[tuple[int, np.ndarray]]] = {}
+    floats: dict[tuple, list[tuple[int, float]]] = {}
+    for j, r in enumerate(replies):
+        for rec, arrays in r.arrays.items():
+            for k, a in arrays.items():
+                a = np.asarray(a)
+                if a.dtype.kind in "fc":
+                    groups.setdefault((rec, k, a.shape, a.dtype.str), []).append((j, a))
+        for rec, vals in r.metrics.items():
+            for k, v in vals.items():
+                if isinstance(v, float):
+                    floats.setdefault((rec, k), []).append((j, v))
+                elif isinstance(v, (list, tuple)) and v and isinstance(v[0], float):
+                    floats.setdefault((rec, k), []).append((j, float(np.sum(v, dtype=np.float64))))
+    for members in groups.values():
+        idx = np.fromiter((j for j, _ in members), dtype=np.int64, count=len(members))
+        stacked = np.stack([a for _, a in members]).reshape(len(members), -1)
+        sums = stacked.sum(axis=1, dtype=np.float64)
+        suspect = ~np.isfinite(sums)
+        if suspect.any():
+            suspect[suspect] = ~np.isfinite(stacked[suspect]).all(axis=1)
+            bad[idx[suspect]] = True
+    for members in floats.values():
+        vals = np.fromiter((v for _, v in members), dtype=np.float64, count=len(members))
+        idx = np.fromiter((j for j, _ in members), dtype=np.int64, count=len(members))
+        bad[idx[~np.isfinite(vals)]] = True
+    return bad
 
 
 class DeviceHost:
@@ -244,32 +295,78 @@ class DeviceHost:
             # pad_by_owner orders rows by owner then time, as the stable sort of sub.owner
             order = np.argsort(np.searchsorted(group, sub.owner), kind="stable")
             scores[rows[order]] = out[mask]
+        # A model that emits NaN/Inf is recorded, never scored as if it were a number:
+        # its device's metrics are NaN and flagged ``nonfinite``, its rows stay out of the
+        # pooled histogram. (A float64 row sum is non-finite iff a float32 entry is.)
+        bad_row = ~np.isfinite(scores.sum(axis=1, dtype=np.float64))
+        if bad_row.any():
+            scores[bad_row] = 0.0
         per = metrics.device_metrics(scores, s.owner, len(self.device_ids))
+        nonfinite = np.zeros(len(self.device_ids), dtype=bool)
+        nonfinite[s.owner[bad_row]] = True
+        for k in ("auc", "hr10", "ndcg10", "logloss"):
+            per[k][nonfinite] = np.nan
+        per["nonfinite"] = nonfinite
         active = np.flatnonzero(per["n_pos"] > 0)
         hist = metrics.ScoreHistogram()
-        hist.add(scores)
+        hist.add(scores[~bad_row] if bad_row.any() else scores)
         return {
             "device_id": self.device_ids[active],
             **{k: np.asarray(v)[active] for k, v in per.items()},
             "histogram": hist,
         }
 
+    def _snapshot(self, local: np.ndarray) -> tuple:
+        """What a device function may change for ``local`` devices (shallow: functions
+        replace per-device entries, they do not edit arrays in place)."""
+        keys = [int(i) for i in local]
+        personal = {i: dict(self.personal[i]) for i in keys if i in self.personal}
+        kv = {name: {i: d[i] for i in keys if i in d} for name, d in self.kv.items() if not name.startswith("shared:")}
+        return self.held[local].copy(), personal, kv
+
+    def _rollback(self, local: np.ndarray, snap: tuple) -> None:
+        held, personal, kv = snap
+        self.held[local] = held
+        for i in (int(i) for i in local):
+            if i in personal:
+                self.personal[i] = personal[i]
+            else:
+                self.personal.pop(i, None)
+            for name, d in self.kv.items():
+                if name.startswith("shared:"):
+                    continue
+                saved = kv.get(name, {})
+                if i in saved:
+                    d[i] = saved[i]
+                else:
+                    d.pop(i, None)
+
     def run(self, round: int, exchange: int, jobs: list[tuple[DeviceFn, Payload, np.ndarray]]) -> list[JobResult]:
-        """Run device functions: each job is (function, shared payload, global device ids)."""
+        """Run device functions: each job is (function, shared payload, global device ids).
+
+        An exception fails that job's devices as a code error (their state is rolled
+        back); a reply with non-finite values is quarantined (that device's state is
+        rolled back, the reply is flagged). Neither stops the other jobs."""
         out = []
         for fn, payload, ids in jobs:
             local = np.searchsorted(self.device_ids, ids)
             ctx = DeviceContext(self, local, round, exchange)
+            snap = self._snapshot(local)
             try:
                 replies = fn(ctx, payload)
                 if len(replies) != len(local):
-                    raise RuntimeError(f"{fn.__name__} returned {len(replies)} replies for {len(local)} devices")
-            except Exception as exc:  # a device-side bug fails those devices, not the run
-                msg = f"{type(exc).__name__}: {exc}".splitlines()[0]
-                out.append(JobResult(np.asarray(ids), None, ctx.flops, np.zeros(len(local)), msg))
+                    raise RuntimeError(f"{getattr(fn, '__name__', fn)} returned {len(replies)} replies for {len(local)} devices")
+            except Exception as exc:  # a device-side bug: reported as a code error, never a dropout
+                self._rollback(local, snap)
+                msg = (str(exc).splitlines() or [""])[0]
+                out.append(JobResult(np.asarray(ids), None, ctx.flops, np.zeros(len(local)), msg,
+                                     type(exc).__name__, traceback.format_exc()))
                 continue
+            bad = nonfinite_replies(replies)
+            if bad.any():
+                self._rollback(local[bad], (snap[0][bad], *snap[1:]))
             up = np.array([r.nbytes() for r in replies], dtype=np.float64)
-            out.append(JobResult(np.asarray(ids), replies, ctx.flops, up))
+            out.append(JobResult(np.asarray(ids), replies, ctx.flops, up, nonfinite=bad))
         return out
 
     def memory_bytes(self) -> int:

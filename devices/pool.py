@@ -8,6 +8,9 @@ engine use.
 from __future__ import annotations
 
 import os
+import socket
+import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -43,14 +46,47 @@ def shard_of(inter: Interactions, timeline: Timeline, ids: np.ndarray) -> Shard:
     return Shard(ids, sub, timeline)
 
 
-def init_ray(address: str | None) -> None:
-    """Start an embedded Ray (default) or join an existing cluster at ``address``."""
+class RayUnreachable(ConnectionError):
+    """``--ray-address`` names no Ray cluster that answers."""
+
+
+RAY_CONNECT_TIMEOUT_S = 20.0
+
+
+def _check_reachable(address: str, timeout: float) -> None:
+    """A TCP connection to ``host:port`` (Ray's GCS) within ``timeout``, or ``RayUnreachable``."""
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise RayUnreachable(f"--ray-address {address}: expected host:port (or 'auto')")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise RayUnreachable(f"--ray-address {address}: no Ray cluster answers there "
+                             f"({exc.strerror or type(exc).__name__})") from None
+
+
+def init_ray(address: str | None, timeout: float = RAY_CONNECT_TIMEOUT_S) -> None:
+    """Start an embedded Ray (default) or join an existing cluster at ``address``.
+
+    Joining fails with ``RayUnreachable`` within about ``timeout`` seconds: the GCS port
+    must accept a TCP connection, and ``ray.init`` must return in time (it is run in a
+    helper thread because it can retry for minutes). An embedded Ray is watched by the
+    reaper (``devices.reaper``), so its processes die with the driver, even on kill -9.
+    """
     import ray
 
     if ray.is_initialized():
         return
-    # "local" never joins a stale cluster left in Ray's temp folder (FLOWER-NOTES.md).
-    ray.init(
+    t0 = time.monotonic()
+    if address and address != "auto":
+        _check_reachable(address, timeout / 2)
+    if not address:
+        from devices.reaper import start_reaper
+
+        start_reaper()
+    kwargs = dict(
+        # "local" never joins a stale cluster left in Ray's temp folder (FLOWER-NOTES.md).
         address=address or "local",
         include_dashboard=False,
         log_to_driver=False,
@@ -60,6 +96,26 @@ def init_ray(address: str | None) -> None:
         runtime_env={"env_vars": {"FLWR_TELEMETRY_ENABLED": "0",
                                   "PYTHONPATH": os.pathsep.join([os.getcwd(), *filter(None, [os.environ.get("PYTHONPATH")])])}},
     )
+    if not address:
+        ray.init(**kwargs)
+        return
+    outcome: list[BaseException | None] = []
+
+    def connect() -> None:
+        try:
+            ray.init(**kwargs)
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 -- handed to the caller's thread
+            outcome.append(exc)
+
+    thread = threading.Thread(target=connect, name="ray-connect", daemon=True)
+    thread.start()
+    thread.join(max(timeout - (time.monotonic() - t0), 1.0))
+    if not outcome:
+        raise RayUnreachable(f"--ray-address {address}: no Ray cluster answered within {timeout:.0f} s")
+    if outcome[0] is not None:
+        first = (str(outcome[0]).splitlines() or [type(outcome[0]).__name__])[0]
+        raise RayUnreachable(f"--ray-address {address}: could not join the Ray cluster ({first})")
 
 
 class HostPool:

@@ -1,8 +1,11 @@
 """``fleetsim`` command line: ``fleetsim run [EXPERIMENT.toml] [--out DIR] [--set k=v ...]`` and
 ``fleetsim report RUN_DIR [RUN_DIR ...] [--out DIR] [--baseline NAME]``.
 
-Every user error (config, data, arguments, output folder) ends in one line on stderr
-and exit code 2; results already written are never touched.
+Every user error (config, data, arguments, output folder, an unreachable
+``--ray-address``) ends in one line on stderr and exit code 2; results already written are
+never touched. A strategy that fails (a code error, non-finite training) is one line on
+stderr; the other strategies still run and the exit code is 1. Ctrl-C: exit 130, with the
+strategy in flight marked ``interrupted``.
 """
 from __future__ import annotations
 
@@ -14,9 +17,12 @@ import time
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Ray 2.55 warns on every start about a future change of GPU env handling (no GPU is used)
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 from simulator.errors import FleetsimError  # noqa: E402
 
+EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 
@@ -55,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from simulator import config
-    from simulator.run import format_table, run_experiment
+    from simulator.run import failed_strategies, format_table, run_experiment
 
     cfg = config.load(args.experiment, args.overrides, args.seed)
     out = args.out or os.path.join("runs", f"{cfg.experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -69,11 +75,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         print(format_table(summary))
     print(f"\nresults: {out}  (wall {time.perf_counter() - t0:.1f} s)")
-    if not args.no_report and summary.get("protocol") != "leave_last":
+    failed = failed_strategies(summary)
+    completed = [n for n, s in summary.get("strategies", {}).items() if s.get("rounds_completed")]
+    if not args.no_report and summary.get("protocol") != "leave_last" and completed:
         from simulator.report import build_report
 
         print(f"report: {build_report([out], out).html}")
-    return 0
+    return EXIT_FAILED if failed else 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -94,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_report(args) if args.command == "report" else cmd_run(args)
     except FleetsimError as exc:
         print(f"fleetsim: error: {exc}", file=sys.stderr)
+        if getattr(exc, "hard_exit", False):  # a thread may still be blocked in ray.init
+            sys.stderr.flush()
+            sys.stdout.flush()
+            os._exit(EXIT_USAGE)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("fleetsim: interrupted; rounds already written are kept", file=sys.stderr)

@@ -1,6 +1,7 @@
 """Cloud-side training of the backbone on history data (the universal / CloudOnly model)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -10,8 +11,33 @@ import torch
 from devices import models
 from devices.data import Interactions
 from devices.samples import SampleBuilder, stream_key
+from simulator.errors import NonFiniteError
 
 CLOUD_TAG = 3
+# A mean BCE this far above the loss of predicting 0 for every candidate (ln 2) means
+# logits in the hundreds with the wrong sign: the training has diverged even if the
+# number is still finite (cloud.lr = 1e6 gives 1e26).
+DIVERGED_LOSS = 100 * math.log(2)
+
+
+def check_losses(losses: list[float], stage: str, setting: str, *, limit: float = DIVERGED_LOSS,
+                 round: int | None = None) -> list[float]:
+    """Raise ``NonFiniteError`` naming ``stage`` and the ``setting`` to look at when an
+    epoch's loss is NaN/Inf or above ``limit`` (diverged); else return ``losses``."""
+    for epoch, loss in enumerate(losses, 1):
+        if not math.isfinite(loss) or loss > limit:
+            what = "non-finite" if not math.isfinite(loss) else f"diverged ({loss:.3g} > {limit:.3g})"
+            at = f"round {round}: " if round is not None else ""
+            raise NonFiniteError(stage, setting, f"{at}training loss {what} in epoch {epoch}", round=round)
+    return losses
+
+
+def check_params(params: dict[str, np.ndarray], stage: str, setting: str, round: int | None = None) -> None:
+    """Raise ``NonFiniteError`` when a trained parameter holds NaN/Inf."""
+    bad = [k for k, v in params.items() if not np.isfinite(np.sum(v, dtype=np.float64))]
+    if bad:
+        at = f"round {round}: " if round is not None else ""
+        raise NonFiniteError(stage, setting, f"{at}parameters {', '.join(bad)} hold NaN/Inf", round=round)
 
 
 def history_rows(inter: Interactions, history_end: float) -> np.ndarray:
@@ -23,9 +49,10 @@ def history_rows(inter: Interactions, history_end: float) -> np.ndarray:
 
 def fit(trainable: list[torch.Tensor], logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         builder: SampleBuilder, rows: np.ndarray, *, epochs: int, lr: float, batch_size: int, negatives: int,
-        seed: int, tag: int) -> list[float]:
+        seed: int, tag: int, stage: str = "cloud model", setting: str = "cloud.lr") -> list[float]:
     """Adam on BCE over samples of ``rows`` (fresh negatives every epoch); returns the
-    per-epoch mean loss. ``logits(windows (N, L), candidates (N, C)) -> (N, C)``."""
+    per-epoch mean loss. ``logits(windows (N, L), candidates (N, C)) -> (N, C)``.
+    A non-finite or diverged epoch raises ``NonFiniteError`` naming ``stage`` and ``setting``."""
     torch.manual_seed(seed)
     torch.set_num_threads(1)  # measured: small GRU batches run 4x slower on 2 threads here
     opt = torch.optim.Adam(trainable, lr=lr)
@@ -45,6 +72,7 @@ def fit(trainable: list[torch.Tensor], logits: Callable[[torch.Tensor, torch.Ten
             total += float(loss.detach()) * len(idx)
             n += len(idx)
         losses.append(total / max(n, 1))
+        check_losses(losses, stage, setting)
     return losses
 
 
@@ -55,7 +83,9 @@ def train_cloud_model(inter: Interactions, history_end: float, spec: models.Mode
     losses = fit(list(p.values()), lambda w, c: models.forward(p, w[None], c[None])[0],
                  SampleBuilder(inter, spec.window), history_rows(inter, history_end), epochs=epochs, lr=lr,
                  batch_size=batch_size, negatives=negatives, seed=seed, tag=CLOUD_TAG)
-    return {k: v.detach()[0].numpy().copy() for k, v in p.items()}, losses
+    out = {k: v.detach()[0].numpy().copy() for k, v in p.items()}
+    check_params(out, "cloud model", "cloud.lr")
+    return out, losses
 
 
 @dataclass(frozen=True)

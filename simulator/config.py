@@ -42,6 +42,9 @@ class ExperimentSection:
     hosts: int = 0  # 0 = one per CPU Ray sees
     deadline_s: float = 600.0  # per exchange, simulated seconds
     wait_s: float = 300.0  # simulated seconds a strategy waits when too few devices are online
+    # an exception in a device function: "stop" the strategy at that round (status failed),
+    # or "record" it (errors per round, device status "error") and go on
+    on_device_error: str = "stop"
 
     def __post_init__(self) -> None:
         if not self.strategies:
@@ -59,6 +62,8 @@ class ExperimentSection:
         for key in ("deadline_s", "wait_s"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"experiment.{key}", getattr(self, key), "a positive number of seconds")
+        if self.on_device_error not in ("stop", "record"):
+            raise ConfigError("experiment.on_device_error", self.on_device_error, '"stop" or "record"')
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,13 @@ Node id = stable device id. ``get_node_ids()`` lists the devices online at the c
 simulated time; ``send_and_receive`` groups messages by host (one Ray call per host per
 exchange, a record shared by many messages shipped once per host) and answers with Flower
 ``Message`` replies, error replies for devices that dropped out, were offline, missed the
-deadline or whose device function failed.
+deadline, whose device function raised (a code error) or whose reply held NaN/Inf
+(quarantined: never handed to the strategy).
+
+Code errors are not dropouts. With ``on_device_error = "stop"`` (the default) the round
+in which one happens is written and ``DeviceCodeError`` ends the strategy; with
+``"record"`` they are counted (``errors`` in the round, status ``error``) and the run goes
+on. A round in which every computed reply was quarantined raises ``NonFiniteError``.
 
 Rounds follow the prequential protocol: when round r begins (the window of round r has
 closed) every device with interactions in that window is scored with the model it holds,
@@ -30,14 +36,29 @@ from devices.pool import HostPool
 from devices.runtime import DeviceApp, Payload
 from simulator import metrics
 from simulator.clock import SimClock
-from simulator.errors import FleetsimError
+from simulator.errors import DeviceCodeError, FleetsimError, NonFiniteError
 from simulator.fleet import Fleet
 from simulator.records import to_payload, to_recorddict
 
-STATUSES = ("idle", "ok", "dropped", "late", "failed")  # a worse status has a higher code
-IDLE, OK, DROPPED, LATE, FAILED = range(5)
-ERR_DROPPED, ERR_LATE, ERR_FAILED, ERR_OFFLINE = 1001, 1002, 1003, 1004
+STATUSES = ("idle", "ok", "dropped", "late", "quarantined", "error")  # a worse status has a higher code
+IDLE, OK, DROPPED, LATE, QUARANTINED, ERROR = range(6)
+# rounds.parquet column of each status count ("error" devices are counted as ``errors``)
+STATUS_COUNTS = {OK: "ok", DROPPED: "dropped", LATE: "late", QUARANTINED: "quarantined", ERROR: "errors"}
+ERR_DROPPED, ERR_LATE, ERR_CODE, ERR_OFFLINE, ERR_NONFINITE = 1001, 1002, 1003, 1004, 1005
+ON_DEVICE_ERROR = ("stop", "record")
 MAX_WAITS = 2000
+
+
+@dataclass
+class CodeError:
+    """One device function call that raised (all devices of the call share it)."""
+
+    round: int
+    message_type: str
+    devices: int
+    error_type: str
+    message: str
+    traceback: str
 
 
 @dataclass
@@ -64,7 +85,12 @@ class FleetGrid(Grid):
         wait_s: float = 300.0,
         run_id: int = 1,
         on_round: Callable[[RoundResult], None] | None = None,
+        on_device_error: str = "stop",
+        on_code_error: Callable[[CodeError], None] | None = None,
     ) -> None:
+        if on_device_error not in ON_DEVICE_ERROR:
+            raise ValueError(f"on_device_error must be one of {ON_DEVICE_ERROR}, got {on_device_error!r}")
+        self.on_device_error, self.on_code_error = on_device_error, on_code_error
         self.fleet, self.pool, self.app = fleet, pool, device_app
         self.profiles = fleet.profiles
         self.seed, self.deadline_s, self.wait_s = seed, deadline_s, wait_s
@@ -143,6 +169,7 @@ class FleetGrid(Grid):
         self.flops = np.zeros(n)
         self.seconds = np.zeros(n)
         self.online_at_start = self.online.copy()
+        self.replies_finite = self.replies_quarantined = 0
         parts = self.pool.score(r)
         self.scored = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k != "histogram"}
         self.histogram = metrics.ScoreHistogram()
@@ -177,6 +204,9 @@ class FleetGrid(Grid):
             v = np.zeros(len(ids), dtype=np.int64)
             v[found] = sc[k][pos[found]]
             cols[k] = v
+        nonfinite = np.zeros(len(ids), dtype=bool)
+        nonfinite[found] = sc["nonfinite"][pos[found]]
+        cols["nonfinite"] = nonfinite
         cols.update(bytes_down=self.bytes_down[ids].astype(np.int64), bytes_up=self.bytes_up[ids].astype(np.int64),
                     device_flops=self.flops[ids], device_seconds=self.seconds[ids],
                     bucket=self.fleet.buckets[ids])
@@ -185,12 +215,18 @@ class FleetGrid(Grid):
             "round": self.round, "t_start": self.round_start, "latency_s": self.clock.t - self.round_start,
             "online": int(self.online_at_start.sum()), "active": int(len(self.scored["device_id"])),
             "selected": int(self.selected.sum()), "exchanges": self.exchange,
-            **{name: int((st == code).sum()) for code, name in enumerate(STATUSES) if code != IDLE},
+            **{name: int((st == code).sum()) for code, name in STATUS_COUNTS.items()},
+            "nonfinite_scores": int(sc["nonfinite"].sum()),
         }
         result = RoundResult(self.round, cols, info, self.histogram)
         self.results.append(result)
         if self.on_round:
             self.on_round(result)
+        if self.replies_quarantined and not self.replies_finite:
+            raise NonFiniteError(
+                "device training", "device.lr (or the strategy's lr / local_steps)",
+                f"round {self.round}: every device reply held NaN/Inf ({self.replies_quarantined} quarantined, "
+                f"none aggregated)", round=self.round)
 
     def _draw_online(self) -> None:
         tl = self.fleet.timeline
@@ -241,30 +277,38 @@ class FleetGrid(Grid):
         per_host: list[list] = [[] for _ in range(self.pool.n_hosts)]
         per_host_idx: list[list[list[int]]] = [[] for _ in range(self.pool.n_hosts)]
         unrouted: dict[int, str] = {}
+        code_errors: list[CodeError] = []
         for (h, key, mtype), idx in jobs.items():
             try:
                 fn = self.app.function_for(mtype)
             except KeyError as exc:
-                unrouted.update({i: str(exc) for i in idx})
+                unrouted.update({i: str(exc).strip("'\"") for i in idx})
+                code_errors.append(CodeError(self.round, mtype, len(idx), "LookupError", str(exc).strip("'\""), ""))
                 continue
             idx = sorted(idx, key=lambda i: dst[i])
             per_host[h].append((fn, payloads[key], dst[idx]))
             per_host_idx[h].append(idx)
         ordered = [idx for host_jobs in per_host_idx for idx in host_jobs]  # pool.run's order
+        types = [msgs[idx[0]].metadata.message_type for host_jobs in per_host_idx for idx in host_jobs]
         results = self.pool.run(self.round, self.exchange, per_host)
 
         reply_payload: list[Payload | None] = [None] * len(msgs)
-        error: dict[int, tuple[int, str]] = {i: (ERR_FAILED, r) for i, r in unrouted.items()}
+        error: dict[int, tuple[int, str]] = {i: (ERR_CODE, f"code error: {r}") for i, r in unrouted.items()}
+        quarantined = np.zeros(len(msgs), dtype=bool)
         flops, up = np.zeros(len(msgs)), np.zeros(len(msgs))
-        for idx, res in zip(ordered, results):
+        for idx, res, mtype in zip(ordered, results, types):
             idx = np.asarray(idx)
             flops[idx] = res.flops
             up[idx] = res.bytes_up
+            if res.replies is None:
+                code_errors.append(CodeError(self.round, mtype, len(idx), res.error_type, res.error, res.traceback))
+                for i in idx:
+                    error[int(i)] = (ERR_CODE, f"code error: {res.error_type}: {res.error}")
+                continue
+            if res.nonfinite.any():
+                quarantined[idx[res.nonfinite]] = True
             for j, i in enumerate(idx):
-                if res.replies is None:
-                    error[int(i)] = (ERR_FAILED, res.error)
-                else:
-                    reply_payload[int(i)] = res.replies[j]
+                reply_payload[int(i)] = res.replies[j]
 
         live = ~dropped
         timing = SimClock.exchange(self.profiles.subset(dst[live]), down[live], up[live], flops[live], self.deadline_s)
@@ -276,8 +320,11 @@ class FleetGrid(Grid):
         status = np.full(len(msgs), OK, dtype=np.int8)
         status[dropped] = DROPPED
         status[late] = LATE
+        status[quarantined] = QUARANTINED
         for i in error:
-            status[i] = FAILED
+            status[i] = ERROR
+        self.replies_quarantined += int(quarantined.sum())
+        self.replies_finite += int(sum(1 for p, q in zip(reply_payload, quarantined) if p is not None and not q))
         np.maximum.at(self.status, dst, status)
         np.add.at(self.bytes_down, dst, down)
         np.add.at(self.bytes_up, dst, np.where(live, up, 0))
@@ -289,15 +336,34 @@ class FleetGrid(Grid):
         for i, m in enumerate(msgs):
             if status[i] == OK:
                 replies.append(Message(to_recorddict(reply_payload[i]), reply_to=m))
-            elif status[i] == FAILED:
+            elif status[i] == ERROR:
                 code, reason = error[i]
                 replies.append(Message(Error(code=code, reason=reason), reply_to=m))
+            elif status[i] == QUARANTINED:
+                replies.append(Message(Error(code=ERR_NONFINITE, reason="non-finite update"), reply_to=m))
             elif status[i] == LATE:
                 replies.append(Message(Error(code=ERR_LATE, reason=f"late: {seconds[i]:.0f} s > deadline {self.deadline_s:.0f} s"), reply_to=m))
             elif offline[i]:
                 replies.append(Message(Error(code=ERR_OFFLINE, reason="offline"), reply_to=m))
             else:
                 replies.append(Message(Error(code=ERR_DROPPED, reason="dropped out"), reply_to=m))
+        n_quarantined = int(quarantined.sum())
+        if n_quarantined and n_quarantined == sum(p is not None for p in reply_payload):
+            self.finish_round()  # nothing usable came back: stop before the strategy aggregates
+            raise NonFiniteError(
+                "device training", "device.lr (or the strategy's lr / local_steps)",
+                f"round {self.round}: every device reply held NaN/Inf ({n_quarantined} quarantined, none aggregated)",
+                round=self.round)
+        for ce in code_errors:
+            if self.on_code_error:
+                self.on_code_error(ce)
+        if code_errors and self.on_device_error == "stop":
+            try:
+                self.finish_round()  # the round's records so far, errors included, are kept
+            except NonFiniteError:
+                pass  # the code error is reported: it came first
+            first = code_errors[0]
+            raise DeviceCodeError(first, devices=sum(c.devices for c in code_errors))
         return replies
 
 

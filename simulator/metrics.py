@@ -510,3 +510,26 @@ def per_round(records: pd.DataFrame) -> pd.DataFrame:
         )
     cols = ["round", "uauc", "ndcg10", "hr10", "logloss", "n_devices", "n_pos"]
     return pd.DataFrame(rows, columns=cols)
+
+
+def run_summary(records: pd.DataFrame, overall_auc: float, thresholds: dict | None = None) -> dict[str, Any]:
+    """``summarize`` plus the costs, error counts and per-round curve of one strategy's
+    per-device-round records (what ``summary.json`` holds besides time and status)."""
+    df = records
+    out = summarize(df, overall_auc=overall_auc, thresholds=thresholds) if len(df) else {"overall_auc": None}
+    sel = df[df["selected"]] if len(df) else df
+    n_sel = max(int(len(sel)), 1)
+    col = lambda k, dtype=float: df[k] if k in df else pd.Series([], dtype=dtype)
+    out.update(
+        bytes_down=int(col("bytes_down").sum()), bytes_up=int(col("bytes_up").sum()),
+        mb_down_per_device_round=float(col("bytes_down").sum()) / n_sel / 1e6,
+        mb_up_per_device_round=float(col("bytes_up").sum()) / n_sel / 1e6,
+        device_flops=float(col("device_flops").sum()),
+        gflops_per_device_round=float(col("device_flops").sum()) / n_sel / 1e9,
+        device_seconds=float(col("device_seconds").sum()),
+        selected_device_rounds=int(len(sel)),
+        status_counts={k: int(v) for k, v in sel["status"].value_counts().items()} if len(sel) else {},
+        nonfinite_score_device_rounds=int(col("nonfinite", bool).sum()),
+        per_round=per_round(df).to_dict(orient="records") if len(df) else [],
+    )
+    return out

@@ -163,6 +163,7 @@ def run_leave_last(cfg: ExperimentConfig, out: str, *, log: Callable[[str], None
     except FleetsimError:
         writer.discard_if_empty()  # leave no empty run folder behind for bad input
         raise
+    writer.create(mark_running=False)
     writer.write_config(cfg.to_toml())
     seed, c, dev = cfg.experiment.seed, cfg.cloud, cfg.device
     spec = models.ModelSpec(n_items=inter.n_items, backbone=cfg.model.backbone, dim=cfg.model.dim,

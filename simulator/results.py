@@ -8,10 +8,19 @@ Layout of a run directory::
     DIR/<strategy>/devices.parquet/    one part file per round (a parquet dataset:
                                        ``pandas.read_parquet`` reads the directory)
     DIR/<strategy>/rounds.parquet/     one row per round: online, selected, ok, dropped, ...
-    DIR/summary.json                   per strategy fleet metrics (written atomically)
+    DIR/<strategy>/error.log           tracebacks of a failed strategy / of recorded code errors
+    DIR/summary.json                   per strategy: status, rounds_completed, fleet metrics
+                                       (rewritten atomically after every round)
+    DIR/.fleetsim-run.pid              the driver's pid while the run is in progress
 
 Each part file is written to a temporary name and renamed, so a crash loses at most
-the round in flight and never leaves a half-written file.
+the round in flight and never leaves a half-written file. Every file is readable by
+all (0644 under the usual umask), like any other file the user writes.
+
+A strategy's ``status`` is ``running`` while it runs, then ``complete``, ``failed`` (with
+an ``error`` entry) or ``interrupted`` (Ctrl-C). A run whose driver was killed leaves
+``running``; ``load_run`` reports such a strategy as ``interrupted`` once no process
+holds the run.
 
 ``load_run(DIR)`` reads a whole run back (config, summary, per-device records of every
 strategy, drift events) for reports and notebooks.
@@ -34,7 +43,16 @@ import pyarrow.parquet as pq
 
 from simulator.errors import FleetsimError
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 2: strategy status, errors / quarantined counts, nonfinite scores
+STATUSES = ("running", "complete", "failed", "interrupted")
+PID_FILE = ".fleetsim-run.pid"
+
+
+def _file_mode() -> int:
+    """0666 less the process umask: what ``open()`` would give a new file (mkstemp gives 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -42,6 +60,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -72,6 +91,7 @@ def _write_part(folder: Path, name: str, table: pa.Table) -> None:
     os.close(fd)
     try:
         pq.write_table(table, tmp)
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, folder / name)
     except BaseException:
         if os.path.exists(tmp):
@@ -85,7 +105,11 @@ def strategy_dirname(name: str) -> str:
 
 
 class RunWriter:
-    """Owns one run directory; refuses to write into one that already holds results."""
+    """Owns one run directory; refuses to write into one that already holds results.
+
+    The constructor only checks ``out`` (nothing is written); ``create()`` makes the
+    folder once the run is sure to start, so bad input never leaves anything behind.
+    """
 
     def __init__(self, out: str | Path) -> None:
         self.dir = Path(out)
@@ -94,19 +118,48 @@ class RunWriter:
             raise FleetsimError(f"--out {self.dir}: exists and is not a directory")
         if (self.dir / "config.toml").exists() or (self.dir / "summary.json").exists():
             raise FleetsimError(f"--out {self.dir}: already holds results; choose another directory")
+        existing = self.dir
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise FleetsimError(f"--out {self.dir}: not writable ({existing} is not a writable directory)")
+        self.summary: dict[str, Any] = {"layout_version": LAYOUT_VERSION, "strategies": {}}
+        self._logged: set[tuple[str, str]] = set()
+
+    def create(self, mark_running: bool = True) -> None:
+        """Make the run folder and (``mark_running``) mark it as in progress (``PID_FILE``)."""
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            probe = self.dir / ".fleetsim-write-test"
-            probe.write_bytes(b"")
-            probe.unlink()
+            if mark_running:
+                _atomic_write_bytes(self.dir / PID_FILE, str(os.getpid()).encode())
         except OSError as exc:
             raise FleetsimError(f"--out {self.dir}: not writable ({exc.strerror or exc})") from None
-        self.summary: dict[str, Any] = {"layout_version": LAYOUT_VERSION, "strategies": {}}
+
+    def release(self) -> None:
+        """The run is over (finished, failed or interrupted): drop the in-progress mark."""
+        try:
+            (self.dir / PID_FILE).unlink()
+        except FileNotFoundError:
+            pass
 
     def discard_if_empty(self) -> None:
         """Remove the run folder again if this writer created it and wrote nothing."""
         if self._created and self.dir.is_dir() and not any(self.dir.iterdir()):
             self.dir.rmdir()
+
+    def append_error_log(self, strategy: str, headline: str, tb: str, once_key: str | None = None) -> Path:
+        """Append a headline and a traceback to ``<strategy>/error.log`` (each ``once_key``
+        once); returns the log's path."""
+        folder = self.dir / strategy_dirname(strategy)
+        path = folder / "error.log"
+        if once_key is not None:
+            if (strategy, once_key) in self._logged:
+                return path
+            self._logged.add((strategy, once_key))
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(f"== {headline}\n{tb.rstrip()}\n\n" if tb else f"== {headline}\n\n")
+        return path
 
     def write_config(self, toml_text: str) -> None:
         _atomic_write_bytes(self.dir / "config.toml", toml_text.encode())
@@ -131,6 +184,7 @@ class RunWriter:
         fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".", suffix=".tmp")
         os.close(fd)
         pq.write_table(table, tmp)
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, self.dir / "fleet_devices.parquet")
 
     def write_round(self, strategy: str, result) -> None:
@@ -178,7 +232,9 @@ class Run:
             ``strategy`` (categorical, categories in run order), ordered by strategy,
             round and device.
         rounds: every strategy's ``rounds.parquet`` rows, with a ``strategy`` column.
-        strategies: names of the finished strategies (those in ``summary.json``), in run order.
+        strategies: names of every strategy in ``summary.json`` (finished or not), in run order.
+        status: per strategy, ``complete``, ``failed``, ``interrupted`` or ``running``
+            (``running`` only while a live process still writes the run).
     """
 
     path: Path
@@ -189,6 +245,12 @@ class Run:
     devices: pd.DataFrame
     rounds: pd.DataFrame
     strategies: list[str]
+    status: dict[str, str] = None  # type: ignore[assignment]
+
+    @property
+    def incomplete(self) -> list[str]:
+        """Strategies that did not complete (failed, interrupted or still running)."""
+        return [s for s in self.strategies if self.status.get(s) != "complete"]
 
     @property
     def name(self) -> str:
@@ -214,7 +276,8 @@ def _read_parquet(path: Path, what: str) -> pd.DataFrame:
 
 def _with_strategy(frames: list[pd.DataFrame], names: list[str]) -> pd.DataFrame:
     col = pd.Categorical(np.repeat(names, [len(f) for f in frames]), categories=names)
-    df = pd.concat(frames, ignore_index=True)
+    kept = [f for f in frames if len(f.columns)]
+    df = pd.concat(kept, ignore_index=True) if kept else pd.DataFrame(index=range(0))
     df.insert(0, "strategy", col)
     return df
 
@@ -225,8 +288,10 @@ def load_run(run_dir: str | Path) -> Run:
     Raises ``FleetsimError`` (one line, naming the folder) when ``run_dir`` is not a run
     directory, holds a leave-last (paper protocol) run, was written with another result
     layout (``layout_version`` other than ``LAYOUT_VERSION``), or is missing a file.
-    Strategies still in flight when a run stopped (rounds on disk but not in
-    ``summary.json``) are left out.
+    Strategies that did not complete are included with their ``status`` and the rounds
+    they wrote; a strategy whose run was killed (``running`` in ``summary.json``, no live
+    process) is ``interrupted``, and its summary metrics are computed from its records
+    (its pooled ``overall_auc``, kept only in memory during the run, is then None).
     """
     path = Path(run_dir)
     if not path.is_dir():
@@ -252,7 +317,7 @@ def load_run(run_dir: str | Path) -> Run:
                             f"-- re-run the experiment with this version")
     finished = summary.get("strategies")
     if not isinstance(finished, dict) or not finished:
-        raise FleetsimError(f"{path}: summary.json lists no finished strategy")
+        raise FleetsimError(f"{path}: summary.json lists no strategy")
     try:
         config = tomllib.loads((path / "config.toml").read_text())
         fleet = json.loads((path / "fleet.json").read_text())
@@ -260,18 +325,66 @@ def load_run(run_dir: str | Path) -> Run:
         raise FleetsimError(f"{path}: {Path(exc.filename).name} is missing; not a complete fleetsim run") from None
     except (OSError, ValueError) as exc:
         raise FleetsimError(f"{path}: config.toml or fleet.json unreadable ({str(exc).splitlines()[0]})") from None
-    # run order: the experiment's strategy list, restricted to finished strategies
+    # run order: the experiment's strategy list, restricted to those in the summary
     listed = [s for s in (config.get("experiment", {}).get("strategies") or []) if s in finished]
     strategies = listed + [s for s in finished if s not in listed]
+    live = _driver_alive(path)
+    status: dict[str, str] = {}
     devices, rounds = [], []
     for s in strategies:
+        entry = finished[s] if isinstance(finished[s], dict) else {}
+        st = entry.get("status", "complete")
+        status[s] = "interrupted" if st == "running" and not live else st
         folder = path / strategy_dirname(s)
-        devices.append(_read_parquet(folder / "devices.parquet", f"devices of {s}")
-                       .sort_values(["round", "device_id"], kind="stable"))
-        rounds.append(_read_parquet(folder / "rounds.parquet", f"rounds of {s}").sort_values("round"))
+        if st == "complete" or (folder / "devices.parquet").exists():
+            devices.append(_read_parquet(folder / "devices.parquet", f"devices of {s}")
+                           .sort_values(["round", "device_id"], kind="stable"))
+            rounds.append(_read_parquet(folder / "rounds.parquet", f"rounds of {s}").sort_values("round"))
+        else:  # failed or stopped before its first round
+            devices.append(pd.DataFrame())
+            rounds.append(pd.DataFrame())
+        if "uauc" not in entry and "overall_auc" not in entry:  # killed mid-strategy: metrics from its records
+            finished[s] = {**_summary_from_records(devices[-1], rounds[-1], fleet), **entry, "status": status[s]}
+        elif status[s] != st:
+            finished[s] = {**entry, "status": status[s]}
     return Run(
         path=path, config=config, summary=summary, fleet=fleet,
         fleet_devices=_read_parquet(path / "fleet_devices.parquet", "per-device fleet facts"),
         devices=_with_strategy(devices, strategies), rounds=_with_strategy(rounds, strategies),
-        strategies=strategies,
+        strategies=strategies, status=status,
     )
+
+
+def _driver_alive(path: Path) -> bool:
+    """Whether the process that writes this run (``PID_FILE``) is still alive."""
+    try:
+        pid = int((path / PID_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (killed, not yet reaped by its parent) is not running
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _summary_from_records(devices: pd.DataFrame, rounds: pd.DataFrame, fleet: dict[str, Any]) -> dict[str, Any]:
+    from simulator import metrics
+
+    out = metrics.run_summary(devices, overall_auc=float("nan"), thresholds=fleet.get("bucket_thresholds"))
+    out["overall_auc"] = None
+    last = rounds.iloc[-1] if len(rounds) else None
+    out.update(
+        errors=int(rounds["errors"].sum()) if "errors" in rounds else 0,
+        quarantined=int(rounds["quarantined"].sum()) if "quarantined" in rounds else 0,
+        round_latency_s=float(rounds["latency_s"].sum()) if len(rounds) else 0.0,
+        simulated_seconds=float(last["t_start"] + last["latency_s"] - fleet.get("history_end_s", 0.0))
+        if last is not None else 0.0,
+        wall_seconds=None,
+    )
+    return out

@@ -211,7 +211,7 @@ def train_duet(inter: Interactions, history_end: float, spec: models.ModelSpec, 
     trainable = [v for v in (*body.values(), *gen.values()) if v.requires_grad]
     losses = fit(trainable, lambda w, c: duet_logits(body, gen, w, c, spec, gcfg), SampleBuilder(inter, spec.window),
                  history_rows(inter, history_end), epochs=epochs, lr=lr, batch_size=batch_size, negatives=negatives,
-                 seed=seed, tag=DUET_TAG)
+                 seed=seed, tag=DUET_TAG, stage="DUET generator", setting="strategies.duet.lr")
     return ({k: v.detach()[0].numpy().copy() for k, v in body.items()},
             {k: v.detach().numpy().copy() for k, v in gen.items()}, losses)
 
@@ -299,6 +299,7 @@ def retrain_duet(body: dict[str, np.ndarray], gen: dict[str, np.ndarray], sample
     trainable = [v for v in (*b.values(), *g.values()) if v.requires_grad]
     losses = fit(trainable, lambda w, c: duet_logits(b, g, w, c, spec, gcfg), samples, np.arange(len(samples)),
                  epochs=epochs, lr=lr, batch_size=batch_size, negatives=negatives, seed=seed,
-                 tag=int(stream_key(RETRAIN_TAG, rnd)))
+                 tag=int(stream_key(RETRAIN_TAG, rnd)), stage=f"DUET generator (retrain, round {rnd})",
+                 setting="strategies.duet.lr")
     return ({k: v.detach()[0].numpy().copy() for k, v in b.items()},
             {k: v.detach().numpy().copy() for k, v in g.items()}, losses)

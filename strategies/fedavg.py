@@ -44,3 +44,13 @@ class FedAvg(FlowerFedAvg):
         super().__init__(fraction_train=fraction_train, fraction_evaluate=fraction_evaluate,
                          min_train_nodes=min_train_nodes, min_evaluate_nodes=min_evaluate_nodes,
                          min_available_nodes=min_available_nodes, **kwargs)
+
+    def aggregate_train(self, server_round, replies):
+        """Flower's average, except that a round whose valid replies trained on no example
+        keeps the global model (Flower's weighted mean would divide by zero)."""
+        replies = list(replies)
+        weight = sum(float(next(iter(r.content.metric_records.values()), {}).get(self.weighted_by_key, 0))
+                     for r in replies if not r.has_error())
+        if weight <= 0:
+            return None, None
+        return super().aggregate_train(server_round, replies)

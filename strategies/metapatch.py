@@ -53,7 +53,7 @@ def learn_theta(cloud, layer: str, dim: int, *, epochs: int, lr: float = 0.01, b
     Measured (default fleet, seed 0, 10 rounds, encoder patch, lr 0.5, 5 steps): UAUC
     cloud_only .8974, random Theta .8977, learned Theta .8985.
     """
-    from simulator.cloud import history_rows
+    from simulator.cloud import check_losses, check_params, history_rows
 
     key = ("metapatch.theta", layer, dim, epochs, lr, batch_size, phi_decay)
     if key in cloud.cache:  # MetaPatch and MoMoDistill in one run learn the same Theta
@@ -66,7 +66,9 @@ def learn_theta(cloud, layer: str, dim: int, *, epochs: int, lr: float = 0.01, b
     builder = SampleBuilder(cloud.interactions, cloud.spec.window)
     rows = history_rows(cloud.interactions, cloud.history_end)
     rng = np.random.default_rng(np.random.SeedSequence([cloud.seed, THETA_TAG, 1]))
+    losses: list[float] = []
     for epoch in range(epochs):
+        total, n = 0.0, 0
         s = builder.build(rows, cloud.negatives, stream_key(cloud.seed, THETA_TAG, epoch))
         win, cand = torch.from_numpy(s.windows), torch.from_numpy(s.candidates)
         with torch.no_grad():
@@ -81,7 +83,12 @@ def learn_theta(cloud, layer: str, dim: int, *, epochs: int, lr: float = 0.01, b
             opt.zero_grad()
             loss.backward()
             opt.step()
+            total += float(loss.detach()) * len(idx)
+            n += len(idx)
+        losses.append(total / max(n, 1))
+        check_losses(losses, "Θ", "strategies.metapatch.theta_epochs (0 = a fixed random Θ)")
     out = {k: v.detach().numpy() for k, v in th.items()}
+    check_params(out, "Θ", "strategies.metapatch.theta_epochs (0 = a fixed random Θ)")
     scale = np.sqrt(sum((v**2).sum() for v in theta0.values()) / max(sum((v**2).sum() for v in out.values()), 1e-12))
     cloud.cache[key] = {k: (v * scale).astype(np.float32) for k, v in out.items()}
     return {k: v.copy() for k, v in cloud.cache[key].items()}

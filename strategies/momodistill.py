@@ -53,6 +53,7 @@ from devices import models
 from devices.models import PAD
 from devices.runtime import DeviceApp, DeviceContext, Payload
 from devices.samples import SampleBuilder, Samples, pad_by_owner
+from simulator.cloud import DIVERGED_LOSS, check_losses, check_params
 from strategies.common import check_fraction, check_non_negative, check_positive, mean_metrics, sample_fraction
 from strategies.metapatch import MetaPatch, patch_from_phi, train_local_phi
 
@@ -109,7 +110,8 @@ def pretrain_aux(cloud, theta: dict[str, np.ndarray], aux: dict[str, np.ndarray]
 
     losses = fit([*th.values(), *ax.values()], logits, SampleBuilder(cloud.interactions, span),
                  history_rows(cloud.interactions, cloud.history_end), epochs=epochs, lr=lr,
-                 batch_size=cloud.batch_size, negatives=cloud.negatives, seed=cloud.seed, tag=MOMO_TAG)
+                 batch_size=cloud.batch_size, negatives=cloud.negatives, seed=cloud.seed, tag=MOMO_TAG,
+                 stage="auxiliary encoder", setting="strategies.momodistill.aux_lr")
     return ({k: v.detach().numpy().copy() for k, v in th.items()},
             {k: v.detach().numpy().copy() for k, v in ax.items()}, losses)
 
@@ -456,10 +458,14 @@ class MoMoDistill(MetaPatch):
         teacher = torch.sigmoid(patched_logits(cloud_t, theta_t, phis, samples, self.patch_layer))
         self.model, d_losses = distill_cloud(self.model, teacher, samples, epochs=self.distill_epochs, lr=self.distill_lr,
                                              batch_size=self.batch_size, kd_weight=self.kd_weight, seed=self.seed + server_round)
+        limit = DIVERGED_LOSS * (1 + self.kd_weight)  # BCE + kd_weight * KD
+        check_losses(d_losses, "distillation", "strategies.momodistill.distill_lr", limit=limit, round=server_round)
+        check_params(self.model, "distillation", "strategies.momodistill.distill_lr", round=server_round)
         windows = contexts(seqs, targets, self.aux_history)
         self.theta, self.aux, r_losses = refit_patch(self.model, self.theta, self.aux, phis, windows, teacher, samples,
                                                      self.patch_layer, epochs=self.refit_epochs, lr=self.refit_lr,
                                                      kd_weight=self.kd_weight, seed=self.seed + server_round)
+        check_losses(r_losses, "Θ refit", "strategies.momodistill.refit_lr", limit=2 * limit, round=server_round)
         self.version += 1
         self._make_bundle()
         self.pending = {}

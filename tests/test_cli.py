@@ -334,7 +334,9 @@ def test_error_after_results_keeps_them(monkeypatch, capsys, tmp_path):
     assert err.splitlines()[-1].startswith("fleetsim: error: round 1: the strategy waits for more devices")
 
     summary = json.loads((out / "summary.json").read_text())
-    assert list(summary["strategies"]) == ["cloud_only"]
+    assert list(summary["strategies"]) == ["cloud_only", "fedavg"]
+    assert summary["strategies"]["cloud_only"]["status"] == "complete"
+    assert summary["strategies"]["fedavg"]["status"] == "failed"
     assert summary["strategies"]["cloud_only"]["selected_device_rounds"] == 0
     assert list(read_rounds(out, "cloud_only")["round"]) == [1, 2]
     assert config.from_dict(tomllib.loads((out / "config.toml").read_text())).experiment.name == "tiny"

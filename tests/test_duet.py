@@ -92,7 +92,7 @@ def test_short_windows_are_padded():
     assert np.array_equal(windows[i, w.spec.window - len(items):], items)
     assert n >= len(items)
     _, grid, _ = served(w, rounds=1)
-    assert grid.results[0].info["ok"] > 0 and grid.results[0].info["failed"] == 0
+    assert grid.results[0].info["ok"] > 0 and grid.results[0].info["errors"] == 0
 
 
 # Retraining (retrain_every) ---------------------------------------------------------------

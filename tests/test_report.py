@@ -93,7 +93,7 @@ def test_load_run(run_dir):
 @pytest.mark.parametrize("make, needle", [
     (lambda d: None, "no summary.json"),
     (lambda d: (d / "summary.json").write_text("{not json"), "not readable as JSON"),
-    (lambda d: (d / "summary.json").write_text('{"layout_version": 1, "strategies": {}}'), "no finished strategy"),
+    (lambda d: (d / "summary.json").write_text('{"layout_version": 2, "strategies": {}}'), "lists no strategy"),
     (lambda d: (d / "summary.json").write_text('{"protocol": "leave_last", "methods": {}}'), "leave_last"),
     (lambda d: (d / "summary.json").write_text('{"strategies": {"a": {}}}'), "layout_version missing"),
 ])

@@ -1,0 +1,104 @@
+"""The reaper: no process a run started outlives its driver, even after ``kill -9``.
+
+An embedded Ray (``ray.init(address="local")``) starts a dozen processes under the driver:
+GCS, raylet, dashboard and runtime-env agents, one worker per host actor. When the
+driver is killed with SIGKILL nothing in it runs, and some of these (the two agents)
+ignore SIGTERM and stay alive.
+
+``start_reaper()`` launches this file as a small stand-alone process (stdlib only, its
+own session so Ctrl-C in the terminal does not reach it). It holds the read end of a
+pipe whose only write end is the driver's, and every ``POLL_S`` seconds records the
+driver's descendants from ``/proc`` (pid and start time, so a reused pid is never
+hit). When the pipe reaches end-of-file the driver is gone, however it died: the
+reaper SIGKILLs every recorded process still alive and exits. On a normal exit Ray has
+already stopped its processes and there is nothing left to kill.
+
+Linux only (``/proc``); elsewhere ``start_reaper`` does nothing.
+"""
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+
+POLL_S = 0.5
+
+
+def _process_table() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, start time in clock ticks) of every process in /proc."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        out[int(entry)] = (int(fields[1]), int(fields[19]))
+    return out
+
+
+def descendants(root: int) -> dict[int, int]:
+    """Every process below ``root``: pid -> start time."""
+    table = _process_table()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found, stack = {}, [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in found:
+                found[child] = table[child][1]
+                stack.append(child)
+    return found
+
+
+def _kill(recorded: dict[int, int]) -> None:
+    table = _process_table()
+    for pid, start in recorded.items():
+        if pid != os.getpid() and pid in table and table[pid][1] == start:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def watch(driver: int) -> None:
+    """Record ``driver``'s descendants until stdin closes, then kill those still alive."""
+    recorded: dict[int, int] = {}
+    while True:
+        recorded.update(descendants(driver))
+        ready, _, _ = select.select([sys.stdin], [], [], POLL_S)
+        if ready and not os.read(sys.stdin.fileno(), 4096):
+            break
+    time.sleep(POLL_S)  # let a normal shutdown finish first
+    _kill(recorded)
+
+
+def start_reaper() -> subprocess.Popen | None:
+    """Start the reaper for this process (once); returns it, or None where /proc is missing."""
+    global _reaper
+    if _reaper is not None and _reaper.poll() is None:
+        return _reaper
+    if not os.path.isdir("/proc/self"):
+        return None
+    read, write = os.pipe()  # both ends non-inheritable: only the reaper gets the read end
+    _reaper = subprocess.Popen([sys.executable, os.path.abspath(__file__), str(os.getpid())], stdin=read,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                               close_fds=True)
+    os.close(read)
+    _pipes.append(write)  # kept open (never written) for the life of this process
+    return _reaper
+
+
+_reaper: subprocess.Popen | None = None
+_pipes: list[int] = []
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    watch(int(sys.argv[1]))
