@@ -95,7 +95,8 @@ def nonfinite_replies(replies: list[Payload]) -> np.ndarray:
     for members in groups.values():
         idx = np.fromiter((j for j, _ in members), dtype=np.int64, count=len(members))
         stacked = np.stack([a for _, a in members]).reshape(len(members), -1)
-        sums = stacked.sum(axis=1, dtype=np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):
+            sums = stacked.sum(axis=1, dtype=np.float64)
         suspect = ~np.isfinite(sums)
         if suspect.any():
             suspect[suspect] = ~np.isfinite(stacked[suspect]).all(axis=1)

@@ -73,6 +73,15 @@ def fit(trainable: list[torch.Tensor], logits: Callable[[torch.Tensor, torch.Ten
             n += len(idx)
         losses.append(total / max(n, 1))
         check_losses(losses, stage, setting)
+    if epochs and n:  # an epoch's loss is measured before its steps: check where the last step left the model
+        with torch.no_grad():
+            out = logits(torch.from_numpy(s.windows[idx]), torch.from_numpy(s.candidates[idx]))
+            final = float(models.bce_loss(out[None], torch.ones(1, len(idx))).sum())
+        try:
+            check_losses([final], stage, setting)
+        except NonFiniteError as exc:
+            detail = str(exc.info["message"]).replace("in epoch 1", "after the last step")
+            raise NonFiniteError(stage, setting, detail) from None
     return losses
 
 

@@ -257,8 +257,11 @@ def make_entries(runs: Sequence[Run]) -> list[Entry]:
         fd = run.fleet_devices[["device_id", "bucket", "history_interactions"]]
         for e in entries:
             if e.run is run:
-                e.records = run.devices[run.devices["strategy"] == e.strategy]
-                e.users = metrics.user_auc(e.records).merge(fd, on="device_id", how="left")
+                e.records = run.devices[run.devices["strategy"] == e.strategy] if len(run.devices) else run.devices
+                if len(e.records):
+                    e.users = metrics.user_auc(e.records).merge(fd, on="device_id", how="left")
+                else:  # failed before its first round: in the summary table only
+                    e.users = pd.DataFrame(columns=["device_id", "auc", "n_pos", "bucket", "history_interactions"])
     return entries
 
 
@@ -299,6 +302,10 @@ SUMMARY_COLUMNS = [  # csv name, HTML header, format
     ("simulated_hours", "simulated h", "{:.1f}"),
     ("wall_seconds", "wall s", "{:.1f}"),
     ("n_users_auc", "users with AUC", "{}"),
+    ("status", "status", "{}"),
+    ("rounds_completed", "rounds", "{}"),
+    ("errors", "code errors", "{}"),
+    ("quarantined", "quarantined replies", "{}"),
 ]
 
 COMPARISON_COLUMNS = [
@@ -328,6 +335,9 @@ def summary_table(entries: Sequence[Entry]) -> pd.DataFrame:
             "gflops_per_device_round": s.get("gflops_per_device_round"),
             "simulated_hours": (s["simulated_seconds"] / 3600) if s.get("simulated_seconds") is not None else None,
             "wall_seconds": s.get("wall_seconds"), "n_users_auc": s.get("n_users_auc"),
+            "status": e.run.status.get(e.strategy, "complete") if e.run.status else "complete",
+            "rounds_completed": s.get("rounds_completed", int(e.records["round"].nunique()) if len(e.records) else 0),
+            "errors": s.get("errors", 0), "quarantined": s.get("quarantined", 0),
         })
     return pd.DataFrame(rows, columns=[c for c, _, _ in SUMMARY_COLUMNS])
 
@@ -526,14 +536,19 @@ def fig_ecdf(entries: Sequence[Entry], path: Path) -> None:
     _save(fig, path)
 
 
+BUCKET_SHARES = {"head": "top 20 %", "torso": "middle 30 %", "tail": "bottom 50 %"}
+
+
 def _bucket_ticks(entries: Sequence[Entry]) -> list[str]:
-    th = entries[0].run.fleet.get("bucket_thresholds") or {}
-    desc = {
-        "head": f">= {th.get('head_min_interactions')} hist. inter." if th.get("head_min_interactions") is not None else "",
-        "torso": f">= {th.get('torso_min_interactions')} hist. inter." if th.get("torso_min_interactions") is not None else "",
-        "tail": f"<= {th.get('tail_max_interactions')} hist. inter." if th.get("tail_max_interactions") is not None else "",
-    }
-    return [f"{b}\n{desc[b]}" if desc[b] else b for b in metrics.BUCKETS]
+    """Tick labels: each bucket's share of users by rank and its range of history
+    interactions (neighbouring ranges can share a value: equal counts are split by rank)."""
+    fd = entries[0].run.fleet_devices
+    ticks = []
+    for b in metrics.BUCKETS:
+        h = fd.loc[fd["bucket"] == b, "history_interactions"] if "bucket" in fd else pd.Series([], dtype=float)
+        rng = f"{int(h.min())}–{int(h.max())} hist. inter." if len(h) else "no users"
+        ticks.append(f"{b} ({BUCKET_SHARES[b]})\n{rng}")
+    return ticks
 
 
 def fig_buckets(entries: Sequence[Entry], baseline: Entry, buckets: pd.DataFrame, path: Path) -> None:
@@ -640,12 +655,23 @@ def fig_cost_quality(entries: Sequence[Entry], overall: dict[str, Any], path: Pa
     for ax, unit in ((ax_b, "MB"), (ax_f, "GFLOPs")):
         ax.grid(alpha=0.3)
         ax.margins(x=0.12, y=0.15)
-        xs = [p[0] for p in points.get(ax, [])]
+        pts = points.get(ax, [])
+        xs = [p[0] for p in pts]
         mid = (min(xs) + max(xs)) / 2 if xs else 0.0
-        for xv, yv, e in points.get(ax, []):
-            right = xv <= mid  # label on the side facing the middle, so it stays inside the axes
-            ax.annotate(f"{e.label}: {xv:.3g} {unit}", (xv, yv), xytext=(12 if right else -12, 0),
-                        textcoords="offset points", ha="left" if right else "right", va="center", fontsize=8)
+        lo, hi = ax.get_ylim()
+        gap = 0.075 * (hi - lo)  # about one label height at this figure size
+        for right in (True, False):  # labels on the side facing the middle, stacked apart
+            side = sorted((p for p in pts if (p[0] <= mid) == right), key=lambda p: p[1])
+            placed: list[float] = []
+            for xv, yv, e in side:
+                ly = max(yv, placed[-1] + gap) if placed else yv
+                placed.append(ly)
+                ax.annotate(f"{e.label}: {xv:.3g} {unit}", (xv, yv), xytext=(12 if right else -12, ly),
+                            textcoords=("offset points", "data"), ha="left" if right else "right", va="center",
+                            fontsize=8, arrowprops=dict(arrowstyle="-", color="#999", lw=0.6) if ly != yv else None)
+            if placed and placed[-1] + gap > hi:
+                hi = placed[-1] + gap
+                ax.set_ylim(lo, hi)
     _legend(fig, entries)
     _save(fig, path)
 
@@ -655,13 +681,22 @@ def fig_fleet(entries: Sequence[Entry], path: Path) -> None:
     from matplotlib.ticker import MaxNLocator
 
     fig = _figure(path.name)
-    axes = fig.subplots(2, 3, sharex=True).ravel()
+    outcomes = [("ok", "selected devices that replied in time (ok)"),
+                ("dropped", "selected devices dropped (offline / failed)"),
+                ("late", "selected devices late (missed the deadline)"),
+                ("quarantined", "selected devices quarantined (NaN/Inf reply)"),
+                ("errors", "selected devices with a code error")]
+    rounds = [e.run.rounds[e.run.rounds["strategy"] == e.strategy] for e in entries if len(e.run.rounds)]
+    happened = lambda col: any(col in r.columns and (r[col] > 0).any() for r in rounds)
     panels = [("online", "online devices at round start", "devices"),
               ("selected", "devices selected by the strategy", "devices"),
-              ("ok", "selected devices that replied in time (ok)", "devices"),
-              ("dropped", "selected devices dropped (offline / failed)", "devices"),
-              ("late", "selected devices late (missed the deadline)", "devices"),
+              *[(c, t, "devices") for c, t in outcomes if c == "ok" or happened(c)],  # no empty panels
               ("latency_s", "simulated round latency", "simulated seconds")]
+    ncols = 3
+    nrows = -(-len(panels) // ncols)
+    axes = fig.subplots(nrows, ncols, sharex=True).ravel()
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
     for ax, (col, title, unit) in zip(axes, panels):
         for e in entries:
             r = e.run.rounds[e.run.rounds["strategy"] == e.strategy]
@@ -676,7 +711,7 @@ def fig_fleet(entries: Sequence[Entry], path: Path) -> None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if unit == "devices":
             ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    for ax in axes[3:]:
+    for ax in axes[len(panels) - ncols:len(panels)]:
         ax.set_xlabel("round")
     _legend(fig, entries)
     _save(fig, path)
@@ -697,7 +732,8 @@ CAPTIONS = {
         "Empirical CDF of each user's run-level AUC (metrics.user_auc); markers at the p10, p50 and p90 "
         "users (summary.json). A curve further right is better; the left end is the worst-served users."),
     "fig3_buckets.png": (
-        "Users split by history activity (head 20 %, torso 30 %, tail 50 %). Left: UAUC per bucket with 95 % "
+        "Users split by rank of history activity (head: top 20 %, torso: middle 30 %, tail: bottom 50 %; users "
+        "with equal counts at a boundary are split by rank, so neighbouring ranges can share a value). Left: UAUC per bucket with 95 % "
         "percentile-bootstrap CIs over users. Right: mean paired per-user AUC difference against the "
         "baseline over users evaluated by both, with its 95 % bootstrap CI."),
     "fig4_user_gain.png": (
@@ -719,7 +755,7 @@ th,td{border:1px solid #ccc;padding:.25em .55em;text-align:right}th{background:#
 td:first-child,th:first-child{text-align:left}
 .ns{color:#888;font-style:italic}.sig{font-weight:bold}.swatch{display:inline-block;width:.9em;height:.9em;margin-right:.35em;vertical-align:-.1em;border:1px solid #555}
 figure{margin:1.2em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:.88em;color:#444;max-width:1100px}
-.note{font-size:.88em;color:#555}
+.note{font-size:.88em;color:#555}.incomplete td{background:#fff4e5;font-style:italic}.warn{color:#a33;font-weight:bold}
 """
 
 
@@ -769,9 +805,13 @@ def write_html(path: Path, runs: Sequence[Run], entries: Sequence[Entry], baseli
         "<h1>fleetsim strategy comparison</h1>",
         "<h2>Runs</h2>", _runs_html(runs),
         "<h2>Summary per strategy</h2>",
-        _table_html(summary, SUMMARY_COLUMNS, colours),
+        _table_html(summary, SUMMARY_COLUMNS, colours, lambda row: "" if row.get("status") == "complete" else "incomplete"),
         '<p class="note">Overall AUC is pooled over all scored samples; UAUC is the mean per-user AUC; tail UAUC '
         "is over the 50 % least active users. MB and GFLOPs are per selected device-round. Also in summary.csv.</p>",
+        *([f'<p class="warn">Not complete: {html.escape(", ".join(f"{r.strategy} ({r.status}, {r.rounds_completed} rounds)" for r in summary.itertuples() if r.status != "complete"))}. '
+           "Their numbers cover only the rounds they completed (a failed strategy's error and traceback are in "
+           "summary.json and &lt;run&gt;/&lt;strategy&gt;/error.log).</p>"]
+          if (summary["status"] != "complete").any() else []),
         f"<h2>Paired comparison against the baseline</h2><p class=\"note\">{html.escape(baseline_note)}. Pairs are "
         "the users evaluated by both strategies; the CI is a 95 % percentile bootstrap over those users "
         f"({N_BOOT} resamples). A CI containing 0 is <span class=\"ns\">not significant</span>. Also in "
@@ -826,9 +866,12 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path | None = None, 
         raise FleetsimError(f"--out {out_dir}: cannot create ({exc.strerror or exc})") from None
     if not out_dir.is_dir():
         raise FleetsimError(f"--out {out_dir}: not a directory")
-    entries = make_entries(runs)
+    every = make_entries(runs)
+    summary = summary_table(every)  # every strategy, finished or not, with its status
+    entries = [e for e in every if len(e.records)]  # figures and comparisons need records
+    if not entries:
+        raise FleetsimError(f"{run_dirs[0]}: no strategy wrote a round; nothing to compare")
     base, note = pick_baseline(entries, baseline)
-    summary = summary_table(entries)
     comparison = comparison_table(entries, base, n_boot=n_boot)
     buckets = bucket_table(entries, base, n_boot=n_boot)
     overall = {e.label: bootstrap_mean_ci(e.users["auc"].to_numpy(), n_boot=n_boot, seed=3000 + i)

@@ -1,0 +1,352 @@
+"""No silent failures: code errors, non-finite values, failing strategies, Ray start-up and
+clean-up, partial runs (issue 12).
+
+Exit codes, stderr and processes are checked through ``python -m simulator.cli`` in a
+subprocess (what a user sees); the numbers behind them in-process on small fleets.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import simulator.run as run_mod
+from devices.host import DeviceHost, nonfinite_replies
+from devices.pool import HostPool
+from devices.reaper import descendants
+from devices.runtime import Payload
+from simulator import config
+from simulator.cloud import check_losses
+from simulator.errors import NonFiniteError
+from simulator.results import load_run, read_devices, read_rounds
+from simulator.run import run_experiment
+from conftest import SmallWorld, small_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TINY = """\
+[experiment]
+name = "tiny"
+seed = 1
+strategies = {strategies}
+on_device_error = "{mode}"
+
+[data]
+n_devices = {n_devices}
+n_items = 60
+n_rounds = {n_rounds}
+history_days = 3.0
+mean_daily_interactions = 4.0
+
+[cloud]
+epochs = 1
+
+[strategies.fedavg]
+fraction_train = 0.5
+"""
+
+USER_STRATEGY = '''\
+from flwr.app import MessageType
+from devices.runtime import DeviceApp
+from strategies.fedavg import FedAvg
+
+
+def train(ctx, payload):
+    raise ValueError("boom in user code")
+
+
+class Broken(FedAvg):
+    device_app = DeviceApp({MessageType.TRAIN: train})
+'''
+
+
+def experiment(tmp_path: Path, strategies, mode="stop", n_devices=40, n_rounds=3, name="exp.toml") -> Path:
+    (tmp_path / "userstrat.py").write_text(USER_STRATEGY)
+    p = tmp_path / name
+    p.write_text(TINY.format(strategies=json.dumps(strategies), mode=mode, n_devices=n_devices, n_rounds=n_rounds))
+    return p
+
+
+def cli(tmp_path: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "simulator.cli", *args], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def no_traceback(err: str) -> None:
+    assert "Traceback" not in err, err
+    assert not any(line.lstrip().startswith('File "') for line in err.splitlines()), err
+
+
+# Code errors -----------------------------------------------------------------------------
+
+
+def test_user_device_error_stops_that_strategy_only(tmp_path):
+    """stop mode: the broken strategy fails at round 1 (status, error, traceback in
+    error.log, one stderr line); the strategies before and after it complete; exit 1."""
+    exp = experiment(tmp_path, ["cloud_only", "userstrat:Broken", "fedavg"])
+    res = cli(tmp_path, "run", str(exp), "--out", "out", "--no-progress", "--no-report")
+    assert res.returncode == 1, res.stderr
+    no_traceback(res.stderr)
+    about = [line for line in res.stderr.splitlines() if "userstrat" in line]
+    assert len(about) == 1 and "round 1" in about[0] and "ValueError: boom in user code" in about[0]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    s = summary["strategies"]
+    assert list(s) == ["cloud_only", "userstrat:Broken", "fedavg"]
+    assert [v["status"] for v in s.values()] == ["complete", "failed", "complete"]
+    assert s["cloud_only"]["rounds_completed"] == s["fedavg"]["rounds_completed"] == 3
+    err = s["userstrat:Broken"]["error"]
+    rounds = read_rounds(tmp_path / "out", "userstrat:Broken")
+    assert err["round"] == 1 and err["message_type"] == "train" and err["error_type"] == "ValueError"
+    assert err["message"] == "boom in user code"
+    assert err["devices"] == int(rounds["errors"].iloc[0]) > 0  # every device asked to train, minus dropouts
+    assert int(rounds["errors"].iloc[0]) == int(rounds["selected"].iloc[0] - rounds["dropped"].iloc[0])
+    log = (tmp_path / "out" / "userstrat_Broken" / "error.log").read_text()
+    assert "Traceback" in log and 'raise ValueError("boom in user code")' in log
+    assert "status" in res.stdout and "failed (1 rounds)" in res.stdout
+
+
+def test_user_device_error_recorded_run_goes_on(tmp_path):
+    """record mode: every round counts its code errors, devices show status "error",
+    the strategy completes with the cloud model's numbers, exit 0, one warning line."""
+    exp = experiment(tmp_path, ["cloud_only", "userstrat:Broken"], mode="record")
+    res = cli(tmp_path, "run", str(exp), "--out", "out", "--no-progress")
+    assert res.returncode == 0, res.stderr
+    no_traceback(res.stderr)
+    assert len([line for line in res.stderr.splitlines() if "userstrat" in line]) == 1
+    out = tmp_path / "out"
+    rounds = read_rounds(out, "userstrat:Broken")
+    devices = read_devices(out, "userstrat:Broken")
+    assert list(rounds["round"]) == [1, 2, 3]
+    assert (rounds["errors"] == rounds["selected"] - rounds["dropped"]).all() and rounds["errors"].sum() > 0
+    assert (rounds["ok"] == 0).all()
+    per_round = devices[devices["status"] == "error"].groupby("round").size()
+    assert per_round.reindex([1, 2, 3], fill_value=0).tolist() == rounds["errors"].tolist()
+    s = json.loads((out / "summary.json").read_text())["strategies"]
+    assert s["userstrat:Broken"]["status"] == "complete"
+    assert s["userstrat:Broken"]["errors"] == int(rounds["errors"].sum())
+    # nothing was adopted: the same models as cloud_only, so the same scores
+    assert s["userstrat:Broken"]["uauc"] == s["cloud_only"]["uauc"]
+    csv = pd.read_csv(out / "summary.csv")
+    assert csv.set_index("strategy").loc["userstrat:Broken", "errors"] == rounds["errors"].sum()
+
+
+def in_process(monkeypatch):
+    monkeypatch.setattr(run_mod, "HostPool", lambda *a, **k: HostPool(*a, **{**k, "use_ray": False}))
+
+
+AGG_BUG = '''\
+from strategies.fedavg import FedAvg
+
+
+class AggregateBug(FedAvg):
+    def aggregate_train(self, server_round, replies):
+        if server_round == 2:
+            raise KeyError("no such layer")
+        return super().aggregate_train(server_round, replies)
+'''
+
+
+def test_server_half_exception_is_a_failed_strategy(monkeypatch, tmp_path):
+    (tmp_path / "aggbug_mod.py").write_text(AGG_BUG)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(config.SHORT_NAMES, "aggbug", "aggbug_mod:AggregateBug")
+    in_process(monkeypatch)
+    lines: list[str] = []
+    cfg = small_config(experiment={"strategies": ["aggbug", "cloud_only"]},
+                       strategies={"aggbug": {"min_available_nodes": 1, "min_train_nodes": 1}})
+    summary = run_experiment(cfg, str(tmp_path / "out"), use_ray=False, progress=False, log=lines.append)
+    s = summary["strategies"]
+    assert s["aggbug"]["status"] == "failed" and s["cloud_only"]["status"] == "complete"
+    assert s["aggbug"]["error"]["stage"] == "aggregate_train" and s["aggbug"]["error"]["round"] == 2
+    assert s["aggbug"]["rounds_completed"] == 2  # round 1, and round 2 up to the failure
+    assert [line for line in lines if "aggbug" in line] == [
+        f"fleetsim: error: aggbug failed: round 2: aggregate_train raised KeyError: 'no such layer'; "
+        f"traceback in {tmp_path / 'out' / 'aggbug' / 'error.log'}"]
+
+
+# Non-finite values -----------------------------------------------------------------------
+
+
+def test_nonfinite_replies_flags_nan_inf_in_arrays_and_metrics():
+    ok = Payload(arrays={"a": {"w": np.ones((2, 3), np.float32)}}, metrics={"m": {"loss": 0.5, "n": 3}})
+    nan_array = Payload(arrays={"a": {"w": np.array([[1, np.nan, 0], [0, 0, 0]], np.float32)}},
+                        metrics={"m": {"loss": 0.5, "n": 3}})
+    inf_metric = Payload(arrays={"a": {"w": np.ones((2, 3), np.float32)}}, metrics={"m": {"loss": math.inf, "n": 3}})
+    huge = Payload(arrays={"a": {"w": np.full((2, 3), 1e308)}}, metrics={})  # float64 sum overflows; finite
+    ints = Payload(arrays={"ids": {"items": np.array([1, 2], np.int64)}})
+    assert nonfinite_replies([ok, nan_array, inf_metric, huge, ints]).tolist() == [False, True, True, False, False]
+    assert nonfinite_replies([]).tolist() == []
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "local_finetune"])
+def test_diverging_device_training_is_quarantined(monkeypatch, tmp_path, strategy):
+    """device.lr = 1e6: replies with NaN/Inf are quarantined, never adopted or averaged,
+    so every model a device holds keeps scoring finite."""
+    in_process(monkeypatch)
+    cfg = small_config(experiment={"strategies": [strategy]}, device={"lr": 1e6},
+                       data={"n_devices": 80, "n_rounds": 3}, profiles={"failure_rate": 0.0},
+                       strategies={"fedavg": {"fraction_train": 1.0, "min_available_nodes": 1, "min_train_nodes": 1}})
+    summary = run_experiment(cfg, str(tmp_path / "out"), use_ray=False, progress=False, log=lambda m: None)
+    rounds = read_rounds(tmp_path / "out", strategy)
+    devices = read_devices(tmp_path / "out", strategy)
+    assert rounds["quarantined"].sum() > 0
+    assert summary["strategies"][strategy]["quarantined"] == rounds["quarantined"].sum()
+    assert (devices["status"] == "quarantined").sum() == rounds["quarantined"].sum()
+    assert rounds["nonfinite_scores"].sum() == 0 and not devices["nonfinite"].any()
+    scored = devices[devices["n_pos"] > 0]
+    assert np.isfinite(scored["auc"].dropna()).all() and len(scored["auc"].dropna()) > 0
+
+
+def test_every_reply_quarantined_stops_with_the_stage(monkeypatch, tmp_path):
+    """A round in which no reply is finite stops the strategy naming device training and
+    device.lr; the round's records (all quarantined) are kept."""
+    from strategies import local_finetune
+
+    def nan_train(ctx, payload):
+        out = local_finetune.train(ctx, payload)
+        for p in out:
+            p.metrics["metrics"]["train_loss"] = float("nan")
+        return out
+
+    from devices.runtime import DeviceApp
+    from flwr.app import MessageType
+
+    monkeypatch.setattr(local_finetune.LocalFinetune, "device_app", DeviceApp({MessageType.TRAIN: nan_train}))
+    in_process(monkeypatch)
+    lines: list[str] = []
+    cfg = small_config(experiment={"strategies": ["local_finetune", "cloud_only"]})
+    summary = run_experiment(cfg, str(tmp_path / "out"), use_ray=False, progress=False, log=lines.append)
+    s = summary["strategies"]["local_finetune"]
+    assert s["status"] == "failed" and s["error"]["stage"] == "device training" and s["error"]["round"] == 1
+    rounds = read_rounds(tmp_path / "out", "local_finetune")
+    assert len(rounds) == 1 and rounds["ok"][0] == 0 and rounds["errors"][0] == 0
+    assert rounds["quarantined"][0] == rounds["selected"][0] - rounds["dropped"][0] > 0
+    assert summary["strategies"]["cloud_only"]["status"] == "complete"
+    msg = [line for line in lines if "local_finetune" in line]
+    assert len(msg) == 1 and "device training" in msg[0] and "device.lr" in msg[0]
+
+
+def test_nonfinite_scores_are_recorded_not_averaged():
+    """A held model that emits NaN: its devices are flagged, their metrics are NaN (not a
+    number averaged in), and the pooled histogram leaves their rows out."""
+    w = SmallWorld(small_config(), n_hosts=1)
+    host = w.pool.hosts[0]
+    good = host.score(1)
+    bad = {k: v.copy() for k, v in w.initial.items()}
+    bad["item_emb"][:] = np.nan
+    host.reset(bad)
+    res = host.score(1)
+    assert len(res["device_id"]) == len(good["device_id"]) > 0
+    assert res["nonfinite"].all() and np.isnan(res["auc"]).all()
+    assert res["histogram"].n_pos == 0 and good["histogram"].n_pos == int(good["n_pos"].sum())
+    assert not good["nonfinite"].any()
+
+
+def test_check_losses_names_stage_and_setting():
+    assert check_losses([0.7, 0.4], "cloud model", "cloud.lr") == [0.7, 0.4]
+    with pytest.raises(NonFiniteError, match=r"^cloud model: training loss non-finite in epoch 2; look at cloud.lr$"):
+        check_losses([0.7, float("nan")], "cloud model", "cloud.lr")
+    with pytest.raises(NonFiniteError, match=r"diverged \(4\.4e\+26 > 69\.3\) in epoch 1"):
+        check_losses([4.4e26], "cloud model", "cloud.lr")
+
+
+def test_diverging_cloud_model_is_one_line_naming_the_stage(tmp_path):
+    exp = experiment(tmp_path, ["cloud_only", "fedavg"])
+    res = cli(tmp_path, "run", str(exp), "--out", "out", "--no-progress", "--set", "cloud.lr=1e6")
+    assert res.returncode == 1
+    no_traceback(res.stderr)
+    errors = [line for line in res.stderr.splitlines() if line.startswith("fleetsim: error")]
+    assert len(errors) == 1 and "cloud model" in errors[0] and "look at cloud.lr" in errors[0]
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())["strategies"]
+    assert [v["status"] for v in s.values()] == ["failed", "failed"]
+    assert {v["error"]["stage"] for v in s.values()} == {"cloud model"}
+
+
+# Ray start-up and clean-up ---------------------------------------------------------------
+
+
+def test_unreachable_ray_address_fails_fast_and_writes_nothing(tmp_path):
+    exp = experiment(tmp_path, ["cloud_only"])
+    (tmp_path / "kept").mkdir()
+    for out in ("new", "kept"):
+        t0 = time.monotonic()
+        res = cli(tmp_path, "run", str(exp), "--out", out, "--ray-address", "127.0.0.1:1", timeout=60)
+        assert time.monotonic() - t0 < 30
+        assert res.returncode == 2
+        assert res.stderr.strip().splitlines() == [
+            "fleetsim: error: --ray-address 127.0.0.1:1: no Ray cluster answers there (Connection refused)"]
+    assert not (tmp_path / "new").exists()
+    assert list((tmp_path / "kept").iterdir()) == []
+
+
+def _wait_for(cond, timeout: float, step: float = 0.2) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(step)
+    return cond()
+
+
+def test_kill_9_leaves_no_process_and_a_readable_partial_run(tmp_path):
+    """kill -9 of the driver mid-strategy: within 30 s no process it started is alive;
+    the run reads back with that strategy ``interrupted`` and its completed rounds."""
+    exp = experiment(tmp_path, ["cloud_only", "local_finetune"], n_devices=500, n_rounds=100)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "simulator.cli", "run", str(exp), "--out", "out", "--no-progress"],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = tmp_path / "out" / "local_finetune" / "rounds.parquet"
+    seen: dict[int, int] = {}
+    try:
+        assert _wait_for(lambda: (seen.update(descendants(proc.pid)) or True) and parts.is_dir()
+                         and len(list(parts.glob("round-*.parquet"))) >= 2, 240)
+        seen.update(descendants(proc.pid))
+        assert any(True for _ in seen)  # Ray's processes and the reaper
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    alive = lambda: [p for p, start in seen.items() if _start_time(p) == start]
+    assert _wait_for(lambda: not alive(), 30), f"still alive after 30 s: {alive()}"
+
+    run = load_run(tmp_path / "out")
+    assert run.status == {"cloud_only": "complete", "local_finetune": "interrupted"}
+    done = run.summary["strategies"]["local_finetune"]["rounds_completed"]
+    assert done >= 2 and sorted(run.rounds[run.rounds["strategy"] == "local_finetune"]["round"]) == list(range(1, done + 1))
+    assert run.summary["strategies"]["local_finetune"]["uauc"] is not None
+    res = cli(tmp_path, "report", "out", "--out", "rep")
+    assert res.returncode == 0, res.stderr
+    csv = pd.read_csv(tmp_path / "rep" / "summary.csv").set_index("strategy")
+    assert csv.loc["local_finetune", "status"] == "interrupted" and csv.loc["local_finetune", "rounds_completed"] == done
+    assert "Not complete: local_finetune (interrupted" in (tmp_path / "rep" / "report.html").read_text()
+
+
+def _start_time(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def test_result_files_are_readable_by_all(tmp_path, monkeypatch):
+    in_process(monkeypatch)
+    old = os.umask(0o022)
+    try:
+        run_experiment(small_config(experiment={"strategies": ["cloud_only"]}), str(tmp_path / "out"), use_ray=False,
+                       progress=False, log=lambda m: None)
+    finally:
+        os.umask(old)
+    files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert files and {oct(p.stat().st_mode & 0o777) for p in files} == {"0o644"}
