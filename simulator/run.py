@@ -143,7 +143,7 @@ class RunState:
             rounds: int = 0, quiet: bool = False) -> None:
         summary = {"status": status, "rounds_completed": rounds, **summary}
         if failure is not None:
-            summary["error"] = dict(failure.info)
+            summary["error"] = {"strategy": name, **failure.info}
             path = self.writer.append_error_log(name, f"strategy failed: {failure}", failure.traceback)
             summary["error"]["log"] = str(path)
             if not quiet:
@@ -272,6 +272,9 @@ def run_strategy(name: str, strategy: Strategy, fleet: Fleet, pool: HostPool, cl
         summary["strategy_eval_metrics"] = {str(r): dict(m) for r, m in
                                             getattr(result, "evaluate_metrics_clientapp", {}).items()}
         state.end(name, summary, status, failure, rounds=len(grid.results))
+        if summary.get("nonfinite_score_device_rounds"):
+            log(f"fleetsim: warning: {name}: {summary['nonfinite_score_device_rounds']} device-rounds were scored by a "
+                f"model that emits NaN/Inf; their metrics are NaN and left out of every mean (nonfinite in devices.parquet)")
     return status
 
 

@@ -333,6 +333,31 @@ def test_kill_9_leaves_no_process_and_a_readable_partial_run(tmp_path):
     assert "Not complete: local_finetune (interrupted" in (tmp_path / "rep" / "report.html").read_text()
 
 
+def test_ctrl_c_marks_the_strategy_in_flight_interrupted(tmp_path):
+    exp = experiment(tmp_path, ["cloud_only", "local_finetune"], n_devices=500, n_rounds=100)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "simulator.cli", "run", str(exp), "--out", "out", "--no-progress"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    parts = tmp_path / "out" / "local_finetune" / "rounds.parquet"
+    try:
+        assert _wait_for(lambda: parts.is_dir() and len(list(parts.glob("round-*.parquet"))) >= 2, 240)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130
+    no_traceback(err)
+    assert err.splitlines()[-1] == "fleetsim: interrupted; rounds already written are kept"
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())["strategies"]
+    assert s["cloud_only"]["status"] == "complete" and s["local_finetune"]["status"] == "interrupted"
+    done = s["local_finetune"]["rounds_completed"]
+    assert done >= 2 and sorted(read_rounds(tmp_path / "out", "local_finetune")["round"]) == list(range(1, done + 1))
+    assert s["local_finetune"]["uauc"] is not None  # its summary covers the rounds it completed
+    assert load_run(tmp_path / "out").status["local_finetune"] == "interrupted"
+    assert not (tmp_path / "out" / ".fleetsim-run.pid").exists()
+
+
 def _start_time(pid: int) -> int | None:
     try:
         return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
