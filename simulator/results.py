@@ -131,7 +131,7 @@ class RunWriter:
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             if mark_running:
-                _atomic_write_bytes(self.dir / PID_FILE, str(os.getpid()).encode())
+                _atomic_write_bytes(self.dir / PID_FILE, f"{os.getpid()} {_start_time(os.getpid())}".encode())
         except OSError as exc:
             raise FleetsimError(f"--out {self.dir}: not writable ({exc.strerror or exc})") from None
 
@@ -355,10 +355,19 @@ def load_run(run_dir: str | Path) -> Run:
     )
 
 
-def _driver_alive(path: Path) -> bool:
-    """Whether the process that writes this run (``PID_FILE``) is still alive."""
+def _start_time(pid: int) -> int:
+    """A process's start time in clock ticks (Linux ``/proc``; 0 elsewhere)."""
     try:
-        pid = int((path / PID_FILE).read_text().strip())
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _driver_alive(path: Path) -> bool:
+    """Whether the process that writes this run (``PID_FILE``: pid and start time, so a
+    reused pid does not count) is still alive and not a zombie."""
+    try:
+        pid, start = (int(x) for x in (path / PID_FILE).read_text().split()[:2])
     except (OSError, ValueError):
         return False
     try:
@@ -366,9 +375,11 @@ def _driver_alive(path: Path) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
+    if start and _start_time(pid) != start:
+        return False
     try:  # a zombie (killed, not yet reaped by its parent) is not running
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return True
 

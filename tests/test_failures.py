@@ -375,3 +375,145 @@ def test_result_files_are_readable_by_all(tmp_path, monkeypatch):
         os.umask(old)
     files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
     assert files and {oct(p.stat().st_mode & 0o777) for p in files} == {"0o644"}
+
+
+# The grid and host, by hand --------------------------------------------------------------
+
+
+def _grid(w, fn, **kw):
+    from devices.runtime import DeviceApp
+    from flwr.app import MessageType
+    from simulator.grid import FleetGrid
+
+    return FleetGrid(w.fleet, w.pool, DeviceApp({MessageType.TRAIN: fn}), seed=w.cfg.experiment.seed,
+                     deadline_s=1e9, **kw)
+
+
+def _send(grid, nodes):
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+    content = RecordDict({"config": ConfigRecord({"server-round": 1})})
+    return list(grid.send_and_receive([Message(content, dst_node_id=int(n), message_type=MessageType.TRAIN)
+                                       for n in nodes]))
+
+
+def nan_for_even(ctx, payload):
+    """Even devices store a NaN personal model and reply NaN; odd ones reply 1.0."""
+    import torch
+
+    even = (ctx.device_ids % 2 == 0)
+    ctx.set_personal({"head.0.b": torch.from_numpy(np.where(even[:, None], np.nan, 0.0).astype(np.float32)
+                                                   * np.ones((len(ctx), 1), np.float32))})
+    ctx.state("marks").update({int(i): "touched" for i in ctx.local})
+    return [Payload(metrics={"m": {"v": float("nan") if e else 1.0, "num-examples": 1}}) for e in even]
+
+
+def test_quarantined_replies_are_errors_and_their_state_is_rolled_back():
+    from simulator.grid import ERR_NONFINITE, flower_patched
+
+    w = SmallWorld(small_config(profiles={"online_peak": 1.0, "online_trough": 1.0, "failure_rate": 0.0}), n_hosts=2)
+    grid = _grid(w, nan_for_even)
+    with flower_patched(grid, 0):
+        nodes = list(range(10))
+        replies = _send(grid, nodes)
+        grid.finish_round()
+    for n, r in zip(nodes, replies):
+        if n % 2 == 0:
+            assert r.has_error() and r.error.code == ERR_NONFINITE and r.error.reason == "non-finite update"
+        else:
+            assert not r.has_error() and r.content["m"]["v"] == 1.0
+    info = grid.results[0].info
+    assert (info["quarantined"], info["ok"], info["errors"]) == (5, 5, 0)
+    for host in w.pool.hosts:  # even devices kept nothing of the call, odd ones kept both changes
+        for local, dev in enumerate(host.device_ids):
+            if dev >= 10:
+                continue
+            assert (local in host.personal) == (dev % 2 == 1)
+            assert (host.kv["marks"].get(local) == "touched") == (dev % 2 == 1)
+
+
+def test_every_reply_nonfinite_raises_after_writing_the_round():
+    from simulator.grid import flower_patched
+
+    w = SmallWorld(small_config(profiles={"online_peak": 1.0, "online_trough": 1.0, "failure_rate": 0.0}), n_hosts=2)
+    written = []
+    grid = _grid(w, nan_for_even, on_round=written.append)
+    with flower_patched(grid, 0), pytest.raises(NonFiniteError, match="device training: round 1: every device reply"):
+        _send(grid, [0, 2, 4, 6])
+    assert [r.info["quarantined"] for r in written] == [4]
+
+
+def raise_on_three(ctx, payload):
+    if 3 in ctx.device_ids:
+        raise RuntimeError("device 3 is cursed")
+    return [Payload(metrics={"m": {"num-examples": 1}}) for _ in ctx.device_ids]
+
+
+@pytest.mark.parametrize("mode", ["stop", "record"])
+def test_code_error_stop_raises_record_counts(mode):
+    from simulator.errors import DeviceCodeError
+    from simulator.grid import ERR_CODE, flower_patched
+
+    w = SmallWorld(small_config(profiles={"online_peak": 1.0, "online_trough": 1.0, "failure_rate": 0.0}), n_hosts=1)
+    seen, written = [], []
+    grid = _grid(w, raise_on_three, on_device_error=mode, on_code_error=seen.append, on_round=written.append)
+    with flower_patched(grid, 0):
+        if mode == "stop":
+            with pytest.raises(DeviceCodeError, match="RuntimeError: device 3 is cursed") as info:
+                _send(grid, range(6))
+            assert info.value.info["devices"] == 6 and "Traceback" in info.value.traceback
+        else:
+            replies = _send(grid, range(6))
+            assert all(r.has_error() and r.error.code == ERR_CODE for r in replies)
+            assert replies[0].error.reason == "code error: RuntimeError: device 3 is cursed"
+            grid.finish_round()
+    assert [(e.round, e.devices, e.error_type) for e in seen] == [(1, 6, "RuntimeError")]  # one host: one call
+    assert [r.info["errors"] for r in written] == [6]
+
+
+def test_fedavg_global_model_stays_finite_under_diverging_devices():
+    """device.lr = 1e6 with Flower's FedAvg on the grid: NaN replies are quarantined, so the
+    aggregate and every model a device adopts stay finite."""
+    from simulator.grid import FleetGrid, flower_patched
+    from simulator.records import array_record
+    from strategies.fedavg import FedAvg
+
+    cfg = small_config(device={"lr": 1e6}, profiles={"online_peak": 1.0, "online_trough": 1.0, "failure_rate": 0.0})
+    w = SmallWorld(cfg)
+    strategy = FedAvg(fraction_train=0.5, min_available_nodes=1, min_train_nodes=1)
+    grid = FleetGrid(w.fleet, w.pool, strategy.device_app, seed=3, deadline_s=1e9)
+    result = None
+    try:
+        with flower_patched(grid, 3):
+            result = strategy.start(grid=grid, initial_arrays=array_record(w.initial), num_rounds=3,
+                                    evaluate_fn=grid.round_hook)
+            grid.finish_round()
+    except NonFiniteError:
+        pass  # a round in which every reply diverged stops it; what it aggregated must be finite
+    assert sum(r.info["quarantined"] for r in grid.results) > 0
+    held = [v for h in w.pool.hosts for ver in h.versions.values() for v in ver.values()]
+    assert held and all(np.isfinite(v).all() for v in held)  # every model a device adopted
+    if result is not None and len(result.arrays):
+        assert all(np.isfinite(a.numpy()).all() for a in result.arrays.values())
+
+
+def test_a_running_strategy_is_interrupted_once_its_driver_is_gone(tmp_path, monkeypatch):
+    """load_run: ``running`` on disk is ``running`` while the recorded driver lives, and
+    ``interrupted`` when it is gone or its pid was reused by another process."""
+    in_process(monkeypatch)
+    out = tmp_path / "out"
+    run_experiment(small_config(experiment={"strategies": ["cloud_only"]}), str(out), use_ray=False, progress=False,
+                   log=lambda m: None)
+    summary = json.loads((out / "summary.json").read_text())
+    summary["strategies"]["cloud_only"] = {"status": "running", "rounds_completed": 2}
+    (out / "summary.json").write_text(json.dumps(summary))
+    me = Path(f"/proc/{os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    (out / ".fleetsim-run.pid").write_text(f"{os.getpid()} {me}")
+    assert load_run(out).status == {"cloud_only": "running"}
+    (out / ".fleetsim-run.pid").write_text(f"{os.getpid()} 1")  # same pid, another process
+    run = load_run(out)
+    assert run.status == {"cloud_only": "interrupted"}
+    assert run.summary["strategies"]["cloud_only"]["rounds_completed"] == 2
+    assert run.summary["strategies"]["cloud_only"]["n_positives"] == int(run.devices["n_pos"].sum())
+    (out / ".fleetsim-run.pid").unlink()
+    assert load_run(out).status == {"cloud_only": "interrupted"}
