@@ -18,7 +18,7 @@ from devices import models
 from devices.data import Interactions, Timeline
 from devices.runtime import ITEM_TABLES, DeviceContext, DeviceFn, DeviceSettings, Payload
 from devices.samples import SampleBuilder, Samples, pad_by_owner, stream_key
-from simulator import metrics
+from devices import scoring
 
 EVAL_TAG, TRAIN_TAG = 1, 2
 EVAL_CHUNK_ROWS = 8192  # rows scored per forward pass of a shared model (bounds memory)
@@ -302,14 +302,14 @@ class DeviceHost:
         bad_row = ~np.isfinite(scores.sum(axis=1, dtype=np.float64))
         if bad_row.any():
             scores[bad_row] = 0.0
-        per = metrics.device_metrics(scores, s.owner, len(self.device_ids))
+        per = scoring.device_metrics(scores, s.owner, len(self.device_ids))
         nonfinite = np.zeros(len(self.device_ids), dtype=bool)
         nonfinite[s.owner[bad_row]] = True
         for k in ("auc", "hr10", "ndcg10", "logloss"):
             per[k][nonfinite] = np.nan
         per["nonfinite"] = nonfinite
         active = np.flatnonzero(per["n_pos"] > 0)
-        hist = metrics.ScoreHistogram()
+        hist = scoring.ScoreHistogram()
         hist.add(scores[~bad_row] if bad_row.any() else scores)
         return {
             "device_id": self.device_ids[active],

@@ -34,7 +34,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from simulator.errors import ConfigError
+from devices.errors import ConfigError
 
 PAD = -1  # item id used to left-pad windows shorter than L
 BACKBONES = ("gru4rec", "din", "sasrec")

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from devices.data import Interactions, Timeline
-from simulator.errors import ConfigError, DataError
+from devices.errors import ConfigError, DataError
 
 __all__ = ["load_ratings", "load_ratings_with_epoch", "movielens_timeline"]
 

@@ -20,7 +20,7 @@ from numbers import Real
 
 import numpy as np
 
-from simulator.errors import ConfigError
+from devices.errors import ConfigError
 
 TIERS = ("low", "mid", "high")
 

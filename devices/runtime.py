@@ -8,15 +8,13 @@ grid converts payloads to and from Flower records.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from devices import models
 
-if TYPE_CHECKING:
-    from devices.host import DeviceHost
 
 
 @dataclass
@@ -77,7 +75,7 @@ class DeviceSettings:
     eval_negatives: int = 99
 
     def __post_init__(self) -> None:
-        from simulator.errors import ConfigError
+        from devices.errors import ConfigError
 
         for key in ("local_steps", "recent", "negatives", "eval_negatives"):
             v = getattr(self, key)
@@ -90,7 +88,9 @@ class DeviceSettings:
 class DeviceContext:
     """A batch of devices on one host in one exchange of one round."""
 
-    def __init__(self, host: "DeviceHost", local: np.ndarray, round: int, exchange: int) -> None:
+    def __init__(self, host: Any, local: np.ndarray, round: int, exchange: int) -> None:
+        # ``host`` is the devices.host.DeviceHost running the batch (not imported: host.py
+        # imports this module, and importing it back would make a circle)
         self.host = host
         self.local = np.asarray(local, dtype=np.int64)
         self.device_ids = host.device_ids[self.local]
@@ -236,7 +236,7 @@ def train_held_models(ctx: DeviceContext, steps: int, lr: float,
 def evaluate_received(ctx: DeviceContext, payload: Payload) -> list[Payload]:
     """Flower's federated evaluation: score the received model on each device's recent
     data (its positives against ``eval_negatives`` sampled negatives) without adopting it."""
-    from simulator.metrics import device_metrics
+    from devices.scoring import device_metrics
 
     arrays = next(iter(payload.arrays.values()))
     win, cand, weight, counts = ctx.train_samples(ctx.settings.eval_negatives)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from devices.data import DriftEvent, Interactions, Timeline
-from simulator.errors import ConfigError
+from devices.errors import ConfigError
 
 DRIFT_KINDS = ("none", "gradual", "sudden", "recurring")
 

@@ -18,15 +18,8 @@ from devices.profiles import ProfileConfig
 from devices.runtime import DeviceSettings
 from devices.synthetic import SyntheticConfig
 from simulator.errors import ConfigError, FleetsimError
+from strategies.registry import SHORT_NAMES
 
-SHORT_NAMES = {
-    "cloud_only": "strategies.cloud_only:CloudOnly",
-    "local_finetune": "strategies.local_finetune:LocalFinetune",
-    "fedavg": "strategies.fedavg:FedAvg",
-    "duet": "strategies.duet:Duet",
-    "metapatch": "strategies.metapatch:MetaPatch",
-    "momodistill": "strategies.momodistill:MoMoDistill",
-}
 DEFAULT_STRATEGIES = ("cloud_only", "local_finetune", "fedavg")
 DEFAULT_EXPERIMENT = Path(__file__).resolve().parent.parent / "experiments" / "quickstart.toml"
 PROTOCOLS = ("fleet", "leave_last")  # data.protocol of MovieLens experiments

@@ -1,20 +1,9 @@
-"""User-facing errors: each is reported as one line and exit code 2 by the CLI."""
+"""Errors: the user's input (one line, exit code 2) and failures of a strategy.
 
-
-class FleetsimError(Exception):
-    """Base of every error caused by the user's input (config, data, CLI arguments)."""
-
-
-class ConfigError(FleetsimError):
-    """An experiment setting is unknown, of the wrong type or out of range."""
-
-    def __init__(self, key: str, value: object, allowed: str) -> None:
-        self.key, self.value, self.allowed = key, value, allowed
-        super().__init__(f"config: {key} = {value!r} is invalid: {allowed}")
-
-
-class DataError(FleetsimError):
-    """A data file is missing or malformed; the message names the file (and line)."""
+``FleetsimError``, ``ConfigError`` and ``DataError`` are defined in ``devices.errors``
+(data sources and backbones raise them) and re-exported here.
+"""
+from devices.errors import ConfigError, DataError, FleetsimError  # noqa: F401
 
 
 class RayAddressError(FleetsimError):

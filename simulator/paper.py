@@ -50,6 +50,7 @@ from simulator.errors import FleetsimError
 from simulator.metrics import device_metrics
 from simulator.results import RunWriter, write_json
 from strategies.duet_generator import GeneratorConfig, duet_logits, train_duet
+from strategies.registry import make_strategy
 
 METHODS = ("base", "finetune", "duet")
 TEST_TAG, FINETUNE_TAG = 11, 12  # sample streams (cloud.py uses 3, DUET 4)
@@ -146,7 +147,6 @@ def finetune_scores(base: dict[str, np.ndarray], builder: SampleBuilder, split: 
 
 def duet_config(cfg: ExperimentConfig) -> tuple[GeneratorConfig, int, float]:
     """Generator config, epochs and lr from ``[strategies.duet]`` (validated as the fleet's DUET)."""
-    from simulator.run import make_strategy  # run.py imports this module lazily
 
     duet = make_strategy("duet", cfg.strategies.get("duet", {}))
     return duet.gcfg, duet.epochs, duet.lr

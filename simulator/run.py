@@ -6,11 +6,7 @@ handed to the strategy's own ``start()``. Rounds are written as they complete.
 """
 from __future__ import annotations
 
-import importlib
-import inspect
 import logging
-import os
-import sys
 import time
 import traceback
 from contextlib import contextmanager
@@ -22,57 +18,15 @@ from flwr.serverapp.strategy import Strategy
 
 from devices.models import ModelSpec
 from devices.pool import HostPool, RayUnreachable, init_ray
-from devices.runtime import DeviceApp
 from simulator import metrics
 from simulator.cloud import CloudContext, train_cloud_model
-from simulator.config import SHORT_NAMES, ExperimentConfig
-from simulator.errors import ConfigError, FleetsimError, NonFiniteError, RayAddressError, StrategyFailure
+from simulator.config import ExperimentConfig
+from simulator.errors import FleetsimError, NonFiniteError, RayAddressError, StrategyFailure
 from simulator.fleet import Fleet, build_fleet
 from simulator.grid import CodeError, FleetGrid, RoundResult, flower_patched
 from simulator.records import array_record
+from strategies.registry import make_strategy, resolve_strategy  # noqa: F401 (re-exported)
 from simulator.results import RunWriter
-
-
-def resolve_strategy(name: str) -> type:
-    """A strategy class from a short name or an import path ``package.module:Class``."""
-    path = SHORT_NAMES.get(name, name)
-    if os.getcwd() not in sys.path:  # user strategies next to the experiment, as `python -m` would
-        sys.path.insert(0, os.getcwd())
-    module_name, _, attr = path.partition(":")
-    if not module_name or not attr:
-        raise ConfigError("experiment.strategies", name, "a short name or 'package.module:Class'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError("experiment.strategies", name, f"cannot import module {module_name!r} ({exc})") from None
-    cls = getattr(module, attr, None)
-    if cls is None:
-        raise ConfigError("experiment.strategies", name, f"module {module_name!r} has no {attr!r}")
-    return cls
-
-
-def make_strategy(name: str, params: dict[str, Any]) -> Strategy:
-    """Instantiate and check a strategy: a Flower ``Strategy`` with a ``device_app``."""
-    cls = resolve_strategy(name)
-    if not (isinstance(cls, type) and issubclass(cls, Strategy)):
-        raise ConfigError("experiment.strategies", name, "a subclass of flwr.serverapp.strategy.Strategy")
-    sig = inspect.signature(cls)
-    has_var_kw = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
-    for key in params:
-        if key not in sig.parameters and not has_var_kw:
-            allowed = ", ".join(k for k in sig.parameters if k not in ("self", "kwargs")) or "none"
-            raise ConfigError(f"strategies.{name}.{key}", params[key], f"unknown parameter; known: {allowed}")
-    try:
-        strategy = cls(**params)
-    except (TypeError, ValueError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        key, sep, rest = msg.partition(" = ")
-        if sep and key in params:  # our strategies say "param = value: what is allowed"
-            raise ConfigError(f"strategies.{name}.{key}", params[key], rest.partition(": ")[2] or rest) from None
-        raise ConfigError(f"strategies.{name}", params, msg) from None
-    if not isinstance(getattr(strategy, "device_app", None), DeviceApp):
-        raise ConfigError("experiment.strategies", name, "a strategy with a device_app (devices.runtime.DeviceApp)")
-    return strategy
 
 
 @contextmanager

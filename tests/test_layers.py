@@ -1,0 +1,66 @@
+"""Layers point one way: ``devices/`` (the fleet) imports nothing of ``simulator/`` (the
+coordinator), ``strategies/`` never touches Ray (only the host pool does), and the
+project's modules import each other without a circle (imports inside functions count)."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("simulator", "devices", "strategies")
+
+
+def imports(path: Path) -> set[str]:
+    """Every module a file imports, at any depth of the file (function bodies included)."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+            if node.module in PACKAGES:  # from simulator import metrics
+                out.update(f"{node.module}.{a.name}" for a in node.names)
+    return out
+
+
+def graph() -> dict[str, set[str]]:
+    g = {}
+    for pkg in PACKAGES:
+        for f in sorted((ROOT / pkg).glob("*.py")):
+            name = pkg if f.stem == "__init__" else f"{pkg}.{f.stem}"
+            g[name] = {m for m in imports(f) if m.split(".")[0] in PACKAGES}
+    return g
+
+
+def test_devices_import_nothing_from_simulator():
+    bad = {f.name: sorted(m for m in imports(f) if m.split(".")[0] == "simulator")
+           for f in (ROOT / "devices").glob("*.py")}
+    assert {k: v for k, v in bad.items() if v} == {}
+
+
+def test_strategies_never_import_ray():
+    bad = {f.name: sorted(m for m in imports(f) if m.split(".")[0] == "ray") for f in (ROOT / "strategies").glob("*.py")}
+    assert {k: v for k, v in bad.items() if v} == {}
+
+
+def test_no_import_circle():
+    g = graph()
+    assert "devices.host" in g and "simulator.run" in g  # the scan sees the project
+    circles = []
+    for start in g:
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, path = stack.pop()
+            for dep in g.get(node, ()):
+                if dep == start:
+                    circles.append(" -> ".join(path + [start]))
+                elif dep in g and dep not in seen:
+                    seen.add(dep)
+                    stack.append((dep, path + [dep]))
+    assert circles == []
+
+
+def test_the_scan_finds_an_import_inside_a_function(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("def f():\n    from simulator.run import make_strategy\n    import ray\n")
+    assert imports(f) == {"simulator.run", "ray"}
