@@ -64,6 +64,20 @@ class JobResult:
     error_type: str = ""
     traceback: str = ""
     nonfinite: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    diverged: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+
+
+def diverged_replies(replies: list[Payload], limit: float = models.DIVERGED_LOSS) -> np.ndarray:
+    """Which replies report a finite ``train_loss`` metric above ``limit``: local training
+    diverged (a loss of 100 x ln 2 means logits in the hundreds with the wrong sign), so
+    the update is garbage even though every number in it is finite."""
+    out = np.zeros(len(replies), dtype=bool)
+    for j, r in enumerate(replies):
+        for vals in r.metrics.values():
+            v = vals.get("train_loss")
+            if isinstance(v, float) and np.isfinite(v) and v > limit:
+                out[j] = True
+    return out
 
 
 def nonfinite_replies(replies: list[Payload]) -> np.ndarray:
@@ -357,17 +371,19 @@ class DeviceHost:
                 replies = fn(ctx, payload)
                 if len(replies) != len(local):
                     raise RuntimeError(f"{getattr(fn, '__name__', fn)} returned {len(replies)} replies for {len(local)} devices")
-            except Exception as exc:  # a device-side bug: reported as a code error, never a dropout
+            except (Exception, SystemExit) as exc:  # a device-side bug (sys.exit too): a code error, never a dropout
                 self._rollback(local, snap)
                 msg = (str(exc).splitlines() or [""])[0]
                 out.append(JobResult(np.asarray(ids), None, ctx.flops, np.zeros(len(local)), msg,
                                      type(exc).__name__, traceback.format_exc()))
                 continue
-            bad = nonfinite_replies(replies)
+            nonfinite = nonfinite_replies(replies)
+            diverged = diverged_replies(replies) & ~nonfinite
+            bad = nonfinite | diverged
             if bad.any():
                 self._rollback(local[bad], (snap[0][bad], *snap[1:]))
             up = np.array([r.nbytes() for r in replies], dtype=np.float64)
-            out.append(JobResult(np.asarray(ids), replies, ctx.flops, up, nonfinite=bad))
+            out.append(JobResult(np.asarray(ids), replies, ctx.flops, up, nonfinite=nonfinite, diverged=diverged))
         return out
 
     def memory_bytes(self) -> int:

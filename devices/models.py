@@ -28,6 +28,8 @@ and SASRec's) so DUET and MetaPatch can swap or patch it.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -368,6 +370,13 @@ def forward(params: dict[str, torch.Tensor], windows: torch.Tensor, candidates: 
     # Scoring many rows x 100 candidates: bound the (N, C, L, hidden) activations.
     parts = [din_logits(params, w, cd) for w, cd in zip(windows.split(rows, 1), candidates.split(rows, 1))]
     return torch.cat(parts, 1)
+
+
+# A mean BCE this far above the loss of predicting 0 for every candidate (ln 2) means
+# logits in the hundreds with the wrong sign: training has diverged even if the number is
+# still finite (cloud.lr = 1e6 gives 1e26). Cloud-side training and device replies are
+# checked against it.
+DIVERGED_LOSS = 100 * math.log(2)
 
 
 def bce_loss(logits: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

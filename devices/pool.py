@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+import tempfile
 import threading
 import time
 from typing import Any
@@ -108,9 +110,28 @@ def init_ray(address: str | None, timeout: float = RAY_CONNECT_TIMEOUT_S) -> Non
         except BaseException as exc:  # noqa: BLE001 -- handed to the caller's thread
             outcome.append(exc)
 
-    thread = threading.Thread(target=connect, name="ray-connect", daemon=True)
-    thread.start()
-    thread.join(max(timeout - (time.monotonic() - t0), 1.0))
+    # Ray and its C++ core write warnings straight to fd 2 while they retry (a port that is
+    # open but is not Ray gives a few; a proxied address dozens): hold them back, and
+    # replay them only if the connection succeeds.
+    sys.stderr.flush()
+    saved, held = os.dup(2), tempfile.TemporaryFile()
+    os.dup2(held.fileno(), 2)
+    try:
+        thread = threading.Thread(target=connect, name="ray-connect", daemon=True)
+        thread.start()
+        thread.join(max(timeout - (time.monotonic() - t0), 1.0))
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+    if outcome and outcome[0] is None:
+        held.seek(0)
+        noise = ("SIGTERM handler is not set", "Connecting to existing Ray cluster")
+        text = "".join(line for line in held.read().decode(errors="replace").splitlines(keepends=True)
+                       if not any(n in line for n in noise))
+        if text.strip():
+            sys.stderr.write(text)
+    held.close()
     if not outcome:
         raise RayUnreachable(f"--ray-address {address}: no Ray cluster answered within {timeout:.0f} s")
     if outcome[0] is not None:
@@ -182,6 +203,14 @@ class HostPool:
             if res:
                 out.extend(res)
         return out
+
+    def lost_host(self, exc: BaseException) -> bool:
+        """Whether ``exc`` says a host process died (not a Python error inside a host)."""
+        if not self.use_ray:
+            return False
+        import ray.exceptions as rex
+
+        return isinstance(exc, rex.RayError) and not isinstance(exc, rex.RayTaskError)
 
     def memory_bytes(self) -> int:
         return int(sum(self._call("memory_bytes", [()] * self.n_hosts)))

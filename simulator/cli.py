@@ -76,8 +76,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(format_table(summary))
     print(f"\nresults: {out}  (wall {time.perf_counter() - t0:.1f} s)")
     failed = failed_strategies(summary)
-    completed = [n for n, s in summary.get("strategies", {}).items() if s.get("rounds_completed")]
-    if not args.no_report and summary.get("protocol") != "leave_last" and completed:
+    if not args.no_report and summary.get("protocol") != "leave_last":
         from simulator.report import build_report
 
         print(f"report: {build_report([out], out).html}")

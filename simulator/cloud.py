@@ -11,13 +11,10 @@ import torch
 from devices import models
 from devices.data import Interactions
 from devices.samples import SampleBuilder, stream_key
+from devices.models import DIVERGED_LOSS
 from simulator.errors import NonFiniteError
 
 CLOUD_TAG = 3
-# A mean BCE this far above the loss of predicting 0 for every candidate (ln 2) means
-# logits in the hundreds with the wrong sign: the training has diverged even if the
-# number is still finite (cloud.lr = 1e6 gives 1e26).
-DIVERGED_LOSS = 100 * math.log(2)
 
 
 def check_losses(losses: list[float], stage: str, setting: str, *, limit: float = DIVERGED_LOSS,

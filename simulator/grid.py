@@ -225,8 +225,8 @@ class FleetGrid(Grid):
         if self.replies_quarantined and not self.replies_finite:
             raise NonFiniteError(
                 "device training", "device.lr (or the strategy's lr / local_steps)",
-                f"round {self.round}: every device reply held NaN/Inf ({self.replies_quarantined} quarantined, "
-                f"none aggregated)", round=self.round)
+                f"round {self.round}: every device reply was non-finite or diverged ({self.replies_quarantined} "
+                f"quarantined, none aggregated)", round=self.round)
 
     def _draw_online(self) -> None:
         tl = self.fleet.timeline
@@ -295,6 +295,7 @@ class FleetGrid(Grid):
         reply_payload: list[Payload | None] = [None] * len(msgs)
         error: dict[int, tuple[int, str]] = {i: (ERR_CODE, f"code error: {r}") for i, r in unrouted.items()}
         quarantined = np.zeros(len(msgs), dtype=bool)
+        diverged = np.zeros(len(msgs), dtype=bool)
         flops, up = np.zeros(len(msgs)), np.zeros(len(msgs))
         for idx, res, mtype in zip(ordered, results, types):
             idx = np.asarray(idx)
@@ -305,8 +306,9 @@ class FleetGrid(Grid):
                 for i in idx:
                     error[int(i)] = (ERR_CODE, f"code error: {res.error_type}: {res.error}")
                 continue
-            if res.nonfinite.any():
-                quarantined[idx[res.nonfinite]] = True
+            if res.nonfinite.any() or res.diverged.any():
+                quarantined[idx[res.nonfinite | res.diverged]] = True
+                diverged[idx[res.diverged]] = True
             for j, i in enumerate(idx):
                 reply_payload[int(i)] = res.replies[j]
 
@@ -340,7 +342,8 @@ class FleetGrid(Grid):
                 code, reason = error[i]
                 replies.append(Message(Error(code=code, reason=reason), reply_to=m))
             elif status[i] == QUARANTINED:
-                replies.append(Message(Error(code=ERR_NONFINITE, reason="non-finite update"), reply_to=m))
+                reason = "diverged update (train_loss above 100 x ln 2)" if diverged[i] else "non-finite update"
+                replies.append(Message(Error(code=ERR_NONFINITE, reason=reason), reply_to=m))
             elif status[i] == LATE:
                 replies.append(Message(Error(code=ERR_LATE, reason=f"late: {seconds[i]:.0f} s > deadline {self.deadline_s:.0f} s"), reply_to=m))
             elif offline[i]:
@@ -352,7 +355,8 @@ class FleetGrid(Grid):
             self.finish_round()  # nothing usable came back: stop before the strategy aggregates
             raise NonFiniteError(
                 "device training", "device.lr (or the strategy's lr / local_steps)",
-                f"round {self.round}: every device reply held NaN/Inf ({n_quarantined} quarantined, none aggregated)",
+                f"round {self.round}: every device reply was non-finite or diverged ({n_quarantined} quarantined, "
+                f"none aggregated)",
                 round=self.round)
         for ce in code_errors:
             if self.on_code_error:

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import pandas as pd
+
 from simulator.errors import FleetsimError
 from simulator.report_figures import (  # noqa: F401 (re-exported: the report's public API)
     DPI, FIGURES, fig_buckets, fig_cost_quality, fig_ecdf, fig_fleet, fig_rounds, fig_user_gain)
@@ -73,8 +75,16 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path | None = None, 
     every = make_entries(runs)
     summary = summary_table(every)  # every strategy, finished or not, with its status
     entries = [e for e in every if len(e.records)]  # figures and comparisons need records
-    if not entries:
-        raise FleetsimError(f"{run_dirs[0]}: no strategy wrote a round; nothing to compare")
+    if not entries:  # every strategy failed before (or never reached) its first round: statuses only
+        try:
+            _write_csv(summary, out_dir / "summary.csv")
+            write_html(out_dir / "report.html", runs, every, "No strategy wrote a round: nothing to compare",
+                       summary, pd.DataFrame(columns=[c for c, _, _ in COMPARISON_COLUMNS]),
+                       pd.DataFrame(columns=["strategy", "bucket", "users", "uauc"]), [])
+        except OSError as exc:
+            raise FleetsimError(f"--out {out_dir}: cannot write the report ({exc.strerror or exc})") from None
+        return ReportFiles(out_dir / "report.html", [], out_dir / "summary.csv", out_dir / "comparison.csv",
+                           out_dir / "buckets.csv")
     base, note = pick_baseline(entries, baseline)
     comparison = comparison_table(entries, base, n_boot=n_boot)
     buckets = bucket_table(entries, base, n_boot=n_boot)

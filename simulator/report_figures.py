@@ -14,7 +14,7 @@ import pandas as pd
 
 from simulator import metrics
 from simulator.report_stats import paired_user_diff, round_pair_auc, running_median
-from simulator.report_tables import Entry, _fmt
+from simulator.report_tables import Entry, _fmt, paired_users
 
 
 DPI = 100
@@ -238,8 +238,8 @@ def fig_user_gain(entries: Sequence[Entry], baseline: Entry, path: Path) -> None
         ax.set_visible(False)
     any_zero = False
     for ax, e in zip(axes, others):
-        d = paired_user_diff(e.users, baseline.users).merge(
-            baseline.users[["device_id", "history_interactions"]], on="device_id", how="left")
+        ue, ub = paired_users(e, baseline)
+        d = paired_user_diff(ue, ub).merge(ub[["device_id", "history_interactions"]], on="device_id", how="left")
         act = d["history_interactions"].to_numpy(dtype=float)
         any_zero |= bool((act < 1).any())
         act = np.maximum(act, 1.0)

@@ -112,7 +112,8 @@ def write_html(path: Path, runs: Sequence[Run], entries: Sequence[Entry], baseli
            "Their numbers cover only the rounds they completed (a failed strategy's error and traceback are in "
            "summary.json and &lt;run&gt;/&lt;strategy&gt;/error.log).</p>"]
           if (summary["status"] != "complete").any() else []),
-        f"<h2>Paired comparison against the baseline</h2><p class=\"note\">{html.escape(baseline_note)}. Pairs are "
+        f"<h2>Paired comparison against the baseline</h2><p class=\"note\">{html.escape(baseline_note)}. A strategy "
+        "that did not complete is compared with the baseline over the rounds both completed. Pairs are "
         "the users evaluated by both strategies; the CI is a 95 % percentile bootstrap over those users "
         f"({N_BOOT} resamples). A CI containing 0 is <span class=\"ns\">not significant</span>. Also in "
         "comparison.csv.</p>",

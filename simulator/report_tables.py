@@ -105,6 +105,18 @@ def make_entries(runs: Sequence[Run]) -> list[Entry]:
     return entries
 
 
+def paired_users(e: Entry, baseline: Entry) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-user AUCs of ``e`` and the baseline over the rounds *both* completed, so that a
+    strategy that stopped early is compared with the baseline on the same rounds."""
+    rounds_e, rounds_b = set(e.records["round"]), set(baseline.records["round"])
+    if rounds_e == rounds_b:
+        return e.users, baseline.users
+    common = rounds_e & rounds_b
+    fd = e.run.fleet_devices[["device_id", "bucket", "history_interactions"]]
+    users = lambda x: metrics.user_auc(x.records[x.records["round"].isin(common)]).merge(fd, on="device_id", how="left")
+    return users(e), users(baseline)
+
+
 def pick_baseline(entries: Sequence[Entry], name: str | None) -> tuple[Entry, str]:
     """The baseline entry and a note on how it was chosen.
 
@@ -196,7 +208,7 @@ def comparison_table(entries: Sequence[Entry], baseline: Entry, *, n_boot: int =
         if e.fleet_key != baseline.fleet_key:
             rows.append({**row, "paired_users": 0, "significant": "n/a: other fleet (data settings or seed differ)"})
             continue
-        pc = paired_comparison(e.users, baseline.users, n_boot=n_boot, seed=i)
+        pc = paired_comparison(*paired_users(e, baseline), n_boot=n_boot, seed=i)
         if pc.n_users == 0:
             rows.append({**row, "paired_users": 0, "significant": "n/a: no user evaluated by both"})
             continue
@@ -212,14 +224,15 @@ def bucket_table(entries: Sequence[Entry], baseline: Entry, *, n_boot: int = N_B
     rows = []
     for i, e in enumerate(entries):
         comparable = e is not baseline and e.fleet_key == baseline.fleet_key
+        pe, pb = paired_users(e, baseline) if comparable else (e.users, baseline.users)
         for j, b in enumerate(metrics.BUCKETS):
             u = e.users[e.users["bucket"] == b]
             ci = bootstrap_mean_ci(u["auc"].to_numpy(), n_boot=n_boot, seed=1000 + 10 * i + j)
             row = {"strategy": e.label, "bucket": b, "users": ci.n, "uauc": ci.mean, "uauc_lo": ci.lo,
                    "uauc_hi": ci.hi, "gain": math.nan, "gain_lo": math.nan, "gain_hi": math.nan, "gain_users": 0}
             if comparable:
-                bu = baseline.users[baseline.users["bucket"] == b]
-                pc = paired_comparison(u, bu, n_boot=n_boot, seed=2000 + 10 * i + j)
+                pc = paired_comparison(pe[pe["bucket"] == b], pb[pb["bucket"] == b], n_boot=n_boot,
+                                       seed=2000 + 10 * i + j)
                 row.update(gain=pc.diff.mean, gain_lo=pc.diff.lo, gain_hi=pc.diff.hi, gain_users=pc.n_users)
             rows.append(row)
     return pd.DataFrame(rows)

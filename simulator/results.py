@@ -17,8 +17,8 @@ Each part file is written to a temporary name and renamed, so a crash loses at m
 the round in flight and never leaves a half-written file. Every file is readable by
 all (0644 under the usual umask), like any other file the user writes.
 
-A strategy's ``status`` is ``running`` while it runs, then ``complete``, ``failed`` (with
-an ``error`` entry) or ``interrupted`` (Ctrl-C). A run whose driver was killed leaves
+A strategy's ``status`` is ``pending`` until it starts, ``running`` while it runs, then
+``complete``, ``failed`` (with an ``error`` entry) or ``interrupted`` (Ctrl-C). A run whose driver was killed leaves
 ``running``; ``load_run`` reports such a strategy as ``interrupted`` once no process
 holds the run.
 
@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 from simulator.errors import FleetsimError
 
 LAYOUT_VERSION = 2  # 2: strategy status, errors / quarantined counts, nonfinite scores
-STATUSES = ("running", "complete", "failed", "interrupted")
+STATUSES = ("pending", "running", "complete", "failed", "interrupted")
 PID_FILE = ".fleetsim-run.pid"
 
 
@@ -233,7 +233,7 @@ class Run:
             round and device.
         rounds: every strategy's ``rounds.parquet`` rows, with a ``strategy`` column.
         strategies: names of every strategy in ``summary.json`` (finished or not), in run order.
-        status: per strategy, ``complete``, ``failed``, ``interrupted`` or ``running``
+        status: per strategy, ``complete``, ``failed``, ``interrupted``, ``pending`` (never started) or ``running``
             (``running`` only while a live process still writes the run).
     """
 
@@ -343,7 +343,7 @@ def load_run(run_dir: str | Path) -> Run:
         else:  # failed or stopped before its first round
             devices.append(pd.DataFrame())
             rounds.append(pd.DataFrame())
-        if "uauc" not in entry and "overall_auc" not in entry:  # killed mid-strategy: metrics from its records
+        if st != "pending" and "uauc" not in entry and "overall_auc" not in entry:  # killed mid-strategy
             finished[s] = {**_summary_from_records(devices[-1], rounds[-1], fleet), **entry, "status": status[s]}
         elif status[s] != st:
             finished[s] = {**entry, "status": status[s]}

@@ -84,6 +84,12 @@ class RunState:
         self.writer, self.log = writer, log
         self.warned: set[str] = set()
 
+    def pending(self, names: list[str]) -> None:
+        """Every strategy of the run, before any starts (so a stopped run shows what never ran)."""
+        for name in names:
+            self.writer.summary["strategies"][name] = {"status": "pending", "rounds_completed": 0}
+        self.writer.write_summary(names[0], self.writer.summary["strategies"][names[0]])
+
     def start(self, name: str) -> None:
         self.writer.write_summary(name, {"status": "running", "rounds_completed": 0})
 
@@ -132,6 +138,7 @@ def run_experiment(cfg: ExperimentConfig, out: str, *, ray_address: str | None =
     writer.write_config(cfg.to_toml())
     writer.write_fleet(fleet)
     state = RunState(writer, log)
+    state.pending([name for name, _ in strategies])
     spec = ModelSpec(n_items=fleet.interactions.n_items, backbone=cfg.model.backbone, dim=cfg.model.dim, window=cfg.model.window)
     c = cfg.cloud
     try:
@@ -146,8 +153,9 @@ def run_experiment(cfg: ExperimentConfig, out: str, *, ray_address: str | None =
     trained = f"(loss {losses[0]:.3f} -> {losses[-1]:.3f})" if losses else "(untrained: cloud.epochs = 0)"
     log(f"fleet: {fleet.n_devices} devices ({fleet.source}), {fleet.timeline.n_rounds} rounds; cloud model "
         f"ready in {time.perf_counter() - t0:.1f} s {trained}")
-    pool = HostPool(fleet.interactions, fleet.timeline, spec, cfg.device, seed, n_hosts=cfg.experiment.hosts,
-                    use_ray=use_ray, ray_address=ray_address)
+    new_pool = lambda: HostPool(fleet.interactions, fleet.timeline, spec, cfg.device, seed, n_hosts=cfg.experiment.hosts,
+                                use_ray=use_ray, ray_address=ray_address)
+    pool = new_pool()
     n_rounds = fleet.timeline.n_rounds
     cloud = CloudContext(fleet.interactions, fleet.timeline.history_end, spec, initial, seed,
                          epochs=c.epochs, lr=c.lr, batch_size=c.batch_size, negatives=c.negatives)
@@ -157,7 +165,10 @@ def run_experiment(cfg: ExperimentConfig, out: str, *, ray_address: str | None =
         bar = tqdm(total=n_rounds * len(strategies), disable=not progress, unit="round", dynamic_ncols=True)
         for name, strategy in strategies:
             bar.set_description(name)
-            run_strategy(name, strategy, fleet, pool, cloud, initial, cfg, state, bar, log)
+            _, hosts_lost = run_strategy(name, strategy, fleet, pool, cloud, initial, cfg, state, bar, log)
+            if hosts_lost:  # a host process died: the next strategy gets a fresh pool
+                pool.shutdown()
+                pool = new_pool()
         bar.close()
     finally:
         pool.shutdown()
@@ -166,11 +177,12 @@ def run_experiment(cfg: ExperimentConfig, out: str, *, ray_address: str | None =
 
 
 def run_strategy(name: str, strategy: Strategy, fleet: Fleet, pool: HostPool, cloud: CloudContext,
-                 initial: dict[str, np.ndarray], cfg: ExperimentConfig, state: RunState, bar, log) -> str:
-    """Run one strategy on a fresh grid; returns its status. A ``StrategyFailure`` or any
-    exception of its code ends it as ``failed``; Ctrl-C as ``interrupted`` (then re-raised)."""
+                 initial: dict[str, np.ndarray], cfg: ExperimentConfig, state: RunState, bar, log) -> tuple[str, bool]:
+    """Run one strategy on a fresh grid; returns its status and whether a host process
+    died. A ``StrategyFailure``, a ``FleetsimError`` raised while it runs (e.g. it waits for
+    more devices than exist) or any exception of its code ends it as ``failed``; Ctrl-C
+    as ``interrupted`` (then re-raised)."""
     seed = cfg.experiment.seed
-    pool.reset(initial)
     state.start(name)
     t_start = time.perf_counter()
     t_prepared = t_start
@@ -194,8 +206,9 @@ def run_strategy(name: str, strategy: Strategy, fleet: Fleet, pool: HostPool, cl
     grid = FleetGrid(fleet, pool, strategy.device_app, seed=seed, deadline_s=cfg.experiment.deadline_s,
                      wait_s=cfg.experiment.wait_s, on_round=on_round, on_device_error=cfg.experiment.on_device_error,
                      on_code_error=on_code_error)
-    result, failure, status = None, None, "complete"
+    result, failure, status, hosts_lost = None, None, "complete", False
     try:
+        pool.reset(initial)
         prepare = getattr(strategy, "prepare", None)
         if prepare is not None:  # cloud-side training before round 1 (DUET, MoMoDistill)
             prepare(cloud)
@@ -209,11 +222,20 @@ def run_strategy(name: str, strategy: Strategy, fleet: Fleet, pool: HostPool, cl
     except KeyboardInterrupt:
         status = "interrupted"
         raise
-    except FleetsimError as exc:  # bad input found mid-run: recorded, then exit 2 as for any bad input
-        failure, status = StrategyFailure(str(exc), round=grid.round, error_type=type(exc).__name__), "failed"
-        raise
-    except Exception as exc:  # a bug in the strategy's server half (or the fleet it drives)
-        failure, status = server_failure(exc, grid.round), "failed"
+    except FleetsimError as exc:  # the strategy asked the fleet for the impossible
+        failure, status = StrategyFailure(str(exc), round=grid.round or None, stage="strategy",
+                                          error_type=type(exc).__name__), "failed"
+    except Exception as exc:  # a bug in the strategy's server half, or a host process died
+        hosts_lost = pool.lost_host(exc)
+        if hosts_lost:
+            first = (str(exc).splitlines() or [""])[0][:300]
+            failure = StrategyFailure(f"round {grid.round}: a device host process died ({type(exc).__name__}: {first}); "
+                                      f"the next strategy gets a new host pool", round=grid.round, stage="device host",
+                                      error_type=type(exc).__name__, detail=first,
+                                      traceback="".join(traceback.format_exception(exc)))
+        else:
+            failure = server_failure(exc, grid.round)
+        status = "failed"
     finally:
         if status == "failed":
             try:
@@ -225,11 +247,13 @@ def run_strategy(name: str, strategy: Strategy, fleet: Fleet, pool: HostPool, cl
         summary["strategy_metrics"] = {str(r): dict(m) for r, m in getattr(result, "train_metrics_clientapp", {}).items()}
         summary["strategy_eval_metrics"] = {str(r): dict(m) for r, m in
                                             getattr(result, "evaluate_metrics_clientapp", {}).items()}
-        state.end(name, summary, status, failure, rounds=len(grid.results))
+        failed_in = failure.info.get("round") if failure is not None else None
+        done = sum(1 for r in grid.results if not failed_in or r.round < failed_in)  # the failed round is not complete
+        state.end(name, summary, status, failure, rounds=done)
         if summary.get("nonfinite_score_device_rounds"):
             log(f"fleetsim: warning: {name}: {summary['nonfinite_score_device_rounds']} device-rounds were scored by a "
                 f"model that emits NaN/Inf; their metrics are NaN and left out of every mean (nonfinite in devices.parquet)")
-    return status
+    return status, hosts_lost
 
 
 def format_table(summary: dict[str, Any]) -> str:
@@ -242,7 +266,12 @@ def format_table(summary: dict[str, Any]) -> str:
     for name, s in summary["strategies"].items():
         tail = (s.get("by_bucket") or {}).get("tail") or {}
         status = s.get("status", "complete")
-        if status != "complete":
+        failed_in = (s.get("error") or {}).get("round")
+        if status == "failed" and failed_in:
+            status = f"failed in round {failed_in}"
+        elif status == "pending":
+            status = "not run"
+        elif status != "complete":
             status = f"{status} ({s.get('rounds_completed', 0)} rounds)"
         num = lambda k, scale=1.0: None if s.get(k) is None else s[k] / scale
         vals = [name, s.get("overall_auc"), s.get("uauc"), s.get("user_auc_p10"), tail.get("uauc"),

@@ -51,6 +51,7 @@ from flwr.serverapp import Grid
 from devices import models
 from devices.runtime import DeviceApp, DeviceContext, Payload
 from simulator.cloud import DIVERGED_LOSS, check_losses, check_params
+from simulator.errors import NonFiniteError
 from strategies.common import check_fraction, check_non_negative, check_positive, mean_metrics, sample_fraction
 from strategies.metapatch import MetaPatch, patch_from_phi, train_local_phi
 from strategies.momodistill_cloud import (  # noqa: F401 (the cloud half; names re-exported)
@@ -254,9 +255,13 @@ class MoMoDistill(MetaPatch):
         check_losses(d_losses, "distillation", "strategies.momodistill.distill_lr", limit=limit, round=server_round)
         check_params(self.model, "distillation", "strategies.momodistill.distill_lr", round=server_round)
         windows = contexts(seqs, targets, self.aux_history)
-        self.theta, self.aux, r_losses = refit_patch(self.model, self.theta, self.aux, phis, windows, teacher, samples,
+        self.theta, self.aux, r_losses, r_first = refit_patch(self.model, self.theta, self.aux, phis, windows, teacher, samples,
                                                      self.patch_layer, epochs=self.refit_epochs, lr=self.refit_lr,
                                                      kd_weight=self.kd_weight, seed=self.seed + server_round)
+        if r_first is not None and not r_first <= 2 * limit:  # diverged before the refit moved: the devices' phis
+            raise NonFiniteError("distillation", "device.lr (or strategies.momodistill.lr)",
+                                 f"round {server_round}: the uploaded metapatches give a diverged loss ({r_first:.3g} > "
+                                 f"{2 * limit:.3g}) before the Θ refit's first step", round=server_round)
         check_losses(r_losses, "Θ refit", "strategies.momodistill.refit_lr", limit=2 * limit, round=server_round)
         self.version += 1
         self._make_bundle()

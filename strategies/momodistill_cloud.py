@@ -189,9 +189,10 @@ def distill_cloud(cloud: dict[str, np.ndarray], teacher_prob: torch.Tensor, samp
 def refit_patch(cloud: dict[str, np.ndarray], theta: dict[str, np.ndarray], aux: dict[str, np.ndarray],
                 phis: torch.Tensor, windows: np.ndarray, teacher_prob: torch.Tensor, samples: Samples, layer: str, *,
                 epochs: int, lr: float, kd_weight: float, seed: int, batch_devices: int = 256,
-                ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[float]]:
+                ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[float], float | None]:
     """Theta and the auxiliary encoder <- distil the device models into the proxy (frozen
-    new cloud model + patch from the reported phi, and from the predicted phi)."""
+    new cloud model + patch from the reported phi, and from the predicted phi). Returns
+    Theta, the encoder, the per-epoch mean loss and the loss before the first step."""
     frozen = {k: torch.from_numpy(np.array(v))[None] for k, v in cloud.items()}
     th = {k: torch.from_numpy(np.array(v)).requires_grad_(True) for k, v in theta.items()}
     ax = {k: torch.from_numpy(np.array(v)).requires_grad_(True) for k, v in aux.items()}
@@ -205,6 +206,7 @@ def refit_patch(cloud: dict[str, np.ndarray], theta: dict[str, np.ndarray], aux:
     last = torch.from_numpy(windows)
     rng = np.random.default_rng(np.random.SeedSequence([seed, MOMO_TAG, 3]))
     losses = []
+    first = None  # the proxy's loss before any step: what the inputs (device models) give
     for _ in range(epochs):
         total = 0.0
         for b in np.array_split(rng.permutation(d), max(1, -(-d // batch_devices))):
@@ -217,10 +219,12 @@ def refit_patch(cloud: dict[str, np.ndarray], theta: dict[str, np.ndarray], aux:
                 per = (F.binary_cross_entropy_with_logits(logits, _labels(logits), reduction="none")
                        + kd_weight * kd_loss(logits, teacher[b])).mean(-1)
                 loss = loss + (per * weight[b]).sum() / weight[b].sum().clamp(min=1.0)
+            if first is None:
+                first = float(loss.detach())
             opt.zero_grad()
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(b)
         losses.append(total / max(d, 1))
     return ({k: v.detach().numpy().copy() for k, v in th.items()},
-            {k: v.detach().numpy().copy() for k, v in ax.items()}, losses)
+            {k: v.detach().numpy().copy() for k, v in ax.items()}, losses, first)

@@ -322,16 +322,19 @@ def test_out_is_a_previous_run(fleetsim, tmp_path, marker):
 
 
 def test_error_after_results_keeps_them(monkeypatch, capsys, tmp_path):
-    """A strategy that fails mid-run leaves the earlier strategy's results intact and the
-    folder refuses a second run (in-process hosts instead of Ray)."""
+    """A strategy that asks the fleet for the impossible fails alone: one line, exit 1, the
+    earlier strategy's results intact, and the folder refuses a second run (in-process
+    hosts instead of Ray)."""
     monkeypatch.setattr(run_mod, "HostPool", lambda *a, **k: HostPool(*a, **{**k, "use_ray": False}))
     out = tmp_path / "out"
     code = cli.main(["run", write_experiment(tmp_path), "--out", str(out), "--no-progress",
                      "--set", "strategies.fedavg.min_available_nodes=1000"])
     _, err = capsys.readouterr()
-    assert code == 2
+    assert code == 1
     assert "Traceback" not in err
-    assert err.splitlines()[-1].startswith("fleetsim: error: round 1: the strategy waits for more devices")
+    about = [line for line in err.splitlines() if "fedavg" in line]
+    assert len(about) == 1
+    assert about[0].startswith("fleetsim: error: fedavg failed: round 1: the strategy waits for more devices")
 
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["strategies"]) == ["cloud_only", "fedavg"]
