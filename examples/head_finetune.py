@@ -1,13 +1,14 @@
 """A complete user strategy: devices fine-tune only the head (user tower) of their model.
 
-Server half: a Flower ``Strategy`` that asks a fraction of the online devices to train.
-Device half: ``train`` runs on many devices at once (``ctx.device_ids``) and returns one
-reply per device. Plug it in with ``strategies = ["examples.head_finetune:HeadFinetune"]``.
+Server half: a ``FleetStrategy`` (a Flower ``Strategy`` with fleetsim's contract,
+``strategies/base.py``) that asks a fraction of the online devices to train. Device half:
+``train`` runs on many devices at once (``ctx.device_ids``) and returns one reply per
+device. Plug it in with ``strategies = ["examples.head_finetune:HeadFinetune"]``.
 """
-from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp.strategy import Strategy
+from flwr.app import Message, MessageType, RecordDict
 
 from devices.runtime import DeviceApp, DeviceContext, Payload, train_held_models
+from strategies.base import FleetStrategy
 from strategies.common import mean_metrics, sample_fraction
 
 
@@ -20,7 +21,7 @@ def train(ctx: DeviceContext, payload: Payload) -> list[Payload]:
     return [Payload(metrics={"m": {"num-examples": int(n), "loss": float(l)}}) for n, l in zip(counts, losses)]
 
 
-class HeadFinetune(Strategy):
+class HeadFinetune(FleetStrategy):
     """Server half: pick devices, send them a config, average their reported losses."""
 
     device_app = DeviceApp({MessageType.TRAIN: train})
@@ -28,19 +29,10 @@ class HeadFinetune(Strategy):
     def __init__(self, fraction_train: float = 0.5, local_steps: int = 5) -> None:
         self.fraction_train, self.local_steps = fraction_train, local_steps
 
-    def summary(self) -> None:
-        pass
-
     def configure_train(self, server_round, arrays, config, grid):
         nodes = sample_fraction(grid, self.fraction_train, 1)
-        content = RecordDict({"config": ConfigRecord({"server-round": server_round, "local-steps": self.local_steps})})
+        content = RecordDict({"config": self.device_config(server_round)})  # server-round + local-steps
         return [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
 
     def aggregate_train(self, server_round, replies):
         return None, mean_metrics(replies)
-
-    def configure_evaluate(self, server_round, arrays, config, grid):
-        return []
-
-    def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
-        return None

@@ -33,6 +33,17 @@ def _drop_expected_flower_warning(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("fraction_evaluate is set to 0.0")
 
 
+def _version() -> str:
+    """The installed distribution's version (setup.cfg), or "unknown" when run from a
+    checkout that was never installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fleetsim")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, not usage + traceback
         self.exit(EXIT_USAGE, f"fleetsim: error: {message}\n")
@@ -40,6 +51,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fleetsim", description="Fleet-scale simulator of device-cloud collaborative learning.")
+    p.add_argument("--version", action="version", version=f"fleetsim {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     run = sub.add_parser("run", help="simulate a fleet with one or more strategies")
     run.error = p.error  # type: ignore[method-assign]

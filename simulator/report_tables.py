@@ -16,12 +16,12 @@ from simulator import metrics
 from simulator.errors import FleetsimError
 from simulator.report_stats import N_BOOT, bootstrap_mean_ci, paired_comparison
 from simulator.results import Run
+from strategies.registry import STRATEGY_COLOURS
 
 
 DEFAULT_BASELINE = "cloud_only"
 # The built-in strategies always get the same colour; others take the rest in order.
-KNOWN_COLOURS = {"cloud_only": "#7f7f7f", "local_finetune": "#1f77b4", "fedavg": "#ff7f0e",
-                 "duet": "#2ca02c", "metapatch": "#d62728", "momodistill": "#9467bd"}
+KNOWN_COLOURS = STRATEGY_COLOURS  # registered with each built-in strategy (strategies.base)
 EXTRA_COLOURS = ["#8c564b", "#e377c2", "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39",
                  "#7b4173", "#3182bd", "#e6550d", "#31a354"]
 MARKERS = ["o", "s", "D", "^", "v", "P", "X", "*", "<", ">", "h", "p"]

@@ -9,27 +9,15 @@ from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 
-from devices.runtime import DeviceApp
+from strategies.base import FleetStrategy
 
 
-class CloudOnly(Strategy):
+class CloudOnly(FleetStrategy, short_name="cloud_only", colour="#7f7f7f"):
     """No device work, no traffic: the reference every personalisation must beat."""
-
-    device_app = DeviceApp({})
-
-    def summary(self) -> None:
-        pass
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         return []
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         return None, None
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return []
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return None

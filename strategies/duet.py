@@ -36,12 +36,13 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Result, Strategy
+from flwr.serverapp.strategy import Result
 
 from devices import models
 from devices.runtime import DeviceApp, DeviceContext, Payload
 from devices.samples import SampleBuilder
 from simulator.cloud import history_rows
+from strategies.base import FleetStrategy
 from strategies.common import check_fraction, check_non_negative, check_positive, mean_metrics, sample_fraction
 from strategies.duet_generator import GeneratorConfig, UploadedSamples, generate_heads, retrain_duet, train_duet
 
@@ -63,7 +64,7 @@ def install_head(ctx: DeviceContext, payload: Payload) -> list[Payload]:
     return [Payload(metrics={"m": {"num-examples": 1}}) for _ in range(len(ctx))]
 
 
-class Duet(Strategy):
+class Duet(FleetStrategy, short_name="duet", colour="#2ca02c"):
     """Server half of DUET: select, collect windows, generate heads in one pass, install."""
 
     device_app = DeviceApp({WINDOW: upload_window, INSTALL: install_head})
@@ -90,9 +91,6 @@ class Duet(Strategy):
         self.body_version = 0  # bumped by every retraining
         self._device_body: dict[int, int] = {}  # node id -> body version it holds
         self._uploads: list[tuple[np.ndarray, np.ndarray]] = []  # (node ids, windows) since the last retrain
-
-    def summary(self) -> None:
-        pass
 
     def prepare(self, cloud) -> None:
         """Joint cloud training of body + encoder + generator on the history data."""
@@ -195,9 +193,3 @@ class Duet(Strategy):
 
     def aggregate_train(self, server_round, replies):
         return None, None
-
-    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
-        return []
-
-    def aggregate_evaluate(self, server_round, replies):
-        return None

@@ -11,6 +11,7 @@ from flwr.app import MessageType
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
 from devices.runtime import DeviceApp, DeviceContext, Payload, evaluate_received, train_held_models
+from strategies.base import FleetMixin
 from strategies.common import check_fraction, check_non_negative
 
 
@@ -28,7 +29,7 @@ def train(ctx: DeviceContext, payload: Payload) -> list[Payload]:
     ]
 
 
-class FedAvg(FlowerFedAvg):
+class FedAvg(FleetMixin, FlowerFedAvg, short_name="fedavg", colour="#ff7f0e"):
     """Flower's FedAvg with fleet-friendly defaults (10 % of online devices per round,
     no federated evaluation round: the simulator scores every device prequentially)."""
 

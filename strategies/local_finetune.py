@@ -12,9 +12,9 @@ from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 
 from devices.runtime import DeviceApp, DeviceContext, Payload, train_held_models
+from strategies.base import FleetStrategy
 from strategies.common import check_fraction, check_positive, mean_metrics, sample_fraction
 
 
@@ -27,7 +27,7 @@ def train(ctx: DeviceContext, payload: Payload) -> list[Payload]:
     return [Payload(metrics={"metrics": {"num-examples": int(n), "train_loss": float(l)}}) for n, l in zip(counts, losses)]
 
 
-class LocalFinetune(Strategy):
+class LocalFinetune(FleetStrategy, short_name="local_finetune", colour="#1f77b4"):
     """Personal fine-tuning on every participating device; nothing is aggregated."""
 
     device_app = DeviceApp({MessageType.TRAIN: train})
@@ -37,24 +37,10 @@ class LocalFinetune(Strategy):
         self.local_steps = None if local_steps is None else check_positive("local_steps", local_steps, integer=True)
         self.lr = None if lr is None else check_positive("lr", lr)
 
-    def summary(self) -> None:
-        pass
-
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         nodes = sample_fraction(grid, self.fraction_train, 1)
-        cfg = ConfigRecord({"server-round": server_round})
-        if self.local_steps is not None:
-            cfg["local-steps"] = self.local_steps
-        if self.lr is not None:
-            cfg["lr"] = self.lr
-        content = RecordDict({"config": cfg})  # one record shared by every message
+        content = RecordDict({"config": self.device_config(server_round)})  # one record shared by every message
         return [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         return None, mean_metrics(replies)
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return []
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return None

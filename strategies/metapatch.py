@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 
 from devices import models
 from devices.samples import SampleBuilder, stream_key
 from devices.runtime import DeviceApp, DeviceContext, Payload
+from strategies.base import FleetStrategy
 from strategies.common import check_fraction, check_non_negative, check_positive, mean_metrics, sample_fraction
 
 THETA_TAG = 11
@@ -161,7 +161,7 @@ def train(ctx: DeviceContext, payload: Payload) -> list[Payload]:
             for j in range(len(ctx))]
 
 
-class MetaPatch(Strategy):
+class MetaPatch(FleetStrategy, short_name="metapatch", colour="#d62728"):
     """Server half: ship Theta once, ask a fraction of online devices to train phi_u."""
 
     device_app = DeviceApp({MessageType.TRAIN: train})
@@ -179,9 +179,6 @@ class MetaPatch(Strategy):
         self.theta: dict[str, np.ndarray] | None = None
         self.phis: dict[int, np.ndarray] = {}  # uploaded metapatches, by device (MoMoDistill reads them)
 
-    def summary(self) -> None:
-        pass
-
     def prepare(self, cloud) -> None:
         self.theta = (learn_theta(cloud, self.patch_layer, self.patch_dim, epochs=self.theta_epochs)
                       if self.theta_epochs else init_theta(cloud.spec, self.patch_layer, self.patch_dim, cloud.seed))
@@ -190,13 +187,9 @@ class MetaPatch(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         nodes = sample_fraction(grid, self.fraction_train, 1)
-        cfg = {"server-round": server_round, "patch-layer": self.patch_layer, "patch-dim": self.patch_dim}
-        if self.local_steps is not None:
-            cfg["local-steps"] = self.local_steps
-        if self.lr is not None:
-            cfg["lr"] = self.lr
-        plain = RecordDict({"config": ConfigRecord(cfg)})
-        with_theta = RecordDict({"config": ConfigRecord(cfg), "theta": self._theta_record})
+        cfg = lambda: self.device_config(server_round, **{"patch-layer": self.patch_layer, "patch-dim": self.patch_dim})
+        plain = RecordDict({"config": cfg()})
+        with_theta = RecordDict({"config": cfg(), "theta": self._theta_record})
         return [Message(plain if n in self._has_theta else with_theta, dst_node_id=n, message_type=MessageType.TRAIN)
                 for n in nodes]
 
@@ -207,9 +200,3 @@ class MetaPatch(Strategy):
                 self._has_theta.add(r.metadata.src_node_id)
                 self.phis[r.metadata.src_node_id] = r.content["phi"]["phi"].numpy()
         return None, mean_metrics(replies)
-
-    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
-        return []
-
-    def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
-        return None

@@ -139,7 +139,7 @@ def evaluate(ctx: DeviceContext, payload: Payload) -> list[Payload]:
     return replies
 
 
-class MoMoDistill(MetaPatch):
+class MoMoDistill(MetaPatch, short_name="momodistill", colour="#9467bd"):
     """Server half of the full loop: MetaPatch rounds, distillation every K rounds, pushes."""
 
     device_app = DeviceApp({MessageType.TRAIN: train, MessageType.EVALUATE: evaluate})
@@ -193,13 +193,8 @@ class MoMoDistill(MetaPatch):
         self._initial_record = rec(self.initial)
 
     def _config(self, server_round: int, train: bool) -> ConfigRecord:
-        cfg = {"server-round": server_round, "patch-layer": self.patch_layer, "patch-dim": self.patch_dim,
-               "aux-history": self.aux_history, "train": train}
-        if self.local_steps is not None:
-            cfg["local-steps"] = self.local_steps
-        if self.lr is not None:
-            cfg["lr"] = self.lr
-        return ConfigRecord(cfg)
+        return self.device_config(server_round, **{"patch-layer": self.patch_layer, "patch-dim": self.patch_dim,
+                                                   "aux-history": self.aux_history, "train": train})
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         nodes = sample_fraction(grid, self.fraction_train, 1)

@@ -1,31 +1,38 @@
-"""The strategy registry: short names of the built-in strategies, and how a name in
+"""The strategy registry: the built-in strategies by short name, and how a name in
 ``experiment.strategies`` becomes a checked strategy object.
 
-A strategy is a Flower ``Strategy`` (server half) with a ``device_app``
-(``devices.runtime.DeviceApp``, device half). Built-in strategies are listed in
-``SHORT_NAMES``; any other is named by import path ``package.module:Class``.
+A built-in strategy registers itself (``class X(FleetStrategy, short_name="x",
+colour=...)``, see ``strategies.base``); the registry imports every module of this
+package once to collect them, so adding a strategy touches only its own file. Any other
+strategy is named by import path ``package.module:Class``.
 """
 from __future__ import annotations
 
 import importlib
 import inspect
 import os
+import pkgutil
 import sys
 from typing import Any
 
 from flwr.serverapp.strategy import Strategy
 
+import strategies
 from devices.errors import ConfigError
 from devices.runtime import DeviceApp
+from strategies.base import COLOURS, REGISTERED
 
-SHORT_NAMES = {
-    "cloud_only": "strategies.cloud_only:CloudOnly",
-    "local_finetune": "strategies.local_finetune:LocalFinetune",
-    "fedavg": "strategies.fedavg:FedAvg",
-    "duet": "strategies.duet:Duet",
-    "metapatch": "strategies.metapatch:MetaPatch",
-    "momodistill": "strategies.momodistill:MoMoDistill",
-}
+
+def _discover() -> None:
+    for mod in pkgutil.iter_modules(strategies.__path__):
+        importlib.import_module(f"strategies.{mod.name}")
+
+
+_discover()
+# Short name -> "module:Class", in the order modules define them (sorted by module name).
+SHORT_NAMES = {name: f"{cls.__module__}:{cls.__qualname__}" for name, cls in REGISTERED.items()}
+# Short name -> the colour that strategy keeps in every report figure.
+STRATEGY_COLOURS = dict(COLOURS)
 
 
 def resolve_strategy(name: str) -> type:

@@ -429,3 +429,12 @@ def test_process_previous_run_untouched(processes, tmp_path):
     d, result = processes["previous"]
     assert_process_error(result, f"--out {d / 'previous'}", "already holds results")
     assert snapshot(d / "previous") == fake_previous_run(tmp_path / "same")
+
+
+def test_version_is_the_installed_distributions(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fleetsim {version('fleetsim')}"

@@ -64,3 +64,30 @@ def test_the_scan_finds_an_import_inside_a_function(tmp_path):
     f = tmp_path / "m.py"
     f.write_text("def f():\n    from simulator.run import make_strategy\n    import ray\n")
     assert imports(f) == {"simulator.run", "ray"}
+
+
+def test_builtin_strategies_register_themselves_with_a_colour():
+    """A built-in strategy is one file: its class registers its short name and colour."""
+    from strategies.base import REGISTERED, FleetMixin
+    from strategies.registry import SHORT_NAMES, STRATEGY_COLOURS, resolve_strategy
+
+    expected = {"cloud_only", "local_finetune", "fedavg", "duet", "metapatch", "momodistill"}
+    assert set(SHORT_NAMES) == set(STRATEGY_COLOURS) == expected
+    assert len(set(STRATEGY_COLOURS.values())) == len(expected)  # one colour each
+    for name in expected:
+        cls = resolve_strategy(name)
+        assert cls is REGISTERED[name] and issubclass(cls, FleetMixin) and cls.short_name == name
+
+
+def test_a_second_class_cannot_take_a_registered_short_name():
+    import pytest
+
+    from strategies.base import FleetStrategy
+
+    with pytest.raises(TypeError, match="'fedavg' is taken by FedAvg"):
+        class Impostor(FleetStrategy, short_name="fedavg"):  # noqa: F841
+            def configure_train(self, server_round, arrays, config, grid):
+                return []
+
+            def aggregate_train(self, server_round, replies):
+                return None, None
