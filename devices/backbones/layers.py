@@ -1,0 +1,70 @@
+"""Operations the backbones share, batched over a leading model dimension M (see
+``devices.models``): row lookup, linear maps, LayerNorm, the MetaPatch residual patch,
+and the user tower + dot-product scoring of GRU4Rec and SASRec."""
+from __future__ import annotations
+
+import torch
+
+MASKED = -1e9  # additive attention bias of padding keys: finite, so an all-PAD window has no NaN
+
+
+def _gather(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Row lookup per model: table (M, V, ...) and ids (M, ...) -> (M, ..., rest).
+
+    Either side may have M = 1 (one shared table for many devices' ids, or one set of
+    ids looked up in many models' tables); PAD ids read row 0, which callers mask.
+    """
+    m = table.shape[0]
+    if ids.shape[0] != m and m > 1:
+        if ids.shape[0] != 1:
+            raise ValueError(f"table has {m} models but ids have {ids.shape[0]}")
+        ids = ids.expand(m, *ids.shape[1:])
+    flat = ids.reshape(m, -1)
+    rows = torch.arange(m).unsqueeze(1).expand_as(flat)
+    out = table[rows, flat.clamp(min=0)]
+    return out.reshape(*ids.shape, *table.shape[2:])
+
+
+def apply_patch(params: dict[str, torch.Tensor], h: torch.Tensor, layer: str) -> torch.Tensor:
+    """MetaPatch residual patch h <- h + (h W + b), if the params hold one for ``layer``.
+
+    ``h`` is (M, N, ..., width); W (M, width, width) and b (M, width) may hold one patch
+    per device (M = B) on a shared model (M = 1). A zero patch is the identity.
+    """
+    w = params.get(f"patch.{layer}.w")
+    if w is None:
+        return h
+    lead = [1] * (h.dim() - 3)
+    w = w.reshape(w.shape[0], *lead, *w.shape[1:])
+    b = params[f"patch.{layer}.b"].reshape(w.shape[0], *lead, 1, -1)
+    return h + torch.matmul(h, w) + b
+
+
+def head(params: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+    """GRU4Rec/SASRec head (user tower): hidden state (M, N, d) -> user vector (M, N, d)."""
+    h = apply_patch(params, h, "encoder")
+    u = apply_patch(params, torch.relu(torch.matmul(h, params["head.w1"]) + params["head.b1"].unsqueeze(1)), "head.1")
+    return torch.matmul(u, params["head.w2"]) + params["head.b2"].unsqueeze(1)
+
+
+def score(params: dict[str, torch.Tensor], user: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Logits of candidates (M, N, C) for user vectors (M, N, d)."""
+    e = _gather(params["item_emb"], candidates)  # (M, N, C, d)
+    t = torch.matmul(e, params["target.w"].unsqueeze(1))
+    return (t * user.unsqueeze(2)).sum(-1) + _gather(params["item_bias"], candidates)
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, ..., i) @ w (M, i, o) [+ b (M, o)] -> (M, ..., o) as one bmm (M = 1 broadcasts)."""
+    y = torch.matmul(x.reshape(x.shape[0], -1, x.shape[-1]), w)
+    y = y.reshape(y.shape[0], *x.shape[1:-1], w.shape[-1])
+    if b is not None:
+        y = y + b.reshape(b.shape[0], *([1] * (x.dim() - 2)), b.shape[-1])
+    return y
+
+
+def _layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """LayerNorm over the last dim with per-model gain and bias w, b (M, d)."""
+    y = torch.nn.functional.layer_norm(x, x.shape[-1:])
+    shape = (w.shape[0], *([1] * (x.dim() - 2)), w.shape[-1])
+    return y * w.reshape(shape) + b.reshape(shape)

@@ -1,0 +1,32 @@
+"""The backbone type and registry (see ``devices.backbones``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """One recommender backbone (all functions take params with a leading model dim M)."""
+
+    name: str
+    marker: str  # a parameter only this backbone has
+    shapes: Callable[[Any], dict[str, tuple[int, ...]]]  # spec -> its parameters' shapes (item tables excluded)
+    head_keys: tuple[str, ...]  # DUET's dynamic part; the rest is the body
+    logits: Callable[..., torch.Tensor]  # (params, windows (M,N,L), candidates (M,N,C)) -> (M,N,C)
+    # the body's output (M, N, d) when it does not look at the candidate, else None (DIN)
+    body: Callable[..., torch.Tensor] | None = None
+    head1_width: Callable[[Any], int] | None = None  # width after the first head layer (default: dim)
+    check: Callable[[Any], None] | None = None  # extra checks of a ModelSpec
+
+
+REGISTRY: dict[str, Backbone] = {}
+
+
+def register(backbone: Backbone) -> Backbone:
+    if backbone.name in REGISTRY:
+        raise ValueError(f"backbone {backbone.name!r} is registered twice")
+    REGISTRY[backbone.name] = backbone
+    return backbone
