@@ -1,7 +1,7 @@
 """Benchmark: build a ``fleetsim report`` for 100,000 devices x 20 rounds x 4 strategies.
 
 Nothing is simulated: a run directory is synthesised with random but plausible per-device
-records and written through ``simulator.results.RunWriter`` (so the layout is exactly what
+records and written through ``simulator.writer.RunWriter`` (so the layout is exactly what
 ``fleetsim run`` writes); ``summary.json`` is computed from those records with
 ``simulator.metrics.summarize`` as a run would. Then ``fleetsim report RUN --out RUN/report``
 runs in a fresh process (imports included, as a user sees it) and its wall time is printed.
@@ -27,7 +27,7 @@ import pandas as pd
 
 from devices.data import DriftEvent, Timeline
 from simulator import config, metrics
-from simulator.results import RunWriter
+from simulator.writer import RunWriter
 
 # name -> (fraction of online devices selected, MB down, MB up, GFLOPs per selected device, AUC shift)
 STRATEGIES = {

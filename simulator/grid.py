@@ -223,10 +223,7 @@ class FleetGrid(Grid):
         if self.on_round:
             self.on_round(result)
         if self.replies_quarantined and not self.replies_finite:
-            raise NonFiniteError(
-                "device training", "device.lr (or the strategy's lr / local_steps)",
-                f"round {self.round}: every device reply was non-finite or diverged ({self.replies_quarantined} "
-                f"quarantined, none aggregated)", round=self.round)
+            raise self._all_quarantined(self.replies_quarantined)
 
     def _draw_online(self) -> None:
         tl = self.fleet.timeline
@@ -350,14 +347,6 @@ class FleetGrid(Grid):
                 replies.append(Message(Error(code=ERR_OFFLINE, reason="offline"), reply_to=m))
             else:
                 replies.append(Message(Error(code=ERR_DROPPED, reason="dropped out"), reply_to=m))
-        n_quarantined = int(quarantined.sum())
-        if n_quarantined and n_quarantined == sum(p is not None for p in reply_payload):
-            self.finish_round()  # nothing usable came back: stop before the strategy aggregates
-            raise NonFiniteError(
-                "device training", "device.lr (or the strategy's lr / local_steps)",
-                f"round {self.round}: every device reply was non-finite or diverged ({n_quarantined} quarantined, "
-                f"none aggregated)",
-                round=self.round)
         for ce in code_errors:
             if self.on_code_error:
                 self.on_code_error(ce)
@@ -365,10 +354,18 @@ class FleetGrid(Grid):
             try:
                 self.finish_round()  # the round's records so far, errors included, are kept
             except NonFiniteError:
-                pass  # the code error is reported: it came first
-            first = code_errors[0]
-            raise DeviceCodeError(first, devices=sum(c.devices for c in code_errors))
+                pass  # the code error is the one reported
+            raise DeviceCodeError(code_errors[0], devices=sum(c.devices for c in code_errors))
+        n_quarantined = int(quarantined.sum())
+        if n_quarantined and n_quarantined == sum(p is not None for p in reply_payload):
+            self.finish_round()  # nothing usable came back: stop before the strategy aggregates
+            raise self._all_quarantined(n_quarantined)
         return replies
+
+    def _all_quarantined(self, n: int) -> NonFiniteError:
+        return NonFiniteError("device training", "device.lr (or the strategy's lr / local_steps)",
+                              f"round {self.round}: every device reply was non-finite or diverged ({n} quarantined, "
+                              f"none aggregated)", round=self.round)
 
 
 def _server_round(m: Message) -> int | None:

@@ -48,7 +48,7 @@ from simulator.cloud import history_rows, train_cloud_model
 from simulator.config import ExperimentConfig
 from simulator.errors import FleetsimError
 from simulator.metrics import device_metrics
-from simulator.results import RunWriter, write_json
+from simulator.writer import RunWriter, write_json
 from strategies.duet_generator import GeneratorConfig, duet_logits, train_duet
 from strategies.registry import make_strategy
 

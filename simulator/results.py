@@ -13,7 +13,7 @@ Layout of a run directory::
                                        (rewritten atomically after every round)
     DIR/.fleetsim-run.pid              the driver's pid while the run is in progress
 
-Each part file is written to a temporary name and renamed, so a crash loses at most
+``simulator.writer.RunWriter`` writes it. Each part file is written to a temporary name and renamed, so a crash loses at most
 the round in flight and never leaves a half-written file. Every file is readable by
 all (0644 under the usual umask), like any other file the user writes.
 
@@ -28,18 +28,15 @@ strategy, drift events) for reports and notebooks.
 from __future__ import annotations
 
 import json
-import math
 import os
-import tempfile
 import tomllib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from simulator.errors import FleetsimError
 
@@ -48,157 +45,17 @@ STATUSES = ("pending", "running", "complete", "failed", "interrupted")
 PID_FILE = ".fleetsim-run.pid"
 
 
-def _file_mode() -> int:
-    """0666 less the process umask: what ``open()`` would give a new file (mkstemp gives 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        return None if not math.isfinite(float(x)) else float(x)
-    return x
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """JSON with NaN written as null, replaced atomically."""
-    _atomic_write_bytes(path, json.dumps(_jsonable(obj), indent=2, sort_keys=False).encode())
-
-
-def _write_part(folder: Path, name: str, table: pa.Table) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, folder / name)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def strategy_dirname(name: str) -> str:
     """A folder name for a strategy (import paths contain ':' and '.')."""
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
 
 
-class RunWriter:
-    """Owns one run directory; refuses to write into one that already holds results.
-
-    The constructor only checks ``out`` (nothing is written); ``create()`` makes the
-    folder once the run is sure to start, so bad input never leaves anything behind.
-    """
-
-    def __init__(self, out: str | Path) -> None:
-        self.dir = Path(out)
-        self._created = not self.dir.exists()
-        if self.dir.exists() and not self.dir.is_dir():
-            raise FleetsimError(f"--out {self.dir}: exists and is not a directory")
-        if (self.dir / "config.toml").exists() or (self.dir / "summary.json").exists():
-            raise FleetsimError(f"--out {self.dir}: already holds results; choose another directory")
-        existing = self.dir
-        while not existing.exists() and existing != existing.parent:
-            existing = existing.parent
-        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-            raise FleetsimError(f"--out {self.dir}: not writable ({existing} is not a writable directory)")
-        self.summary: dict[str, Any] = {"layout_version": LAYOUT_VERSION, "strategies": {}}
-        self._logged: set[tuple[str, str]] = set()
-
-    def create(self, mark_running: bool = True) -> None:
-        """Make the run folder and (``mark_running``) mark it as in progress (``PID_FILE``)."""
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            if mark_running:
-                _atomic_write_bytes(self.dir / PID_FILE, f"{os.getpid()} {_start_time(os.getpid())}".encode())
-        except OSError as exc:
-            raise FleetsimError(f"--out {self.dir}: not writable ({exc.strerror or exc})") from None
-
-    def release(self) -> None:
-        """The run is over (finished, failed or interrupted): drop the in-progress mark."""
-        try:
-            (self.dir / PID_FILE).unlink()
-        except FileNotFoundError:
-            pass
-
-    def discard_if_empty(self) -> None:
-        """Remove the run folder again if this writer created it and wrote nothing."""
-        if self._created and self.dir.is_dir() and not any(self.dir.iterdir()):
-            self.dir.rmdir()
-
-    def append_error_log(self, strategy: str, headline: str, tb: str, once_key: str | None = None) -> Path:
-        """Append a headline and a traceback to ``<strategy>/error.log`` (each ``once_key``
-        once); returns the log's path."""
-        folder = self.dir / strategy_dirname(strategy)
-        path = folder / "error.log"
-        if once_key is not None:
-            if (strategy, once_key) in self._logged:
-                return path
-            self._logged.add((strategy, once_key))
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            f.write(f"== {headline}\n{tb.rstrip()}\n\n" if tb else f"== {headline}\n\n")
-        return path
-
-    def write_config(self, toml_text: str) -> None:
-        _atomic_write_bytes(self.dir / "config.toml", toml_text.encode())
-
-    def write_fleet(self, fleet) -> None:
-        tl = fleet.timeline
-        write_json(self.dir / "fleet.json", {
-            "source": fleet.source, "n_devices": fleet.n_devices, "n_items": fleet.interactions.n_items,
-            "history_end_s": tl.history_end, "round_seconds": tl.round_seconds, "n_rounds": tl.n_rounds,
-            "start_clock_s": tl.start_clock, "drift_events": [asdict(e) for e in tl.drift_events],
-            "bucket_thresholds": fleet.bucket_thresholds,
-        })
-        pr = fleet.profiles
-        table = pa.table({
-            "device_id": np.arange(fleet.n_devices, dtype=np.int64),
-            "history_interactions": fleet.history_counts,
-            "interactions": fleet.interactions.counts,
-            "bucket": np.asarray(fleet.buckets, dtype=str),
-            "tier": np.asarray(pr.tier, dtype=np.int8), "flops": pr.flops, "down_bps": pr.down_bps,
-            "up_bps": pr.up_bps, "rtt_s": pr.rtt_s, "tz_offset_h": pr.tz_offset_h, "failure_p": pr.failure_p,
-        })
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".", suffix=".tmp")
-        os.close(fd)
-        pq.write_table(table, tmp)
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, self.dir / "fleet_devices.parquet")
-
-    def write_round(self, strategy: str, result) -> None:
-        """Append one round of one strategy (device rows + the round's fleet facts)."""
-        folder = self.dir / strategy_dirname(strategy)
-        df = pd.DataFrame(result.devices)
-        _write_part(folder / "devices.parquet", f"round-{result.round:05d}.parquet",
-                    pa.Table.from_pandas(df, preserve_index=False))
-        _write_part(folder / "rounds.parquet", f"round-{result.round:05d}.parquet",
-                    pa.Table.from_pylist([result.info]))
-
-    def write_summary(self, strategy: str, summary: dict[str, Any]) -> None:
-        self.summary["strategies"][strategy] = summary
-        write_json(self.dir / "summary.json", self.summary)
+def _start_time(pid: int) -> int:
+    """A process's start time in clock ticks (Linux ``/proc``; 0 elsewhere)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def read_devices(run_dir: str | Path, strategy: str) -> pd.DataFrame:
@@ -353,14 +210,6 @@ def load_run(run_dir: str | Path) -> Run:
         devices=_with_strategy(devices, strategies), rounds=_with_strategy(rounds, strategies),
         strategies=strategies, status=status,
     )
-
-
-def _start_time(pid: int) -> int:
-    """A process's start time in clock ticks (Linux ``/proc``; 0 elsewhere)."""
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 def _driver_alive(path: Path) -> bool:

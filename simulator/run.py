@@ -26,7 +26,7 @@ from simulator.fleet import Fleet, build_fleet
 from simulator.grid import CodeError, FleetGrid, RoundResult, flower_patched
 from simulator.records import array_record
 from strategies.registry import make_strategy, resolve_strategy  # noqa: F401 (re-exported)
-from simulator.results import RunWriter
+from simulator.writer import RunWriter
 
 
 @contextmanager
