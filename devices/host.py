@@ -378,7 +378,7 @@ class DeviceHost:
                                      type(exc).__name__, traceback.format_exc()))
                 continue
             nonfinite = nonfinite_replies(replies)
-            diverged = diverged_replies(replies) & ~nonfinite
+            diverged = (diverged_replies(replies) | ctx.diverged) & ~nonfinite
             bad = nonfinite | diverged
             if bad.any():
                 self._rollback(local[bad], (snap[0][bad], *snap[1:]))

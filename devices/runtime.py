@@ -100,6 +100,12 @@ class DeviceContext:
         self.settings = host.settings
         self.seed = host.seed
         self.flops = np.zeros(len(self.local), dtype=np.float64)
+        self.diverged = np.zeros(len(self.local), dtype=bool)
+
+    def mark_diverged(self, mask: np.ndarray) -> None:
+        """Flag devices whose local training diverged: the host quarantines their replies
+        (and rolls back their state) even if every number in the reply is finite."""
+        self.diverged |= np.asarray(mask, dtype=bool)
 
     def __len__(self) -> int:
         return len(self.local)
@@ -207,7 +213,7 @@ def train_held_models(ctx: DeviceContext, steps: int, lr: float,
     held = ctx.held_params()
     b = len(ctx)
     chunk = max(1, int(256e6 // (4 * ctx.spec.n_params())))
-    parts, losses = [], []
+    parts, losses, final = [], [], []
     for c in range(0, b, chunk):
         sl = slice(c, min(c + chunk, b))
         n = sl.stop - sl.start
@@ -219,6 +225,8 @@ def train_held_models(ctx: DeviceContext, steps: int, lr: float,
             full = v[sl] if v.shape[0] == b and b > 1 else v.expand(n, *v.shape[1:])
             p[k] = full[dev, rows] if k in ITEM_TABLES else full
         new, loss = models.sgd_train(p, torch.from_numpy(lw), torch.from_numpy(lc), weight[sl], steps, lr, trainable)
+        with torch.no_grad():  # where the last step left each model (the reported loss is from before it)
+            final.append(models.bce_loss(models.forward(new, torch.from_numpy(lw), torch.from_numpy(lc)), weight[sl]))
         valid = torch.from_numpy(items >= 0)
         for k in ITEM_TABLES:
             v = held[k]
@@ -229,7 +237,15 @@ def train_held_models(ctx: DeviceContext, steps: int, lr: float,
         losses.append(loss)
     out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     ctx.count_train(counts, steps, cand.shape[-1])
+    if hasattr(ctx, "mark_diverged"):
+        ctx.mark_diverged(diverged_losses(torch.cat(final).numpy()))
     return out, torch.cat(losses).numpy(), counts
+
+
+def diverged_losses(losses: np.ndarray) -> np.ndarray:
+    """Which losses are NaN/Inf or above ``models.DIVERGED_LOSS`` (training diverged)."""
+    losses = np.asarray(losses, dtype=np.float64)
+    return ~np.isfinite(losses) | (losses > models.DIVERGED_LOSS)
 
 
 @torch.no_grad()

@@ -118,7 +118,12 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()
             os._exit(EXIT_USAGE)
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        from simulator.errors import Terminated
+
+        if isinstance(exc, Terminated):
+            print("fleetsim: terminated (SIGTERM); rounds already written are kept", file=sys.stderr)
+            return 143
         print("fleetsim: interrupted; rounds already written are kept", file=sys.stderr)
         return 130
 

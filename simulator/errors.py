@@ -13,6 +13,10 @@ class RayAddressError(FleetsimError):
     hard_exit = True
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: handled like Ctrl-C (the strategy in flight is marked ``interrupted``)."""
+
+
 class StrategyFailure(Exception):
     """A strategy cannot go on; the run records it as ``failed`` and runs the next one.
 

@@ -21,7 +21,7 @@ from devices.pool import HostPool, RayUnreachable, init_ray
 from simulator import metrics
 from simulator.cloud import CloudContext, train_cloud_model
 from simulator.config import ExperimentConfig
-from simulator.errors import FleetsimError, NonFiniteError, RayAddressError, StrategyFailure
+from simulator.errors import FleetsimError, NonFiniteError, RayAddressError, StrategyFailure, Terminated
 from simulator.fleet import Fleet, build_fleet
 from simulator.grid import CodeError, FleetGrid, RoundResult, flower_patched
 from simulator.records import array_record
@@ -155,11 +155,13 @@ def run_experiment(cfg: ExperimentConfig, out: str, *, ray_address: str | None =
         f"ready in {time.perf_counter() - t0:.1f} s {trained}")
     new_pool = lambda: HostPool(fleet.interactions, fleet.timeline, spec, cfg.device, seed, n_hosts=cfg.experiment.hosts,
                                 use_ray=use_ray, ray_address=ray_address)
-    pool = new_pool()
     n_rounds = fleet.timeline.n_rounds
     cloud = CloudContext(fleet.interactions, fleet.timeline.history_end, spec, initial, seed,
                          epochs=c.epochs, lr=c.lr, batch_size=c.batch_size, negatives=c.negatives)
+    pool = None
     try:
+        pool = new_pool()
+        restore = _terminate_on_sigterm()  # after ray.init: Ray's own handler would call sys.exit
         from tqdm import tqdm
 
         bar = tqdm(total=n_rounds * len(strategies), disable=not progress, unit="round", dynamic_ncols=True)
@@ -170,10 +172,28 @@ def run_experiment(cfg: ExperimentConfig, out: str, *, ray_address: str | None =
                 pool.shutdown()
                 pool = new_pool()
         bar.close()
+        restore()
     finally:
-        pool.shutdown()
+        if pool is not None:
+            pool.shutdown()
         writer.release()
     return writer.summary
+
+
+def _terminate_on_sigterm():
+    """SIGTERM raises ``Terminated`` (a KeyboardInterrupt) in the main thread, so a killed run
+    ends like Ctrl-C: the strategy in flight is marked interrupted. Returns the restorer."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def run_strategy(name: str, strategy: Strategy, fleet: Fleet, pool: HostPool, cloud: CloudContext,
@@ -236,6 +256,9 @@ def run_strategy(name: str, strategy: Strategy, fleet: Fleet, pool: HostPool, cl
         else:
             failure = server_failure(exc, grid.round)
         status = "failed"
+    except BaseException:  # SystemExit and the like: the strategy did not complete
+        status = "interrupted"
+        raise
     finally:
         if status == "failed":
             try:
@@ -250,6 +273,9 @@ def run_strategy(name: str, strategy: Strategy, fleet: Fleet, pool: HostPool, cl
         failed_in = failure.info.get("round") if failure is not None else None
         done = sum(1 for r in grid.results if not failed_in or r.round < failed_in)  # the failed round is not complete
         state.end(name, summary, status, failure, rounds=done)
+        if summary.get("quarantined") and not (failure is not None and failure.info.get("kind") == "non-finite"):
+            log(f"fleetsim: warning: {name}: {summary['quarantined']} device replies were quarantined (non-finite or "
+                f"diverged updates, never aggregated; quarantined in rounds.parquet); look at device.lr")
         if summary.get("nonfinite_score_device_rounds"):
             log(f"fleetsim: warning: {name}: {summary['nonfinite_score_device_rounds']} device-rounds were scored by a "
                 f"model that emits NaN/Inf; their metrics are NaN and left out of every mean (nonfinite in devices.parquet)")

@@ -27,7 +27,7 @@ from flwr.serverapp import Grid
 
 from devices import models
 from devices.samples import SampleBuilder, stream_key
-from devices.runtime import DeviceApp, DeviceContext, Payload
+from devices.runtime import DeviceApp, DeviceContext, Payload, diverged_losses
 from strategies.base import FleetStrategy
 from strategies.common import check_fraction, check_non_negative, check_positive, mean_metrics, sample_fraction
 
@@ -102,8 +102,9 @@ def patch_from_phi(theta: dict[str, torch.Tensor], phi: torch.Tensor, layer: str
 
 
 def train_phi(held: dict[str, torch.Tensor], theta: dict[str, torch.Tensor], phi: torch.Tensor, win, cand, weight,
-              layer: str, steps: int, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``steps`` SGD steps on phi (B, k) only; the model and Theta are constants."""
+              layer: str, steps: int, lr: float, final: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``steps`` SGD steps on phi (B, k) only; the model and Theta are constants. With
+    ``final`` (a list), the loss after the last step is appended to it."""
     phi = phi.detach().clone().requires_grad_(True)
     frozen = {k: v.detach() for k, v in held.items()}
     theta = {k: v.detach() for k, v in theta.items()}
@@ -117,6 +118,11 @@ def train_phi(held: dict[str, torch.Tensor], theta: dict[str, torch.Tensor], phi
         (grad,) = torch.autograd.grad(losses.sum(), [phi])
         with torch.no_grad():
             phi -= lr * grad
+    if final is not None:
+        with torch.no_grad():
+            p = {**frozen, **patch_from_phi(theta, phi, layer)}
+            out = models.forward(p, win, cand) if h is None else models.forward_from_body(p, h, cand)
+            final.append(models.bce_loss(out, weight))
     return phi.detach(), losses.detach()
 
 
@@ -131,14 +137,17 @@ def train_local_phi(ctx: DeviceContext, theta: dict[str, torch.Tensor], phi0: to
     # Devices sorted by sample count and trained in chunks, each padded only to its own
     # longest device: padding rows cost as much as real ones (10k devices x 5 steps: 13.5 s -> 4.2 s).
     order = np.argsort(counts, kind="stable")
-    phi, losses = torch.empty_like(phi0), torch.empty(b)
+    phi, losses, final = torch.empty_like(phi0), torch.empty(b), torch.empty(b)
     for c in range(0, b, PHI_CHUNK):
         sel = order[c : c + PHI_CHUNK]
         idx, n = torch.from_numpy(sel), max(int(counts[sel].max()), 1)
         part = {k: v[idx] if v.shape[0] == b and b > 1 else v for k, v in held.items()}
+        last: list = []
         phi[idx], losses[idx] = train_phi(part, theta, phi0[idx], win[idx, :n], cand[idx, :n], weight[idx, :n],
-                                          layer, steps, lr)
+                                          layer, steps, lr, final=last)
+        final[idx] = last[0]
     ctx.count_train(counts, steps, cand.shape[-1])
+    ctx.mark_diverged(diverged_losses(final.numpy()))
     return phi, losses, counts
 
 

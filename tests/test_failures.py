@@ -276,6 +276,28 @@ def test_diverging_device_training_is_quarantined(monkeypatch, tmp_path, strateg
     assert np.isfinite(scored["auc"].dropna()).all() and len(scored["auc"].dropna()) > 0
 
 
+@pytest.mark.parametrize("strategy", ["local_finetune", "metapatch"])
+def test_divergence_in_the_last_step_is_quarantined_and_said(monkeypatch, tmp_path, strategy):
+    """One SGD step at lr 1e6: the loss a device reports is from before the step, so only
+    the loss where the step left the model shows the divergence; those replies are
+    quarantined (state rolled back: every held model keeps scoring finite) and one
+    warning line says so."""
+    in_process(monkeypatch)
+    lines: list[str] = []
+    cfg = small_config(experiment={"strategies": [strategy]}, device={"lr": 1e6, "local_steps": 1},
+                       data={"n_devices": 80, "n_rounds": 2}, profiles={"failure_rate": 0.0})
+    summary = run_experiment(cfg, str(tmp_path / "out"), use_ray=False, progress=False, log=lines.append)
+    rounds = read_rounds(tmp_path / "out", strategy)
+    assert rounds["quarantined"].iloc[0] > 0
+    assert rounds["nonfinite_scores"].sum() == 0
+    warned = [line for line in lines if line.startswith(f"fleetsim: warning: {strategy}:")]
+    s = summary["strategies"][strategy]
+    if s["status"] == "complete":
+        assert len(warned) == 1 and f"{s['quarantined']} device replies were quarantined" in warned[0]
+    else:  # every reply diverged: it stopped, naming the stage
+        assert s["error"]["stage"] == "device training"
+
+
 def test_every_reply_quarantined_stops_with_the_stage(monkeypatch, tmp_path):
     """A round in which no reply is finite stops the strategy naming device training and
     device.lr; the round's records (all quarantined) are kept."""
@@ -403,7 +425,10 @@ def test_kill_9_leaves_no_process_and_a_readable_partial_run(tmp_path):
     assert "Not complete: local_finetune (interrupted" in (tmp_path / "rep" / "report.html").read_text()
 
 
-def test_ctrl_c_marks_the_strategy_in_flight_interrupted(tmp_path):
+@pytest.mark.parametrize("sig, code, last_line", [
+    (signal.SIGINT, 130, "fleetsim: interrupted; rounds already written are kept"),
+    (signal.SIGTERM, 143, "fleetsim: terminated (SIGTERM); rounds already written are kept")])
+def test_ctrl_c_or_sigterm_marks_the_strategy_in_flight_interrupted(tmp_path, sig, code, last_line):
     exp = experiment(tmp_path, ["cloud_only", "local_finetune", "fedavg"], n_devices=500, n_rounds=100)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-m", "simulator.cli", "run", str(exp), "--out", "out", "--no-progress"],
@@ -411,14 +436,14 @@ def test_ctrl_c_marks_the_strategy_in_flight_interrupted(tmp_path):
     parts = tmp_path / "out" / "local_finetune" / "rounds.parquet"
     try:
         assert _wait_for(lambda: parts.is_dir() and len(list(parts.glob("round-*.parquet"))) >= 2, 240)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130
+    assert proc.returncode == code
     no_traceback(err)
-    assert err.splitlines()[-1] == "fleetsim: interrupted; rounds already written are kept"
+    assert err.splitlines()[-1] == last_line
     s = json.loads((tmp_path / "out" / "summary.json").read_text())["strategies"]
     assert [v["status"] for v in s.values()] == ["complete", "interrupted", "pending"]  # fedavg never started
     done = s["local_finetune"]["rounds_completed"]
