@@ -229,6 +229,7 @@ def run_strategy(name: str, strategy: Strategy, fleet: Fleet, pool: HostPool, cl
     result, failure, status, hosts_lost = None, None, "complete", False
     try:
         pool.reset(initial)
+        t_start = t_prepared = time.perf_counter()  # a strategy's wall time starts with its hosts ready
         prepare = getattr(strategy, "prepare", None)
         if prepare is not None:  # cloud-side training before round 1 (DUET, MoMoDistill)
             prepare(cloud)

@@ -121,8 +121,9 @@ def train_phi(held: dict[str, torch.Tensor], theta: dict[str, torch.Tensor], phi
     if final is not None:
         with torch.no_grad():
             p = {**frozen, **patch_from_phi(theta, phi, layer)}
-            out = models.forward(p, win, cand) if h is None else models.forward_from_body(p, h, cand)
-            final.append(models.bce_loss(out, weight))
+            out = (models.forward(p, win[:, :1], cand[:, :1]) if h is None  # first sample: see train_held_models
+                   else models.forward_from_body(p, h[:, :1], cand[:, :1]))
+            final.append(models.bce_loss(out, weight[:, :1]))
     return phi.detach(), losses.detach()
 
 
