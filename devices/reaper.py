@@ -27,19 +27,23 @@ import time
 POLL_S = 0.5
 
 
+def proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state letter, parent pid, start time in clock ticks) of a process from
+    ``/proc/<pid>/stat``, or None if it does not exist (or there is no /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # the name in () may hold spaces
+        return fields[0], int(fields[1]), int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _process_table() -> dict[int, tuple[int, int]]:
     """pid -> (parent pid, start time in clock ticks) of every process in /proc."""
     out = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        out[int(entry)] = (int(fields[1]), int(fields[19]))
+        if entry.isdigit() and (st := proc_stat(int(entry))) is not None:
+            out[int(entry)] = (st[1], st[2])
     return out
 
 

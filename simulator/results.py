@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from devices.reaper import proc_stat
 from simulator.errors import FleetsimError
 
 LAYOUT_VERSION = 2  # 2: strategy status, errors / quarantined counts, nonfinite scores
@@ -52,10 +53,8 @@ def strategy_dirname(name: str) -> str:
 
 def _start_time(pid: int) -> int:
     """A process's start time in clock ticks (Linux ``/proc``; 0 elsewhere)."""
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return 0
+    st = proc_stat(pid)
+    return st[2] if st else 0
 
 
 def read_devices(run_dir: str | Path, strategy: str) -> pd.DataFrame:
@@ -225,12 +224,10 @@ def _driver_alive(path: Path) -> bool:
         return False
     except PermissionError:
         pass
-    if start and _start_time(pid) != start:
-        return False
-    try:  # a zombie (killed, not yet reaped by its parent) is not running
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
+    st = proc_stat(pid)
+    if st is None:
+        return not start  # no /proc to look in: trust the pid
+    return st[0] != "Z" and (not start or st[2] == start)  # a zombie (killed, unreaped) is not running
 
 
 def _summary_from_records(devices: pd.DataFrame, rounds: pd.DataFrame, fleet: dict[str, Any]) -> dict[str, Any]:

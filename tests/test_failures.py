@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 
 import simulator.run as run_mod
-from devices.host import DeviceHost, nonfinite_replies
+from devices.host import nonfinite_replies
 from devices.pool import HostPool
 from devices.reaper import descendants
 from devices.runtime import Payload
@@ -454,10 +454,10 @@ def test_ctrl_c_or_sigterm_marks_the_strategy_in_flight_interrupted(tmp_path, si
 
 
 def _start_time(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
+    from devices.reaper import proc_stat
+
+    st = proc_stat(pid)
+    return st[2] if st else None
 
 
 def test_result_files_are_readable_by_all(tmp_path, monkeypatch):
@@ -603,7 +603,7 @@ def test_a_running_strategy_is_interrupted_once_its_driver_is_gone(tmp_path, mon
     summary = json.loads((out / "summary.json").read_text())
     summary["strategies"]["cloud_only"] = {"status": "running", "rounds_completed": 2}
     (out / "summary.json").write_text(json.dumps(summary))
-    me = Path(f"/proc/{os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    me = _start_time(os.getpid())
     (out / ".fleetsim-run.pid").write_text(f"{os.getpid()} {me}")
     assert load_run(out).status == {"cloud_only": "running"}
     (out / ".fleetsim-run.pid").write_text(f"{os.getpid()} 1")  # same pid, another process
