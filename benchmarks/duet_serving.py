@@ -32,26 +32,25 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from devices.models import ModelSpec
     from simulator import config
-    from simulator.cloud import CloudContext, train_cloud_model
-    from simulator.fleet import build_fleet
+    from simulator.fleetrun import FleetRun
     from simulator.run import make_strategy
 
     torch.set_num_threads(1)
     logging.getLogger("flwr").setLevel(logging.WARNING)
     cfg = config.from_dict({
-        "experiment": {"strategies": ["duet"], "seed": 0},
+        "experiment": {"strategies": ["duet"], "seed": 0, "deadline_s": 1e9},
+        "cloud": {"epochs": 1},
         "data": {"n_devices": args.devices, "n_rounds": 2},
         "model": {"backbone": args.backbone},
         "profiles": {"online_peak": 1.0, "online_trough": 1.0, "failure_rate": 0.0},
     })
-    fleet = build_fleet(cfg)
-    spec = ModelSpec(n_items=fleet.interactions.n_items, backbone=args.backbone)
-    initial, _ = train_cloud_model(fleet.interactions, fleet.timeline.history_end, spec, epochs=1, lr=0.005,
-                                   batch_size=512, negatives=4, seed=0)
+    run = FleetRun(cfg)
+    fleet = run.build_fleet()
+    run.train_cloud()
+    spec = run.spec
     duet = make_strategy("duet", {"epochs": 1, "fraction_train": 1.0})
-    duet.prepare(CloudContext(fleet.interactions, fleet.timeline.history_end, spec, initial, 0))
+    duet.prepare(run.cloud)
 
     rng = np.random.default_rng(0)
     windows = rng.integers(0, spec.n_items, size=(args.devices, spec.window))
@@ -68,21 +67,20 @@ def main() -> None:
           f"= {1e3 * gen / args.devices:.4f} ms/device (paper: 0.34 ms)  target <= 2 s: {'ok' if gen <= 2 else 'MISSED'}")
 
     if not args.skip_round:
-        from devices.pool import HostPool
-        from simulator.grid import FleetGrid, flower_patched
+        from simulator.grid import flower_patched
 
-        pool = HostPool(fleet.interactions, fleet.timeline, spec, cfg.device, 0)
+        pool = run.start_pool()
         rounds = []
         for rep in range(args.repeats):
-            pool.reset(initial)
+            pool.reset(run.initial)
             duet._has_body = set()
-            grid = FleetGrid(fleet, pool, duet.device_app, seed=0, deadline_s=1e9)
+            grid = run.new_grid(duet)
             with flower_patched(grid, 0):
                 grid.begin_round(1)
                 t = time.perf_counter()
                 metrics = duet.round(grid, 1)
                 rounds.append(time.perf_counter() - t)
-        pool.shutdown()
+        run.close()
         r = statistics.median(rounds)
         out.update(round_s_median=r, round_s_all=rounds, installed=int(metrics["installed"]))
         print(f"DUET round  {args.devices:,} devices through FleetGrid (upload + generate + install)  "

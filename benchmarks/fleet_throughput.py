@@ -42,13 +42,10 @@ os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
 import numpy as np  # noqa: E402
 
 import simulator.grid as grid_module  # noqa: E402
-from devices.models import ModelSpec  # noqa: E402
 from devices.pool import HostPool  # noqa: E402
 from simulator import config  # noqa: E402
-from simulator.cloud import train_cloud_model  # noqa: E402
-from simulator.fleet import build_fleet  # noqa: E402
-from simulator.grid import FleetGrid, flower_patched  # noqa: E402
-from simulator.records import array_record  # noqa: E402
+from simulator.fleetrun import FleetRun  # noqa: E402
+from simulator.grid import FleetGrid  # noqa: E402
 from simulator.run import make_strategy  # noqa: E402
 
 
@@ -198,18 +195,16 @@ def new_strategy(cfg):
     return make_strategy("fedavg", cfg.strategies["fedavg"])
 
 
-def run_fleetgrid(cfg, fleet, spec, initial, args) -> dict[str, Any]:
+def run_fleetgrid(run: FleetRun, args) -> dict[str, Any]:
     import ray
 
     t0 = time.perf_counter()
-    pool = HostPool(fleet.interactions, fleet.timeline, spec, cfg.device, cfg.experiment.seed,
-                    n_hosts=cfg.experiment.hosts, use_ray=True)
-    pool.reset(initial)
+    pool = run.start_pool()
+    pool.reset(run.initial)
     pool_s = time.perf_counter() - t0
-    strategy = new_strategy(cfg)
+    strategy = new_strategy(run.cfg)
     timer = RoundTimer(strategy)
-    grid = FleetGrid(fleet, pool, strategy.device_app, seed=cfg.experiment.seed,
-                     deadline_s=cfg.experiment.deadline_s, wait_s=cfg.experiment.wait_s)
+    grid = run.new_grid(strategy)
     # rounds as the strategy counts them: a round "ends" after aggregate_train
     current = {"r": 1}
     watch = Stopwatch(lambda: current["r"])
@@ -229,15 +224,15 @@ def run_fleetgrid(cfg, fleet, spec, initial, args) -> dict[str, Any]:
     if profiler is not None and args.profile == 1:
         profiler.enable()
     try:
-        with flower_patched(grid, cfg.experiment.seed):
-            strategy.start(grid=grid, initial_arrays=array_record(initial), num_rounds=args.rounds, evaluate_fn=hook)
-            grid.finish_round()
+        played = run.play("fedavg", strategy, grid=grid, num_rounds=args.rounds, evaluate_fn=hook)
+        if played.status != "complete":
+            raise RuntimeError(f"fedavg {played.status}: {played.failure}")
     finally:
         restore()
         if profiler is not None:
             profiler.disable()
         n_hosts = pool.n_hosts
-        pool.shutdown()
+        run.close()
         ray.shutdown()
     out = summary(timer.rounds())
     out.update(hosts=n_hosts, pool_start_s=pool_s)
@@ -328,12 +323,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     cfg = make_config(args)
     t0 = time.perf_counter()
-    fleet = build_fleet(cfg)
-    spec = ModelSpec(n_items=fleet.interactions.n_items, backbone=cfg.model.backbone, dim=cfg.model.dim,
-                     window=cfg.model.window)
-    c = cfg.cloud
-    initial, _ = train_cloud_model(fleet.interactions, fleet.timeline.history_end, spec, epochs=c.epochs, lr=c.lr,
-                                   batch_size=c.batch_size, negatives=c.negatives, seed=cfg.experiment.seed)
+    run = FleetRun(cfg)
+    fleet = run.build_fleet()
+    run.train_cloud()
+    spec, initial = run.spec, run.initial
     setup_s = time.perf_counter() - t0
     print(f"fleet: {fleet.n_devices} devices, {args.per_round} per round, {args.rounds} rounds, "
           f"model {spec.n_params()} params; fleet + 1-epoch cloud model in {setup_s:.1f} s; "
@@ -354,7 +347,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.skip_fleetgrid:
         print(f"running FleetGrid (load {os.getloadavg()[0]:.2f}) ...", flush=True)
         load0 = os.getloadavg()[0]
-        res["fleetgrid"] = run_fleetgrid(cfg, fleet, spec, initial, args)
+        res["fleetgrid"] = run_fleetgrid(run, args)
         res["fleetgrid"]["load_1min"] = [load0, os.getloadavg()[0]]  # another job on the machine skews timings
         quiet()
     if not args.skip_flower:

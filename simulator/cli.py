@@ -79,16 +79,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = args.out or os.path.join("runs", f"{cfg.experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    summary = run_experiment(cfg, out, ray_address=args.ray_address, progress=not args.no_progress, log=log)
-    if summary.get("protocol") == "leave_last":
-        from simulator.paper import format_table as format_paper_table
+    if getattr(cfg.data, "protocol", "fleet") == "leave_last":  # the DUET paper's protocol, not a fleet
+        from simulator.paper import format_table as format_paper_table, run_leave_last
 
+        summary = run_leave_last(cfg, out, log=log)
         print(format_paper_table(summary))
     else:
+        summary = run_experiment(cfg, out, ray_address=args.ray_address, progress=not args.no_progress, log=log)
         print(format_table(summary))
     print(f"\nresults: {out}  (wall {time.perf_counter() - t0:.1f} s)")
     failed = failed_strategies(summary)
-    if not args.no_report and summary.get("protocol") != "leave_last":
+    if not args.no_report:
         from simulator.report import build_report
 
         print(f"report: {build_report([out], out).html}")

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
+import pandas as pd
 import torch
 from sklearn.metrics import roc_auc_score
 
@@ -44,11 +45,14 @@ from devices.data import Interactions
 from devices.movielens import load_ratings_with_epoch
 from devices.runtime import ITEM_TABLES, local_vocabulary
 from devices.samples import SampleBuilder, Samples, pad_by_owner, stream_key
+from simulator import metrics
 from simulator.cloud import history_rows, train_cloud_model
 from simulator.config import ExperimentConfig
 from simulator.errors import FleetsimError
-from simulator.metrics import device_metrics
-from simulator.writer import RunWriter, write_json
+from simulator.fleetrun import FleetRun
+from simulator.grid import RoundResult
+from simulator.metrics import activity_buckets, device_metrics
+from simulator.writer import write_json
 from strategies.duet_generator import GeneratorConfig, duet_logits, train_duet
 from strategies.registry import make_strategy
 
@@ -153,68 +157,109 @@ def duet_config(cfg: ExperimentConfig) -> tuple[GeneratorConfig, int, float]:
 
 
 def run_leave_last(cfg: ExperimentConfig, out: str, *, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run base, finetune and DUET under the leave-last protocol; write config.toml and
-    summary.json to ``out``; return the summary."""
-    writer = RunWriter(out)  # fail on a bad --out before any expensive work
+    """Run base, finetune and DUET under the leave-last protocol, on a ``FleetRun`` (its
+    folder and status steps only: no host pool, no rounds); return the summary.
+
+    The run folder has a fleet run's layout, so ``load_run`` and ``fleetsim report`` read
+    it: each method is a strategy with one round whose records are its evaluated users
+    (their test sample); ``fleet_devices.parquet`` holds every user's training
+    interactions and activity bucket. ``summary.json`` adds ``protocol``, ``methods``
+    (the paper's table), timings, data, settings and training losses.
+    """
+    run = FleetRun(cfg, out, log=log)  # fail on a bad --out before any expensive work
     try:
         gcfg, duet_epochs, duet_lr = duet_config(cfg)
         t0 = time.perf_counter()
         inter, _ = load_ratings_with_epoch(cfg.data.path)
     except FleetsimError:
-        writer.discard_if_empty()  # leave no empty run folder behind for bad input
+        run.writer.discard_if_empty()  # leave no empty run folder behind for bad input
         raise
-    writer.create(mark_running=False)
-    writer.write_config(cfg.to_toml())
     seed, c, dev = cfg.experiment.seed, cfg.cloud, cfg.device
     spec = models.ModelSpec(n_items=inter.n_items, backbone=cfg.model.backbone, dim=cfg.model.dim,
                             window=cfg.model.window)
     split = leave_last_split(inter)
     builder = SampleBuilder(split.view, spec.window)
     test = build_test_samples(builder, split, dev.eval_negatives, seed)
-    timings = {"load_s": time.perf_counter() - t0}
-    log(f"leave_last: {inter.n_users} users ({len(split.users)} evaluated), {inter.n_items} items, "
-        f"{len(split.train_rows)} training samples; backbone {spec.backbone}, seed {seed}")
-    scores: dict[str, np.ndarray] = {}
-    losses: dict[str, list[float]] = {}
+    train_counts = np.maximum(inter.counts - 1, 0)  # a user's last interaction is its test
+    buckets, thresholds = activity_buckets(train_counts)
+    with run:
+        run.open(METHODS, fleet=False)
+        run.writer.write_fleet_files(
+            {"source": "movielens", "protocol": "leave_last", "n_devices": inter.n_users, "n_items": inter.n_items,
+             "history_end_s": None, "round_seconds": None, "n_rounds": 1, "drift_events": [],
+             "bucket_thresholds": thresholds},
+            {"device_id": np.arange(inter.n_users, dtype=np.int64), "history_interactions": train_counts,
+             "interactions": inter.counts, "bucket": np.asarray(buckets, dtype=str)})
+        run.writer.summary.update(protocol="leave_last", backbone=spec.backbone, seed=seed, methods={})
+        timings = {"load_s": time.perf_counter() - t0}
+        log(f"leave_last: {inter.n_users} users ({len(split.users)} evaluated), {inter.n_items} items, "
+            f"{len(split.train_rows)} training samples; backbone {spec.backbone}, seed {seed}")
+        losses: dict[str, list[float]] = {}
+        base: dict[str, np.ndarray] = {}
 
-    t = time.perf_counter()
-    base, losses["base"] = train_cloud_model(split.view, math.inf, spec, epochs=c.epochs, lr=c.lr,
-                                             batch_size=c.batch_size, negatives=c.negatives, seed=seed)
-    scores["base"] = score_shared(base, test)
-    timings["base_s"] = time.perf_counter() - t
-    log(f"base: {timings['base_s']:.1f} s, loss {_losses(losses['base'])}")
+        def method_base() -> np.ndarray:
+            params, losses["base"] = train_cloud_model(split.view, math.inf, spec, epochs=c.epochs, lr=c.lr,
+                                                       batch_size=c.batch_size, negatives=c.negatives, seed=seed)
+            base.update(params)
+            return score_shared(base, test)
 
-    t = time.perf_counter()
-    scores["finetune"] = finetune_scores(base, builder, split, test, steps=dev.local_steps, lr=dev.lr,
-                                         negatives=dev.negatives, seed=seed)
-    timings["finetune_s"] = time.perf_counter() - t
-    log(f"finetune: {timings['finetune_s']:.1f} s")
+        def method_finetune() -> np.ndarray:
+            return finetune_scores(base, builder, split, test, steps=dev.local_steps, lr=dev.lr,
+                                   negatives=dev.negatives, seed=seed)
 
-    t = time.perf_counter()
-    body, gen, losses["duet"] = train_duet(split.view, math.inf, spec, gcfg, base, epochs=duet_epochs, lr=duet_lr,
-                                           batch_size=c.batch_size, negatives=c.negatives, seed=seed)
-    with torch.no_grad():
-        scores["duet"] = duet_logits(models.to_torch(body), {k: torch.from_numpy(v) for k, v in gen.items()},
-                                     torch.from_numpy(test.windows), torch.from_numpy(test.candidates), spec,
-                                     gcfg).numpy()
-    timings["duet_s"] = time.perf_counter() - t
-    log(f"duet: {timings['duet_s']:.1f} s, loss {_losses(losses['duet'])}")
-    timings["total_s"] = time.perf_counter() - t0
+        def method_duet() -> np.ndarray:
+            body, gen, losses["duet"] = train_duet(split.view, math.inf, spec, gcfg, base, epochs=duet_epochs,
+                                                   lr=duet_lr, batch_size=c.batch_size, negatives=c.negatives,
+                                                   seed=seed)
+            with torch.no_grad():
+                return duet_logits(models.to_torch(body), {k: torch.from_numpy(v) for k, v in gen.items()},
+                                   torch.from_numpy(test.windows), torch.from_numpy(test.candidates), spec,
+                                   gcfg).numpy()
 
-    summary = {
-        "protocol": "leave_last", "backbone": spec.backbone, "seed": seed,
-        "methods": {name: evaluate(scores[name]) for name in METHODS},
-        "timings": timings,
-        "data": {"path": cfg.data.path, "n_users": inter.n_users, "n_items": inter.n_items,
-                 "n_train_samples": len(split.train_rows), "n_test_users": len(split.users)},
-        "settings": {"cloud": dataclasses.asdict(c),
-                     "finetune": {"steps": dev.local_steps, "lr": dev.lr, "negatives": dev.negatives},
-                     "duet": {**dataclasses.asdict(gcfg), "epochs": duet_epochs, "lr": duet_lr},
-                     "eval_negatives": dev.eval_negatives, "window": spec.window},
-        "train_losses": losses,
+        for name, method in zip(METHODS, (method_base, method_finetune, method_duet)):
+            run.state.start(name)
+            t = time.perf_counter()
+            scores = method()
+            timings[f"{name}_s"] = time.perf_counter() - t
+            log(f"{name}: {timings[f'{name}_s']:.1f} s" + (f", loss {_losses(losses[name])}" if name in losses else ""))
+            run.writer.summary["methods"][name] = evaluate(scores)
+            _record(run, name, scores, split, buckets, timings[f"{name}_s"], thresholds)
+        timings["total_s"] = time.perf_counter() - t0
+        run.writer.summary.update(
+            timings=timings,
+            data={"path": cfg.data.path, "n_users": inter.n_users, "n_items": inter.n_items,
+                  "n_train_samples": len(split.train_rows), "n_test_users": len(split.users)},
+            settings={"cloud": dataclasses.asdict(c),
+                      "finetune": {"steps": dev.local_steps, "lr": dev.lr, "negatives": dev.negatives},
+                      "duet": {**dataclasses.asdict(gcfg), "epochs": duet_epochs, "lr": duet_lr},
+                      "eval_negatives": dev.eval_negatives, "window": spec.window},
+            train_losses=losses)
+        write_json(run.writer.dir / "summary.json", run.writer.summary)
+    return run.summary
+
+
+def _record(run: FleetRun, name: str, scores: np.ndarray, split: LeaveLastSplit, buckets: np.ndarray,
+            seconds: float, thresholds: dict) -> None:
+    """One method's test scores as a one-round strategy of the fleet layout."""
+    n, c = scores.shape
+    m = device_metrics(scores, np.arange(n), n)
+    users = split.users.astype(np.int64)
+    devices = {
+        "round": np.ones(n, np.int32), "device_id": users, "online": np.ones(n, bool), "selected": np.ones(n, bool),
+        "status": np.full(n, "ok", dtype=object), **{k: m[k] for k in ("auc", "ndcg10", "hr10", "logloss")},
+        "n_pos": m["n_pos"].astype(np.int64), "n_neg": m["n_neg"].astype(np.int64), "nonfinite": np.zeros(n, bool),
+        "bytes_down": np.zeros(n, np.int64), "bytes_up": np.zeros(n, np.int64), "device_flops": np.zeros(n),
+        "device_seconds": np.zeros(n), "bucket": np.asarray(buckets)[users],
     }
-    write_json(writer.dir / "summary.json", summary)
-    return summary
+    info = {"round": 1, "t_start": 0.0, "latency_s": 0.0, "online": n, "active": n, "selected": n, "exchanges": 0,
+            "ok": n, "dropped": 0, "late": 0, "quarantined": 0, "errors": 0, "nonfinite_scores": 0}
+    run.state.round_done(name, RoundResult(1, devices, info, None))
+    labels = np.zeros((n, c), np.int8)
+    labels[:, 0] = 1
+    overall = float(roc_auc_score(labels.ravel(), scores.ravel()))
+    summary = metrics.run_summary(pd.DataFrame(devices), overall_auc=overall, thresholds=thresholds)
+    summary.update(errors=0, quarantined=0, round_latency_s=0.0, simulated_seconds=0.0, wall_seconds=seconds)
+    run.state.end(name, summary, "complete", rounds=1)
 
 
 def _losses(values: list[float]) -> str:

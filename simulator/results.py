@@ -141,8 +141,11 @@ def _with_strategy(frames: list[pd.DataFrame], names: list[str]) -> pd.DataFrame
 def load_run(run_dir: str | Path) -> Run:
     """Read a fleet run directory written by ``fleetsim run``.
 
+    A paper-protocol (``leave_last``) run has the same layout: each method is a strategy
+    with one round, its evaluated users' test samples.
+
     Raises ``FleetsimError`` (one line, naming the folder) when ``run_dir`` is not a run
-    directory, holds a leave-last (paper protocol) run, was written with another result
+    directory, was written with another result
     layout (``layout_version`` other than ``LAYOUT_VERSION``), or is missing a file.
     Strategies that did not complete are included with their ``status`` and the rounds
     they wrote; a strategy whose run was killed (``running`` in ``summary.json``, no live
@@ -161,8 +164,9 @@ def load_run(run_dir: str | Path) -> Run:
         raise FleetsimError(f"{summary_path}: not readable as JSON ({str(exc).splitlines()[0]})") from None
     if not isinstance(summary, dict):
         raise FleetsimError(f"{summary_path}: not a fleetsim summary (expected a JSON object)")
-    if summary.get("protocol") == "leave_last":
-        raise FleetsimError(f"{path}: a leave_last run (summary.json only); reports need a fleet run")
+    if summary.get("protocol") == "leave_last" and "layout_version" not in summary:
+        raise FleetsimError(f"{path}: a leave_last run written before it had the fleet layout (summary.json only); "
+                            f"re-run it with this version")
     version = summary.get("layout_version")
     if version != LAYOUT_VERSION:
         if isinstance(version, int) and version > LAYOUT_VERSION:
@@ -183,6 +187,8 @@ def load_run(run_dir: str | Path) -> Run:
         raise FleetsimError(f"{path}: config.toml or fleet.json unreadable ({str(exc).splitlines()[0]})") from None
     # run order: the experiment's strategy list, restricted to those in the summary
     listed = [s for s in (config.get("experiment", {}).get("strategies") or []) if s in finished]
+    if summary.get("protocol") == "leave_last":  # its methods, not experiment.strategies
+        listed = []
     strategies = listed + [s for s in finished if s not in listed]
     live = _driver_alive(path)
     status: dict[str, str] = {}

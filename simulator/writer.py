@@ -132,14 +132,13 @@ class RunWriter:
 
     def write_fleet(self, fleet) -> None:
         tl = fleet.timeline
-        write_json(self.dir / "fleet.json", {
+        pr = fleet.profiles
+        self.write_fleet_files({
             "source": fleet.source, "n_devices": fleet.n_devices, "n_items": fleet.interactions.n_items,
             "history_end_s": tl.history_end, "round_seconds": tl.round_seconds, "n_rounds": tl.n_rounds,
             "start_clock_s": tl.start_clock, "drift_events": [asdict(e) for e in tl.drift_events],
             "bucket_thresholds": fleet.bucket_thresholds,
-        })
-        pr = fleet.profiles
-        table = pa.table({
+        }, {
             "device_id": np.arange(fleet.n_devices, dtype=np.int64),
             "history_interactions": fleet.history_counts,
             "interactions": fleet.interactions.counts,
@@ -147,9 +146,13 @@ class RunWriter:
             "tier": np.asarray(pr.tier, dtype=np.int8), "flops": pr.flops, "down_bps": pr.down_bps,
             "up_bps": pr.up_bps, "rtt_s": pr.rtt_s, "tz_offset_h": pr.tz_offset_h, "failure_p": pr.failure_p,
         })
+
+    def write_fleet_files(self, facts: dict[str, Any], devices: dict[str, np.ndarray]) -> None:
+        """``fleet.json`` (the fleet's facts) and ``fleet_devices.parquet`` (one row per device)."""
+        write_json(self.dir / "fleet.json", facts)
         fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".", suffix=".tmp")
         os.close(fd)
-        pq.write_table(table, tmp)
+        pq.write_table(pa.table(devices), tmp)
         os.chmod(tmp, _file_mode())
         os.replace(tmp, self.dir / "fleet_devices.parquet")
 

@@ -8,11 +8,8 @@ import pytest
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
-from devices.models import ModelSpec  # noqa: E402
-from devices.pool import HostPool  # noqa: E402
 from simulator import config  # noqa: E402
-from simulator.cloud import train_cloud_model  # noqa: E402
-from simulator.fleet import build_fleet  # noqa: E402
+from simulator.fleetrun import FleetRun  # noqa: E402
 
 
 def small_config(**sections) -> config.ExperimentConfig:
@@ -28,17 +25,16 @@ def small_config(**sections) -> config.ExperimentConfig:
 
 
 class SmallWorld:
-    """A fleet, its cloud model and an in-process host pool."""
+    """A fleet, its cloud model and an in-process host pool: a ``FleetRun`` without a
+    run folder, taken up to its first strategy."""
 
     def __init__(self, cfg: config.ExperimentConfig, n_hosts: int = 2) -> None:
         self.cfg = cfg
-        self.fleet = build_fleet(cfg)
-        self.spec = ModelSpec(n_items=self.fleet.interactions.n_items)
-        self.initial, _ = train_cloud_model(self.fleet.interactions, self.fleet.timeline.history_end, self.spec,
-                                            epochs=cfg.cloud.epochs, lr=cfg.cloud.lr, batch_size=cfg.cloud.batch_size,
-                                            negatives=cfg.cloud.negatives, seed=cfg.experiment.seed)
-        self.pool = HostPool(self.fleet.interactions, self.fleet.timeline, self.spec, cfg.device,
-                             cfg.experiment.seed, n_hosts=n_hosts, use_ray=False)
+        self.run = FleetRun(cfg, use_ray=False, n_hosts=n_hosts)
+        self.fleet = self.run.build_fleet()
+        self.run.train_cloud()
+        self.spec, self.initial = self.run.spec, self.run.initial
+        self.pool = self.run.start_pool()
         self.pool.reset(self.initial)
 
 

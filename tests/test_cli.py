@@ -97,8 +97,8 @@ def fleetsim(monkeypatch, capsys, caplog):
             raise AssertionError(f"bad input was not rejected before {what}")
         return guard
 
-    monkeypatch.setattr(run_mod, "train_cloud_model", reached("cloud training"))
-    monkeypatch.setattr(run_mod, "HostPool", reached("the host pool (Ray)"))
+    monkeypatch.setattr("simulator.fleetrun.train_cloud_model", reached("cloud training"))
+    monkeypatch.setattr("simulator.fleetrun.HostPool", reached("the host pool (Ray)"))
     caplog.set_level(logging.WARNING)
 
     def call(*argv: str) -> tuple[int, str, str]:
@@ -325,7 +325,7 @@ def test_error_after_results_keeps_them(monkeypatch, capsys, tmp_path):
     """A strategy that asks the fleet for the impossible fails alone: one line, exit 1, the
     earlier strategy's results intact, and the folder refuses a second run (in-process
     hosts instead of Ray)."""
-    monkeypatch.setattr(run_mod, "HostPool", lambda *a, **k: HostPool(*a, **{**k, "use_ray": False}))
+    monkeypatch.setattr("simulator.fleetrun.HostPool", lambda *a, **k: HostPool(*a, **{**k, "use_ray": False}))
     out = tmp_path / "out"
     code = cli.main(["run", write_experiment(tmp_path), "--out", str(out), "--no-progress",
                      "--set", "strategies.fedavg.min_available_nodes=1000"])

@@ -208,7 +208,7 @@ def test_open_port_that_is_not_ray_is_one_line(tmp_path):
 
 
 def in_process(monkeypatch):
-    monkeypatch.setattr(run_mod, "HostPool", lambda *a, **k: HostPool(*a, **{**k, "use_ray": False}))
+    monkeypatch.setattr("simulator.fleetrun.HostPool", lambda *a, **k: HostPool(*a, **{**k, "use_ray": False}))
 
 
 AGG_BUG = '''\

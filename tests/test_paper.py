@@ -16,6 +16,7 @@ from devices.movielens import load_ratings
 from devices.samples import SampleBuilder, stream_key
 from simulator import cli, config, paper
 from simulator.errors import ConfigError
+from simulator.results import LAYOUT_VERSION, load_run
 
 EXPERIMENT = Path(config.__file__).resolve().parent.parent / "experiments" / "duet_movielens.toml"
 N_USERS, N_ITEMS = 30, 150
@@ -184,6 +185,19 @@ def test_cli_end_to_end(ratings, tmp_path, capsys):
     assert 'protocol = "leave_last"' in (out / "config.toml").read_text()
     printed = capsys.readouterr().out
     assert "duet" in printed and "NDCG@10" in printed
+    # the fleet layout: load_run and the report read it; each method is a one-round strategy
+    run = load_run(out)
+    assert run.strategies == ["base", "finetune", "duet"] and run.status == dict.fromkeys(run.strategies, "complete")
+    assert summary["layout_version"] == LAYOUT_VERSION
+    for name, m in summary["methods"].items():
+        recs = run.devices[run.devices["strategy"] == name]
+        assert len(recs) == m["n_users"] and (recs["round"] == 1).all() and (recs["n_pos"] == 1).all()
+        assert recs["auc"].mean() == pytest.approx(m["uauc"], abs=1e-12)
+        assert recs["hr10"].mean() == pytest.approx(m["hr10"], abs=1e-12)
+        assert summary["strategies"][name]["uauc"] == pytest.approx(m["uauc"], abs=1e-12)
+        assert summary["strategies"][name]["overall_auc"] == pytest.approx(m["auc"], abs=1e-12)
+    assert (out / "report.html").is_file() and f"report: {out / 'report.html'}" in printed
+    assert set(run.fleet_devices["bucket"]) == {"head", "torso", "tail"}
 
 
 @pytest.mark.parametrize("overrides, message", [

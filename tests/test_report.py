@@ -321,7 +321,7 @@ def test_cli_report_combines_runs(capsys, run_dir, tmp_path):
 
 
 def test_run_writes_its_report_unless_told_not_to(monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr(run_mod, "HostPool", lambda *a, **k: HostPool(*a, **{**k, "use_ray": False}))
+    monkeypatch.setattr("simulator.fleetrun.HostPool", lambda *a, **k: HostPool(*a, **{**k, "use_ray": False}))
     exp = tmp_path / "tiny.toml"
     exp.write_text('[experiment]\nstrategies = ["cloud_only", "fedavg"]\n[data]\nn_devices = 30\nn_items = 40\n'
                    "n_rounds = 2\nhistory_days = 3.0\nmean_daily_interactions = 4.0\n[cloud]\nepochs = 1\n")

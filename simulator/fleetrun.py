@@ -1,0 +1,354 @@
+"""The run object: ``FleetRun`` owns one run's life, from its config to its last record.
+
+A run goes through these steps, each a method, each done once::
+
+    run = FleetRun(cfg, out)         # checks --out (writes nothing yet)
+    run.connect()                    # joins a Ray cluster given by ray_address
+    run.build_fleet()                # the devices: interactions, timeline, profiles
+    run.open(names)                  # the run folder: config.toml, fleet files, pending strategies
+    run.train_cloud()                # the cloud model every strategy starts from
+    run.start_pool()                 # the Ray host actors, devices held as data
+    run.play(name, strategy)         # per strategy: reset hosts, prepare, a FleetGrid, Flower's
+                                     # start() on it, per-round records, the summary
+    run.close()                      # hosts shut down, the in-progress mark dropped
+
+``with FleetRun(...) as run`` closes it whatever happens. Every user of a fleet -- the
+``fleetsim run`` loop (``simulator.run``), the paper protocol (``simulator.paper``, which
+uses only the folder and status steps), the benchmarks and the tests -- goes through it,
+so features that hang on a run's life (checkpoints, host recovery) have one place to go.
+Without ``out`` nothing is written: the benchmarks and tests read ``Played`` instead.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pandas as pd
+from flwr.serverapp.strategy import Strategy
+
+from devices.models import ModelSpec
+from devices.pool import HostPool, RayUnreachable, init_ray
+from simulator import metrics
+from simulator.cloud import CloudContext, train_cloud_model
+from simulator.config import ExperimentConfig
+from simulator.errors import FleetsimError, NonFiniteError, RayAddressError, StrategyFailure
+from simulator.fleet import Fleet, build_fleet
+from simulator.grid import CodeError, FleetGrid, RoundResult, flower_patched
+from simulator.records import array_record
+from simulator.writer import RunWriter
+
+
+@contextmanager
+def quiet_flower() -> Iterator[None]:
+    """Flower logs every round at INFO; a fleet run shows its own progress instead."""
+    logger = logging.getLogger("flwr")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def summarise(results: list[RoundResult], fleet: Fleet, wall_s: float, sim_end: float) -> dict[str, Any]:
+    """Fleet metrics and costs of one strategy's run, from its per-round records."""
+    df = pd.DataFrame({k: np.concatenate([r.devices[k] for r in results]) for k in results[0].devices}) if results else pd.DataFrame()
+    hist = metrics.ScoreHistogram()
+    for r in results:
+        hist = hist.merge(r.histogram)
+    out = metrics.run_summary(df, overall_auc=hist.auc() if results else float("nan"), thresholds=fleet.bucket_thresholds)
+    out.update(
+        errors=int(sum(r.info["errors"] for r in results)),
+        quarantined=int(sum(r.info["quarantined"] for r in results)),
+        round_latency_s=float(sum(r.info["latency_s"] for r in results)),
+        simulated_seconds=float(sim_end - fleet.timeline.history_end) if results else 0.0,
+        wall_seconds=float(wall_s),
+    )
+    return out
+
+
+SERVER_METHODS = ("configure_train", "aggregate_train", "configure_evaluate", "aggregate_evaluate", "prepare", "summary")
+
+
+def server_failure(exc: BaseException, round: int) -> StrategyFailure:
+    """A ``StrategyFailure`` for an exception raised by a strategy's server half, naming
+    the method it came from (the outermost strategy method in the traceback)."""
+    stage = "start"
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+        if frame.f_code.co_name in SERVER_METHODS:
+            stage = frame.f_code.co_name
+            break
+    first = (str(exc).splitlines() or [""])[0]
+    return StrategyFailure(f"round {round}: {stage} raised {type(exc).__name__}: {first}", round=round, stage=stage,
+                           error_type=type(exc).__name__, detail=first,
+                           traceback="".join(traceback.format_exception(exc)))
+
+
+class RunState:
+    """The run's progress on disk: ``summary.json`` is rewritten when a strategy starts,
+    after each of its rounds and when it ends, with its ``status`` (``running``,
+    ``complete``, ``failed``, ``interrupted``) and ``rounds_completed``."""
+
+    def __init__(self, writer: RunWriter, log) -> None:
+        self.writer, self.log = writer, log
+
+    def pending(self, names: list[str]) -> None:
+        """Every strategy of the run, before any starts (so a stopped run shows what never ran)."""
+        for name in names:
+            self.writer.summary["strategies"][name] = {"status": "pending", "rounds_completed": 0}
+        self.writer.write_summary(names[0], self.writer.summary["strategies"][names[0]])
+
+    def start(self, name: str) -> None:
+        self.writer.write_summary(name, {"status": "running", "rounds_completed": 0})
+
+    def round_done(self, name: str, result: RoundResult) -> None:
+        self.writer.write_round(name, result)
+        entry = self.writer.summary["strategies"][name]
+        entry["rounds_completed"] = result.round
+        self.writer.write_summary(name, entry)
+
+    def end(self, name: str, summary: dict[str, Any], status: str, failure: StrategyFailure | None = None,
+            rounds: int = 0, quiet: bool = False) -> None:
+        summary = {"status": status, "rounds_completed": rounds, **summary}
+        if failure is not None:
+            summary["error"] = {"strategy": name, **failure.info}
+            path = self.writer.append_error_log(name, f"strategy failed: {failure}", failure.traceback)
+            summary["error"]["log"] = str(path)
+            if not quiet:
+                self.log(f"fleetsim: error: {name} failed: {failure}; traceback in {path}" if failure.traceback
+                         else f"fleetsim: error: {name} failed: {failure}")
+        self.writer.write_summary(name, summary)
+
+
+@dataclass
+class Played:
+    """What ``FleetRun.play`` leaves of one strategy: its status (``complete`` or
+    ``failed``), its grid (with every ``RoundResult``), Flower's ``Result``, its summary
+    and, if it failed, the ``StrategyFailure``."""
+
+    status: str
+    grid: FleetGrid
+    result: Any = None
+    summary: dict[str, Any] = field(default_factory=dict)
+    failure: StrategyFailure | None = None
+
+
+class FleetRun:
+    """One run: its config, result folder, fleet, cloud model and host pool, and each
+    strategy played on a fresh ``FleetGrid`` (same seed, so the same availability,
+    failures and evaluation samples for every strategy).
+
+    Args:
+        cfg: the validated experiment.
+        out: the run folder, or None to write nothing.
+        use_ray: host actors under Ray (False: in-process hosts, for tests).
+        ray_address: join this Ray cluster instead of starting an embedded one.
+        n_hosts: host count (default ``experiment.hosts``; 0 = one per CPU).
+        log: where one-line messages go.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, out: str | None = None, *, use_ray: bool = True,
+                 ray_address: str | None = None, n_hosts: int | None = None,
+                 log: Callable[[str], None] = print) -> None:
+        self.cfg, self.log = cfg, log
+        self.seed = cfg.experiment.seed
+        self.use_ray, self.ray_address = use_ray, ray_address
+        self.n_hosts = cfg.experiment.hosts if n_hosts is None else n_hosts
+        self.writer = RunWriter(out) if out is not None else None  # fails on a bad --out; writes nothing
+        self.state = RunState(self.writer, log) if self.writer is not None else None
+        self.fleet: Fleet | None = None
+        self.spec: ModelSpec | None = None
+        self.initial: dict[str, np.ndarray] | None = None
+        self.cloud_losses: list[float] = []
+        self.cloud: CloudContext | None = None
+        self.pool: HostPool | None = None
+        self._opened = False
+
+    # -- the run's life, in order --------------------------------------------------------
+
+    def connect(self) -> None:
+        """Join the Ray cluster at ``ray_address`` (an unreachable one fails here, before
+        anything is written)."""
+        if self.use_ray and self.ray_address:
+            try:
+                init_ray(self.ray_address)
+            except RayUnreachable as exc:
+                raise RayAddressError(str(exc)) from None
+
+    def build_fleet(self) -> Fleet:
+        self.fleet = build_fleet(self.cfg)
+        m = self.cfg.model
+        self.spec = ModelSpec(n_items=self.fleet.interactions.n_items, backbone=m.backbone, dim=m.dim, window=m.window)
+        return self.fleet
+
+    def open(self, names: list[str], *, fleet: bool = True, mark_running: bool = True) -> None:
+        """Make the run folder: ``config.toml``, the fleet's files (``fleet``), and every
+        strategy in ``names`` as ``pending``."""
+        if self.writer is None:
+            return
+        self.writer.create(mark_running=mark_running)
+        self._opened = True
+        self.writer.write_config(self.cfg.to_toml())
+        if fleet:
+            self.writer.write_fleet(self.fleet)
+        self.state.pending(list(names))
+
+    def train_cloud(self) -> None:
+        """Train the cloud model every strategy starts from (``NonFiniteError`` if it diverges)."""
+        c = self.cfg.cloud
+        self.initial, self.cloud_losses = train_cloud_model(
+            self.fleet.interactions, self.fleet.timeline.history_end, self.spec, epochs=c.epochs, lr=c.lr,
+            batch_size=c.batch_size, negatives=c.negatives, seed=self.seed)
+        self.cloud = CloudContext(self.fleet.interactions, self.fleet.timeline.history_end, self.spec, self.initial,
+                                  self.seed, epochs=c.epochs, lr=c.lr, batch_size=c.batch_size, negatives=c.negatives)
+
+    def start_pool(self) -> HostPool:
+        self.pool = HostPool(self.fleet.interactions, self.fleet.timeline, self.spec, self.cfg.device, self.seed,
+                             n_hosts=self.n_hosts, use_ray=self.use_ray, ray_address=self.ray_address)
+        return self.pool
+
+    def new_grid(self, strategy: Strategy, on_round: Callable[[RoundResult], None] | None = None,
+                 on_code_error: Callable[[CodeError], None] | None = None) -> FleetGrid:
+        """A fresh ``FleetGrid`` for ``strategy`` over the run's fleet and pool."""
+        e = self.cfg.experiment
+        return FleetGrid(self.fleet, self.pool, strategy.device_app, seed=self.seed, deadline_s=e.deadline_s,
+                         wait_s=e.wait_s, on_round=on_round, on_device_error=e.on_device_error,
+                         on_code_error=on_code_error)
+
+    def play(self, name: str, strategy: Strategy, *, grid: FleetGrid | None = None, num_rounds: int | None = None,
+             evaluate_fn: Callable | None = None, on_round: Callable[[RoundResult], None] | None = None) -> Played:
+        """Run one strategy: reset the hosts to the cloud model, ``prepare(cloud)``, then
+        Flower's ``start()`` on a fresh grid for ``num_rounds`` (default: the fleet's).
+
+        A ``StrategyFailure``, a ``FleetsimError`` raised while it runs (e.g. it waits for
+        more devices than exist) or any exception of its code ends it as ``failed``; a
+        host process that died also gets the next strategy a new pool. Ctrl-C and
+        ``SystemExit`` mark it ``interrupted`` and are re-raised.
+        """
+        if self.state is not None:
+            self.state.start(name)
+        t_start = t_prepared = time.perf_counter()
+        warnings: list[CodeError] = []
+
+        def round_done(result: RoundResult) -> None:
+            if self.state is not None:
+                self.state.round_done(name, result)
+            if on_round is not None:
+                on_round(result)
+
+        def on_code_error(err: CodeError) -> None:
+            if self.cfg.experiment.on_device_error != "record" or self.writer is None:
+                return  # "stop": the failure itself is logged with this traceback
+            key = f"{err.error_type}: {err.message}"
+            path = self.writer.append_error_log(name, f"round {err.round}, message type {err.message_type!r}, "
+                                                      f"{err.devices} device(s): {key}", err.traceback, once_key=key)
+            if not warnings:
+                warnings.append(err)
+                self.log(f"fleetsim: warning: {name}: round {err.round}: device function for {err.message_type!r} "
+                         f"raised {key}; recorded as errors, the run goes on (traceback in {path})")
+
+        if grid is None:
+            grid = self.new_grid(strategy, round_done, on_code_error)
+        played = Played("complete", grid)
+        hosts_lost = False
+        try:
+            self.pool.reset(self.initial)
+            t_start = t_prepared = time.perf_counter()  # a strategy's wall time starts with its hosts ready
+            prepare = getattr(strategy, "prepare", None)  # Flower strategies without the fleet base lack it
+            if prepare is not None:  # cloud-side training before round 1 (DUET, MoMoDistill)
+                prepare(self.cloud)
+            t_prepared = time.perf_counter()
+            with flower_patched(grid, self.seed), quiet_flower():
+                played.result = strategy.start(grid=grid, initial_arrays=array_record(self.initial),
+                                               num_rounds=num_rounds or self.fleet.timeline.n_rounds,
+                                               evaluate_fn=evaluate_fn or grid.round_hook)
+                grid.finish_round()
+        except StrategyFailure as exc:
+            played.failure, played.status = exc, "failed"
+        except KeyboardInterrupt:
+            played.status = "interrupted"
+            raise
+        except FleetsimError as exc:  # the strategy asked the fleet for the impossible
+            played.failure, played.status = StrategyFailure(str(exc), round=grid.round or None, stage="strategy",
+                                                            error_type=type(exc).__name__), "failed"
+        except Exception as exc:  # a bug in the strategy's server half, or a host process died
+            hosts_lost = self.pool.lost_host(exc)
+            if hosts_lost:
+                first = (str(exc).splitlines() or [""])[0][:300]
+                played.failure = StrategyFailure(
+                    f"round {grid.round}: a device host process died ({type(exc).__name__}: {first}); the next "
+                    f"strategy gets a new host pool", round=grid.round, stage="device host",
+                    error_type=type(exc).__name__, detail=first, traceback="".join(traceback.format_exception(exc)))
+            else:
+                played.failure = server_failure(exc, grid.round)
+            played.status = "failed"
+        except BaseException:  # SystemExit and the like: the strategy did not complete
+            played.status = "interrupted"
+            raise
+        finally:
+            self._end(name, played, t_start, t_prepared)
+        if hosts_lost:  # a host process died: the next strategy gets a fresh pool
+            self.pool.shutdown()
+            self.start_pool()
+        return played
+
+    def close(self) -> None:
+        """Shut the hosts down and drop the run's in-progress mark (idempotent)."""
+        try:
+            if self.pool is not None:
+                self.pool.shutdown()
+                self.pool = None
+        finally:
+            if self.writer is not None and self._opened:
+                self.writer.release()
+
+    def __enter__(self) -> FleetRun:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- records -------------------------------------------------------------------------
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """``summary.json`` as written so far (empty without a run folder)."""
+        return self.writer.summary if self.writer is not None else {}
+
+    def _end(self, name: str, played: Played, t_start: float, t_prepared: float) -> None:
+        grid, failure = played.grid, played.failure
+        if played.status == "failed":
+            try:
+                grid.finish_round()  # the round in flight, up to the failure, is kept
+            except Exception:  # noqa: BLE001 -- the first failure is the one reported
+                pass
+        summary = summarise(grid.results, self.fleet, time.perf_counter() - t_start, grid.clock.t)
+        summary["prepare_seconds"] = t_prepared - t_start
+        result = played.result
+        summary["strategy_metrics"] = {str(r): dict(m) for r, m in getattr(result, "train_metrics_clientapp", {}).items()}
+        summary["strategy_eval_metrics"] = {str(r): dict(m) for r, m in
+                                            getattr(result, "evaluate_metrics_clientapp", {}).items()}
+        played.summary = summary
+        if self.state is None:
+            return
+        failed_in = failure.info.get("round") if failure is not None else None
+        done = sum(1 for r in grid.results if not failed_in or r.round < failed_in)  # the failed round is not complete
+        self.state.end(name, summary, played.status, failure, rounds=done)
+        if summary.get("quarantined") and not (failure is not None and failure.info.get("kind") == "non-finite"):
+            self.log(f"fleetsim: warning: {name}: {summary['quarantined']} device replies were quarantined (non-finite "
+                     f"or diverged updates, never aggregated; quarantined in rounds.parquet); look at device.lr")
+        if summary.get("nonfinite_score_device_rounds"):
+            self.log(f"fleetsim: warning: {name}: {summary['nonfinite_score_device_rounds']} device-rounds were scored "
+                     f"by a model that emits NaN/Inf; their metrics are NaN and left out of every mean (nonfinite in "
+                     f"devices.parquet)")
+
+    def fail_all(self, names: list[str], exc: NonFiniteError) -> None:
+        """Record every strategy as failed by one error that happened before any could run."""
+        if self.state is not None:
+            for name in names:
+                self.state.end(name, {}, "failed", exc, quiet=True)
