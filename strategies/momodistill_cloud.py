@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from devices import models
 from devices.models import PAD
 from devices.samples import SampleBuilder, Samples, pad_by_owner
-from strategies.metapatch import patch_from_phi
+from strategies.metapatch_theta import patch_from_phi
 
 MOMO_TAG = 13
 
