@@ -29,7 +29,7 @@ from devices import models
 from devices.runtime import DeviceApp, DeviceContext, Payload, diverged_losses
 from strategies.base import FleetStrategy
 from strategies.common import check_fraction, check_non_negative, check_positive, mean_metrics, sample_fraction
-from strategies.metapatch_theta import init_theta, learn_theta, patch_from_phi
+from strategies.metapatch_theta import init_theta, learn_theta, patch_from_phi, tensors
 
 PHI_CHUNK = 1024  # devices whose phi train in one batched pass
 
@@ -91,7 +91,7 @@ def train(ctx: DeviceContext, payload: Payload) -> list[Payload]:
     layer, dim = str(cfg["patch-layer"]), int(cfg["patch-dim"])
     shared = ctx.shared("metapatch")
     if "theta" in payload.arrays:  # first contact, or Theta was refitted
-        shared["current"] = {k: torch.from_numpy(np.array(v)) for k, v in payload.arrays["theta"].items()}
+        shared["current"] = tensors(payload.arrays["theta"])
     theta = shared["current"]
     store = ctx.state("metapatch.phi")
     phi0 = torch.from_numpy(np.stack([store.get(int(i), np.zeros(dim, np.float32)) for i in ctx.local]))

@@ -76,3 +76,8 @@ def patch_from_phi(theta: dict[str, torch.Tensor], phi: torch.Tensor, layer: str
     width = theta["theta.b"].shape[1]
     w_key, b_key = models.patch_keys(layer)
     return {w_key: (phi @ theta["theta.w"]).reshape(-1, width, width), b_key: phi @ theta["theta.b"]}
+
+
+def tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Received arrays as (writable, copied) tensors."""
+    return {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
