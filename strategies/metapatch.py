@@ -1,18 +1,18 @@
 """MetaPatch (KDD 2021, device side of Device-Cloud Collaborative Learning).
 
-Paper -> code (METHODS.md, MetaPatch): the frozen cloud model gets a residual *patch*
-after layer ``patch_layer`` (``devices.models.apply_patch``: h <- h + h W + b). Its
+Paper -> code (MetaPatch, Yao et al., KDD'21): the frozen cloud model gets a residual
+*patch* after layer ``patch_layer`` (``devices.models.apply_patch``: h <- h + h W + b). Its
 weights are not stored per device: they are generated from the shared parameters
 Theta = (Theta_W, Theta_b), learned on the cloud and frozen on the device, and the tiny
 per-device metapatch phi_u (``patch_dim`` floats): W = reshape(phi_u Theta_W),
 b = phi_u Theta_b **(our choice: a linear map, no offset, so phi_u = 0 is the unpatched
-cloud model)**. Theta is learned on the cloud before round 1 (``learn_theta``): jointly with
-one phi per user on the history data every device uploaded in the past, the cloud model
-frozen **(our choice of how; METHODS: "learned on the cloud")**; ``theta_epochs = 0`` keeps
-the random init. On the device only phi_u is trained (BCE, ``local_steps`` full-batch SGD
-steps), starting from its previous value or zeros; it persists between rounds and is
-uploaded (a few floats).
+cloud model)**. Theta is learned on the cloud before round 1 (``learn_theta``, in
+``strategies.metapatch_theta``): jointly with one phi per user on the history data every
+device uploaded in the past, the cloud model frozen **(our choice of how; the paper only
+has Theta "learned on the cloud")**; ``theta_epochs = 0`` keeps the random init.
 
+On the device only phi_u is trained (BCE, ``local_steps`` full-batch SGD steps), starting
+from its previous value or zeros; it persists between rounds and is uploaded (a few floats).
 Device training is vectorised: the phi of every device a host serves in a round form one
 (B, k) tensor trained at once on the shared, frozen model (no loop over devices).
 """
@@ -26,79 +26,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 
 from devices import models
-from devices.samples import SampleBuilder, stream_key
 from devices.runtime import DeviceApp, DeviceContext, Payload, diverged_losses
 from strategies.base import FleetStrategy
 from strategies.common import check_fraction, check_non_negative, check_positive, mean_metrics, sample_fraction
+from strategies.metapatch_theta import init_theta, learn_theta, patch_from_phi, tensors
 
-THETA_TAG = 11
 PHI_CHUNK = 1024  # devices whose phi train in one batched pass
-
-
-def init_theta(spec: models.ModelSpec, layer: str, dim: int, seed: int) -> dict[str, np.ndarray]:
-    """Shared patch parameters Theta: small random maps from phi (dim) to W and b."""
-    width = models.patch_width(spec, layer)
-    rng = np.random.default_rng(np.random.SeedSequence([seed, THETA_TAG]))
-    scale = 1.0 / np.sqrt(dim * width)
-    return {"theta.w": (rng.standard_normal((dim, width * width)) * scale).astype(np.float32),
-            "theta.b": (rng.standard_normal((dim, width)) * scale).astype(np.float32)}
-
-
-def learn_theta(cloud, layer: str, dim: int, *, epochs: int, lr: float = 0.01, batch_size: int = 512,
-                phi_decay: float = 1e-3) -> dict[str, np.ndarray]:
-    """Theta <- Adam on BCE over all devices' history samples with the cloud model frozen
-    and one free phi per user (+ ``phi_decay`` * |phi|^2), from ``init_theta``. The result
-    is rescaled to the init's norm, so the device lr means the same for either Theta.
-
-    Measured (default fleet, seed 0, 10 rounds, encoder patch, lr 0.5, 5 steps): UAUC
-    cloud_only .8974, random Theta .8977, learned Theta .8985.
-    """
-    from simulator.cloud import check_losses, check_params, history_rows
-
-    key = ("metapatch.theta", layer, dim, epochs, lr, batch_size, phi_decay)
-    if key in cloud.cache:  # MetaPatch and MoMoDistill in one run learn the same Theta
-        return {k: v.copy() for k, v in cloud.cache[key].items()}
-    theta0 = init_theta(cloud.spec, layer, dim, cloud.seed)
-    th = {k: torch.from_numpy(v.copy()).requires_grad_(True) for k, v in theta0.items()}
-    frozen = {k: torch.from_numpy(np.asarray(v, np.float32))[None] for k, v in cloud.initial.items()}
-    phi = torch.zeros(cloud.interactions.n_users, dim, requires_grad=True)
-    opt = torch.optim.Adam([*th.values(), phi], lr=lr)
-    builder = SampleBuilder(cloud.interactions, cloud.spec.window)
-    rows = history_rows(cloud.interactions, cloud.history_end)
-    rng = np.random.default_rng(np.random.SeedSequence([cloud.seed, THETA_TAG, 1]))
-    losses: list[float] = []
-    for epoch in range(epochs):
-        total, n = 0.0, 0
-        s = builder.build(rows, cloud.negatives, stream_key(cloud.seed, THETA_TAG, epoch))
-        win, cand = torch.from_numpy(s.windows), torch.from_numpy(s.candidates)
-        with torch.no_grad():
-            h = models.body_output(frozen, win[None])
-        for idx in np.array_split(rng.permutation(len(s)), max(1, -(-len(s) // batch_size))):
-            own = torch.from_numpy(s.owner[idx])
-            p = {**frozen, **patch_from_phi(th, phi[own], layer)}  # one patched model per sample
-            logits = (models.forward(p, win[idx][:, None], cand[idx][:, None]) if h is None
-                      else models.forward_from_body(p, h[0, idx][:, None], cand[idx][:, None]))
-            loss = (models.bce_loss(logits, torch.ones(len(idx), 1)).mean()
-                    + phi_decay * phi[own].pow(2).sum(1).mean())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(idx)
-            n += len(idx)
-        losses.append(total / max(n, 1))
-        check_losses(losses, "Θ", "strategies.metapatch.theta_epochs (0 = a fixed random Θ)")
-    out = {k: v.detach().numpy() for k, v in th.items()}
-    check_params(out, "Θ", "strategies.metapatch.theta_epochs (0 = a fixed random Θ)")
-    scale = np.sqrt(sum((v**2).sum() for v in theta0.values()) / max(sum((v**2).sum() for v in out.values()), 1e-12))
-    cloud.cache[key] = {k: (v * scale).astype(np.float32) for k, v in out.items()}
-    return {k: v.copy() for k, v in cloud.cache[key].items()}
-
-
-def patch_from_phi(theta: dict[str, torch.Tensor], phi: torch.Tensor, layer: str) -> dict[str, torch.Tensor]:
-    """Patch params for each phi (B, k): {patch.<layer>.w: (B, width, width), .b: (B, width)}."""
-    width = theta["theta.b"].shape[1]
-    w_key, b_key = models.patch_keys(layer)
-    return {w_key: (phi @ theta["theta.w"]).reshape(-1, width, width), b_key: phi @ theta["theta.b"]}
 
 
 def train_phi(held: dict[str, torch.Tensor], theta: dict[str, torch.Tensor], phi: torch.Tensor, win, cand, weight,
@@ -158,7 +91,7 @@ def train(ctx: DeviceContext, payload: Payload) -> list[Payload]:
     layer, dim = str(cfg["patch-layer"]), int(cfg["patch-dim"])
     shared = ctx.shared("metapatch")
     if "theta" in payload.arrays:  # first contact, or Theta was refitted
-        shared["current"] = {k: torch.from_numpy(np.array(v)) for k, v in payload.arrays["theta"].items()}
+        shared["current"] = tensors(payload.arrays["theta"])
     theta = shared["current"]
     store = ctx.state("metapatch.phi")
     phi0 = torch.from_numpy(np.stack([store.get(int(i), np.zeros(dim, np.float32)) for i in ctx.local]))

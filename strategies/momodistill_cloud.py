@@ -1,136 +1,37 @@
-"""MoMoDistill's cloud half: the auxiliary encoder, the upload's training samples, and
-the distillation of the device models into the cloud model and into Theta + encoder.
+"""MoMoDistill's cloud half: the distillation of the device models into the cloud model
+and into Theta + the auxiliary encoder (MoMoDistill, Yao et al., KDD'21: "model over
+models").
 
-Pure functions of arrays and tensors (no Flower, no Ray); ``strategies.momodistill`` is
-the strategy and its device functions. See that module's docstring for the method.
+- **Distillation** (every ``distill_every`` rounds, on the data uploaded since the last
+  one): the cloud model f minimises, over each reporting device u's samples,
+  BCE(y, f(x)) + lambda * KD(f_u(x) || f(x)), where f_u = the cloud model the device held
+  + the patch generated from its phi_u and Theta, and KD is the binary KL divergence of
+  the two click probabilities (``kd_weight`` = lambda = 1). Adam, ``distill_epochs``.
+- **Refit** of Theta and the auxiliary encoder (``strategies.momodistill_aux``),
+  distilling the device models into the proxy (new cloud model + patch): the proxy is
+  trained with the same BCE + lambda*KD twice per device, once with its reported phi_u (so
+  the metapatches devices keep stay meaningful under the new Theta) and once with the phi
+  predicted by the auxiliary encoder from the items the device had *before* those
+  samples' targets **(our choice)**.
+
+``MoMoDistillCloud`` is the strategy's cloud half (its preparation, versions and
+distillation); ``strategies.momodistill`` is the strategy and its device functions.
 """
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from flwr.app import Array, ArrayRecord
 
 from devices import models
-from devices.models import PAD
-from devices.samples import SampleBuilder, Samples, pad_by_owner
-from strategies.metapatch import patch_from_phi
-
-MOMO_TAG = 13
-
-
-# Auxiliary encoder (cloud-trained, runs on the device for cold starts) ---------------
-
-def init_aux(spec: models.ModelSpec, dim: int, seed: int) -> dict[str, np.ndarray]:
-    """Auxiliary encoder window -> phi; W2 = 0 so it first predicts phi = 0."""
-    rng = np.random.default_rng(np.random.SeedSequence([seed, MOMO_TAG, 1]))
-    d = spec.dim
-    return {"aux.w1": (rng.standard_normal((d, d)) / np.sqrt(d)).astype(np.float32),
-            "aux.b1": np.zeros(d, np.float32), "aux.w2": np.zeros((d, dim), np.float32),
-            "aux.b2": np.zeros(dim, np.float32)}
-
-
-def predict_phi(aux: dict[str, torch.Tensor], item_emb: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
-    """phi (B, k) from windows (B, L) and the cloud model's item table (1 or B, V, d)."""
-    ids = windows.clamp(min=0)
-    emb = item_emb[0][ids] if item_emb.shape[0] == 1 else item_emb[torch.arange(len(ids))[:, None], ids]
-    mask = (windows >= 0).unsqueeze(-1).to(emb.dtype)
-    mean = (emb * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-    return torch.relu(mean @ aux["aux.w1"] + aux["aux.b1"]) @ aux["aux.w2"] + aux["aux.b2"]
-
-
-def pretrain_aux(cloud, theta: dict[str, np.ndarray], aux: dict[str, np.ndarray], layer: str, history: int, *,
-                 epochs: int, lr: float) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[float]]:
-    """Theta and the auxiliary encoder <- Adam on BCE over the history data the cloud holds
-    before round 1 (the data the cloud model was trained on), the cloud model frozen: each
-    sample is scored by the cloud model + the patch the encoder predicts from the
-    ``history`` items before it (the last L of which are the model's window).
-
-    Why: the rounds give the cloud too few samples to train an encoder (about 0.3
-    interactions per user and round); trained on the rounds' uploads alone it overfitted and
-    *lowered* held-out users' AUC (see docs/dccl.md, "Cold start").
-    """
-    from simulator.cloud import fit, history_rows
-
-    frozen = {k: torch.from_numpy(np.asarray(v, np.float32))[None] for k, v in cloud.initial.items()}
-    th = {k: torch.from_numpy(np.array(v)).requires_grad_(True) for k, v in theta.items()}
-    ax = {k: torch.from_numpy(np.array(v)).requires_grad_(True) for k, v in aux.items()}
-    L, span = cloud.spec.window, max(history, cloud.spec.window)
-
-    def logits(context: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            h = models.body_output(frozen, context[None, :, span - L:])
-        phi = predict_phi(ax, frozen["item_emb"], context[:, span - history:])
-        params = {**frozen, **patch_from_phi(th, phi, layer)}  # one patched model per sample
-        if h is None:
-            return models.forward(params, context[:, None, span - L:], cand[:, None])[:, 0]
-        return models.forward_from_body(params, h[0][:, None], cand[:, None])[:, 0]
-
-    losses = fit([*th.values(), *ax.values()], logits, SampleBuilder(cloud.interactions, span),
-                 history_rows(cloud.interactions, cloud.history_end), epochs=epochs, lr=lr,
-                 batch_size=cloud.batch_size, negatives=cloud.negatives, seed=cloud.seed, tag=MOMO_TAG,
-                 stage="auxiliary encoder", setting="strategies.momodistill.aux_lr")
-    return ({k: v.detach().numpy().copy() for k, v in th.items()},
-            {k: v.detach().numpy().copy() for k, v in ax.items()}, losses)
-
-
-def aux_flops(spec: models.ModelSpec, dim: int, history: int) -> float:
-    """Multiply-adds x 2 of one ``predict_phi`` over ``history`` items (a cold device runs it once)."""
-    d = spec.dim
-    return 2.0 * (history * d + d * d + d * dim)
-
-
-# Device side ---------------------------------------------------------------------------
-
-
-# Cloud side ----------------------------------------------------------------------------
-
-def sequence_samples(seqs: list[np.ndarray], targets: list[int], window: int, n_items: int, negatives: int,
-                     rng: np.random.Generator) -> Samples:
-    """Samples from uploaded item sequences: the last ``targets[j]`` items of sequence j
-    are positives (with the L items before each as the window) against ``negatives``
-    uniform items absent from that sequence. Owners are sequence indices, ascending."""
-    owner, wins, pos = [], [], []
-    for j, (s, k) in enumerate(zip(seqs, targets)):
-        s = np.asarray(s, dtype=np.int64)
-        at = np.arange(max(1, len(s) - int(k)), len(s))
-        if not len(at):
-            continue
-        idx = at[:, None] - window + np.arange(window)[None, :]
-        wins.append(np.where(idx >= 0, s[np.clip(idx, 0, None)], PAD))
-        pos.append(s[at])
-        owner.append(np.full(len(at), j, dtype=np.int64))
-    if not owner:
-        return Samples(np.zeros(0, np.int64), np.zeros((0, window), np.int64), np.zeros((0, 1 + negatives), np.int64))
-    owner_a = np.concatenate(owner)
-    longest = max(len(s) for s in seqs)
-    seen = np.full((len(seqs), longest), PAD, dtype=np.int64)
-    for j, s in enumerate(seqs):
-        seen[j, : len(s)] = s
-    neg = rng.integers(0, n_items, (len(owner_a), negatives))
-    for _ in range(100):  # resample items the device interacted with
-        bad = (neg[:, :, None] == seen[owner_a][:, None, :]).any(-1)
-        if not bad.any():
-            break
-        neg[bad] = rng.integers(0, n_items, int(bad.sum()))
-    return Samples(owner_a, np.concatenate(wins), np.concatenate([np.concatenate(pos)[:, None], neg], axis=1))
-
-
-def contexts(seqs: list[np.ndarray], targets: list[int], history: int) -> np.ndarray:
-    """The encoder's input for each uploaded sequence: its last ``history`` items *before*
-    the targets ``sequence_samples`` trains on (B, history), PAD on the left. Feeding it
-    the targets themselves would teach the encoder from what it is meant to predict."""
-    return last_windows([np.asarray(s)[: max(1, len(s) - int(k))] for s, k in zip(seqs, targets)], history)
-
-
-def last_windows(seqs: list[np.ndarray], window: int) -> np.ndarray:
-    """The last ``window`` items of each sequence (B, L), PAD on the left; an empty
-    upload (a device with no interactions yet) gives an all-PAD window."""
-    out = np.full((len(seqs), window), PAD, np.int64)
-    for j, s in enumerate(seqs):
-        tail = np.asarray(s, np.int64)[-window:]
-        if len(tail):
-            out[j, window - len(tail):] = tail
-    return out
+from devices.samples import Samples, pad_by_owner
+from simulator.cloud import DIVERGED_LOSS, check_losses, check_params
+from simulator.errors import NonFiniteError
+from strategies.metapatch_theta import patch_from_phi
+from strategies.momodistill_aux import MOMO_TAG, contexts, init_aux, predict_phi, pretrain_aux, sequence_samples
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_prob: torch.Tensor) -> torch.Tensor:
@@ -228,3 +129,71 @@ def refit_patch(cloud: dict[str, np.ndarray], theta: dict[str, np.ndarray], aux:
         losses.append(total / max(d, 1))
     return ({k: v.detach().numpy().copy() for k, v in th.items()},
             {k: v.detach().numpy().copy() for k, v in ax.items()}, losses, first)
+
+
+class MoMoDistillCloud:
+    """MoMoDistill's cloud half (a mixin before ``MetaPatch``): the cloud model, Theta and
+    encoder, their version and the bundle pushed to devices, and the distillation."""
+
+    def prepare(self, cloud) -> None:
+        super().prepare(cloud)
+        self.spec, self.seed, self.batch_size, self.negatives = cloud.spec, cloud.seed, cloud.batch_size, cloud.negatives
+        self.initial = {k: np.asarray(v, np.float32) for k, v in cloud.initial.items()}
+        self.model = dict(self.initial)
+        self.aux = init_aux(cloud.spec, self.patch_dim, cloud.seed)
+        self.aux_losses: list[float] = []
+        if self.aux_epochs:
+            self.theta, self.aux, self.aux_losses = pretrain_aux(cloud, self.theta, self.aux, self.patch_layer,
+                                                                 self.aux_history, epochs=self.aux_epochs, lr=self.aux_lr)
+        self.version = 0  # 0: the installed cloud model with the (pretrained) Theta and encoder
+        self.device_version: dict[int, int] = {}
+        self.pending: dict[int, tuple[np.ndarray, np.ndarray, int]] = {}  # since the last distillation
+        self.reported: set[int] = set()
+        self.distillations: list[dict[str, float]] = []
+        self._make_bundle()
+
+    def _make_bundle(self) -> None:
+        rec = lambda arrays: ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+        self._theta_record = rec(self.theta)
+        self._bundle = {"theta": self._theta_record}
+        if self.version > 0 or self.aux_epochs:
+            self._bundle["aux"] = rec(self.aux)
+        if self.version > 0:
+            self._bundle["model"] = rec(self.model)
+        self._initial_record = rec(self.initial)
+
+    def distill(self, server_round: int) -> dict[str, float]:
+        """Distil the reported device models into the cloud model, refit Theta and the
+        encoder, start a new version (pushed from the next round)."""
+        t0 = time.perf_counter()
+        devs = sorted(self.pending)
+        phis = torch.from_numpy(np.stack([self.pending[d][0] for d in devs]))
+        seqs = [self.pending[d][1] for d in devs]
+        targets = [self.pending[d][2] for d in devs]
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, MOMO_TAG, server_round]))
+        samples = sequence_samples(seqs, targets, self.spec.window, self.spec.n_items,
+                                   self.negatives, rng)
+        cloud_t = {k: torch.from_numpy(v)[None] for k, v in self.model.items()}
+        theta_t = {k: torch.from_numpy(v) for k, v in self.theta.items()}
+        teacher = torch.sigmoid(patched_logits(cloud_t, theta_t, phis, samples, self.patch_layer))
+        self.model, d_losses = distill_cloud(self.model, teacher, samples, epochs=self.distill_epochs, lr=self.distill_lr,
+                                             batch_size=self.batch_size, kd_weight=self.kd_weight, seed=self.seed + server_round)
+        limit = DIVERGED_LOSS * (1 + self.kd_weight)  # BCE + kd_weight * KD
+        check_losses(d_losses, "distillation", "strategies.momodistill.distill_lr", limit=limit, round=server_round)
+        check_params(self.model, "distillation", "strategies.momodistill.distill_lr", round=server_round)
+        windows = contexts(seqs, targets, self.aux_history)
+        self.theta, self.aux, r_losses, r_first = refit_patch(self.model, self.theta, self.aux, phis, windows, teacher, samples,
+                                                     self.patch_layer, epochs=self.refit_epochs, lr=self.refit_lr,
+                                                     kd_weight=self.kd_weight, seed=self.seed + server_round)
+        if r_first is not None and not r_first <= 2 * limit:  # diverged before the refit moved: the devices' phis
+            raise NonFiniteError("distillation", "device.lr (or strategies.momodistill.lr)",
+                                 f"round {server_round}: the uploaded metapatches give a diverged loss ({r_first:.3g} > "
+                                 f"{2 * limit:.3g}) before the Θ refit's first step", round=server_round)
+        check_losses(r_losses, "Θ refit", "strategies.momodistill.refit_lr", limit=2 * limit, round=server_round)
+        self.version += 1
+        self._make_bundle()
+        self.pending = {}
+        info = {"distilled_devices": len(devs), "distill_samples": len(samples), "distill_loss": d_losses[-1],
+                "refit_loss": r_losses[-1], "distill_seconds": time.perf_counter() - t0}
+        self.distillations.append({"round": server_round, **info})
+        return info
