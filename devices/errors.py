@@ -1,8 +1,12 @@
-"""Errors caused by the user's input (config, data, CLI arguments).
+"""Errors: the user's input, and a strategy's failures.
 
-They live in the lowest layer because data sources, profiles and backbones validate
-their own settings; ``simulator.errors`` re-exports them with the run-level failures.
-Each is reported by the CLI as one line and exit code 2.
+``FleetsimError`` and its subclasses are caused by the user's input (config, data, CLI
+arguments); the CLI reports each as one line and exit code 2. ``StrategyFailure`` and its
+subclasses end one strategy of a valid run (its code raised, or its numbers went
+non-finite); the run records it as ``failed`` and goes on.
+
+They live in the lowest layer because data sources, profiles, backbones and strategies
+raise them; ``simulator.errors`` re-exports them with the run-level errors.
 """
 
 
@@ -20,3 +24,45 @@ class ConfigError(FleetsimError):
 
 class DataError(FleetsimError):
     """A data file is missing or malformed; the message names the file (and line)."""
+
+
+class StrategyFailure(Exception):
+    """A strategy cannot go on; the run records it as ``failed`` and runs the next one.
+
+    Not a ``FleetsimError``: the input was valid, the strategy (its code or its numbers)
+    failed. ``info`` is what ``summary.json`` records under the strategy's ``error``.
+    """
+
+    kind = "failure"
+
+    def __init__(self, message: str, *, round: int | None = None, stage: str | None = None,
+                 error_type: str | None = None, detail: str | None = None, message_type: str | None = None,
+                 devices: int | None = None, setting: str | None = None, traceback: str = "") -> None:
+        super().__init__(message)
+        self.traceback = traceback
+        self.info = {k: v for k, v in dict(kind=self.kind, round=round, stage=stage, message_type=message_type,
+                                            devices=devices, error_type=error_type, message=detail or message,
+                                            setting=setting).items() if v is not None}
+
+
+class DeviceCodeError(StrategyFailure):
+    """A device function raised (``experiment.on_device_error = "stop"``)."""
+
+    kind = "device code error"
+
+    def __init__(self, first, devices: int) -> None:
+        super().__init__(
+            f"round {first.round}: device function for {first.message_type!r} raised {first.error_type}: {first.message} "
+            f"({devices} device(s))",
+            round=first.round, stage="device function", message_type=first.message_type, devices=devices,
+            error_type=first.error_type, detail=first.message, traceback=first.traceback)
+
+
+class NonFiniteError(StrategyFailure):
+    """Training reached NaN/Inf: every device reply of a round, or a cloud-side loss."""
+
+    kind = "non-finite"
+
+    def __init__(self, stage: str, setting: str, detail: str, *, round: int | None = None) -> None:
+        super().__init__(f"{stage}: {detail}; look at {setting}", round=round, stage=stage, setting=setting,
+                         detail=detail)

@@ -34,7 +34,7 @@ from flwr.serverapp.strategy import Strategy
 from devices.models import ModelSpec
 from devices.pool import HostPool, RayUnreachable, init_ray
 from simulator import metrics
-from simulator.cloud import CloudContext, train_cloud_model
+from strategies.cloud import CloudContext, train_cloud_model
 from simulator.config import ExperimentConfig
 from simulator.errors import FleetsimError, NonFiniteError, RayAddressError, StrategyFailure
 from simulator.fleet import Fleet, build_fleet

@@ -11,7 +11,7 @@ window to score and are not evaluated.
 
 The split is expressed as a time cut so the fleet's training code runs unchanged: in the
 *training view* each user's last interaction is moved to t = +inf and the history cut is
-+inf, so ``simulator.cloud.history_rows`` selects exactly the training samples, while the
++inf, so ``strategies.cloud.history_rows`` selects exactly the training samples, while the
 sample builder still knows every interaction (negatives exclude the test items too).
 
 - **base**: ``train_cloud_model`` (Adam, ``[cloud]`` epochs / lr / batch_size) on the
@@ -46,7 +46,7 @@ from devices.movielens import load_ratings_with_epoch
 from devices.runtime import ITEM_TABLES, local_vocabulary
 from devices.samples import SampleBuilder, Samples, pad_by_owner, stream_key
 from simulator import metrics
-from simulator.cloud import history_rows, train_cloud_model
+from strategies.cloud import history_rows, train_cloud_model
 from simulator.config import ExperimentConfig
 from simulator.errors import FleetsimError
 from simulator.fleetrun import FleetRun

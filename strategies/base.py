@@ -9,7 +9,7 @@ strategies, as ``strategies.fedavg`` does) gives it the parts every strategy sha
    *batch* of devices on one host (``ctx.device_ids``) and returning one reply per device.
    A message type ``"train.x"`` falls back to ``"train"``, as Flower's ClientApp routes.
 2. **Cloud preparation.** ``prepare(cloud)`` runs before round 1 with a
-   ``simulator.cloud.CloudContext`` (history data, the installed cloud model, the model
+   ``strategies.cloud.CloudContext`` (history data, the installed cloud model, the model
    spec, the seed). The default does nothing; DUET trains its generator there.
 3. **Rounds.** ``start()`` is Flower's own (or the strategy's). The grid opens round *r*
    -- moves the clock to the end of its window and scores every active device with the

@@ -41,7 +41,7 @@ from flwr.serverapp.strategy import Result
 from devices import models
 from devices.runtime import DeviceApp, DeviceContext, Payload
 from devices.samples import SampleBuilder
-from simulator.cloud import history_rows
+from strategies.cloud import history_rows
 from strategies.base import FleetStrategy
 from strategies.common import check_fraction, check_non_negative, check_positive, mean_metrics, sample_fraction
 from strategies.duet_generator import GeneratorConfig, UploadedSamples, generate_heads, retrain_duet, train_duet

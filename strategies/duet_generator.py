@@ -16,7 +16,7 @@ negatives drawn uniformly from items the cloud does not know the device to have 
 (its history rows and its uploaded windows), fresh every epoch. To limit forgetting, each
 epoch mixes in ``history`` times as many samples drawn from the history data. Body +
 encoder + generator continue from their current values with a fresh Adam, through the same
-loop as the first training (``simulator.cloud.fit``).
+loop as the first training (``strategies.cloud.fit``).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import torch
 from devices import models
 from devices.data import Interactions
 from devices.samples import SampleBuilder, Samples, stream_key
-from simulator.cloud import fit, history_rows
+from strategies.cloud import fit, history_rows
 from strategies.duet_model import (  # noqa: F401 (the model; names re-exported)
     BASES, GEN_TAG, NOISE, SPREAD, GeneratorConfig, duet_logits, encode_windows, generate_heads, head_layers,
     head_nbytes, init_generator, is_basis)
@@ -40,7 +40,7 @@ def train_duet(inter: Interactions, history_end: float, spec: models.ModelSpec, 
                seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[float]]:
     """Joint Adam on body (non-head params, from ``body_init``) + generator over history samples.
 
-    Mirrors ``simulator.cloud.train_cloud_model``. Returns (body params with the universal
+    Mirrors ``strategies.cloud.train_cloud_model``. Returns (body params with the universal
     head unchanged, generator params, per-epoch mean loss). ``frozen_bases`` leaves the
     decoder bases out of the optimiser (and out of autograd). With ``gcfg.from_scratch`` the
     body and the decoder offsets start from ``models.init_params(spec, seed)`` (the fresh
@@ -84,7 +84,7 @@ def window_samples(windows: np.ndarray, owners: np.ndarray) -> tuple[np.ndarray,
 class UploadedSamples:
     """Retraining samples of ``window_samples`` plus a draw of history samples, built per
     epoch with fresh negatives: a stand-in for the ``SampleBuilder`` that
-    ``simulator.cloud.fit`` calls (``build(rows, negatives, key)``; ``rows`` index the
+    ``strategies.cloud.fit`` calls (``build(rows, negatives, key)``; ``rows`` index the
     window samples, so ``fit`` gets ``np.arange(len(uploaded))``).
 
     ``history`` is how many history samples per window sample (``Duet.retrain_history``);

@@ -31,7 +31,7 @@ def learn_theta(cloud, layer: str, dim: int, *, epochs: int, lr: float = 0.01, b
     Measured (default fleet, seed 0, 10 rounds, encoder patch, lr 0.5, 5 steps): UAUC
     cloud_only .8974, random Theta .8977, learned Theta .8985.
     """
-    from simulator.cloud import check_losses, check_params, history_rows
+    from strategies.cloud import check_losses, check_params, history_rows
 
     key = ("metapatch.theta", layer, dim, epochs, lr, batch_size, phi_decay)
     if key in cloud.cache:  # MetaPatch and MoMoDistill in one run learn the same Theta

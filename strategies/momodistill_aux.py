@@ -56,7 +56,7 @@ def pretrain_aux(cloud, theta: dict[str, np.ndarray], aux: dict[str, np.ndarray]
     interactions per user and round); trained on the rounds' uploads alone it overfitted and
     *lowered* held-out users' AUC (see docs/dccl.md, "Cold start").
     """
-    from simulator.cloud import fit, history_rows
+    from strategies.cloud import fit, history_rows
 
     frozen = {k: torch.from_numpy(np.asarray(v, np.float32))[None] for k, v in cloud.initial.items()}
     th = {k: torch.from_numpy(np.array(v)).requires_grad_(True) for k, v in theta.items()}

@@ -28,8 +28,8 @@ from flwr.app import Array, ArrayRecord
 
 from devices import models
 from devices.samples import Samples, pad_by_owner
-from simulator.cloud import DIVERGED_LOSS, check_losses, check_params
-from simulator.errors import NonFiniteError
+from strategies.cloud import DIVERGED_LOSS, check_losses, check_params
+from devices.errors import NonFiniteError
 from strategies.metapatch_theta import patch_from_phi
 from strategies.momodistill_aux import MOMO_TAG, contexts, init_aux, predict_phi, pretrain_aux, sequence_samples
 

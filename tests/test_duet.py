@@ -7,7 +7,7 @@ import pytest
 from conftest import SmallWorld, numbers_equal, small_config
 from test_cli import TINY, assert_one_line_error, fleetsim, write_experiment  # noqa: F401 (fleetsim: fixture)
 from devices import models
-from simulator.cloud import CloudContext
+from strategies.cloud import CloudContext
 from simulator.grid import FleetGrid, flower_patched
 from simulator.records import array_record
 from simulator.run import make_strategy

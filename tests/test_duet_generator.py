@@ -23,7 +23,7 @@ from strategies.duet_generator import (
     train_duet,
     window_samples,
 )
-from simulator.cloud import history_rows
+from strategies.cloud import history_rows
 
 N_ITEMS = 60
 

@@ -25,7 +25,7 @@ from devices.pool import HostPool
 from devices.reaper import descendants
 from devices.runtime import Payload
 from simulator import config
-from simulator.cloud import check_losses
+from strategies.cloud import check_losses
 from simulator.errors import NonFiniteError
 from simulator.results import load_run, read_devices, read_rounds
 from simulator.run import run_experiment

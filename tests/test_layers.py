@@ -1,10 +1,13 @@
-"""Layers point one way: ``devices/`` (the fleet) imports nothing of ``simulator/`` (the
-coordinator), ``strategies/`` never touches Ray (only the host pool does), and the
+"""Layers point one way, simulator -> strategies -> devices: ``devices/`` (the fleet)
+imports nothing of ``simulator/`` (the coordinator) or ``strategies/``, ``strategies/``
+imports nothing of ``simulator/`` and never touches Ray (only the host pool does), and the
 project's modules import each other without a circle (imports inside functions count)."""
 from __future__ import annotations
 
 import ast
 from pathlib import Path
+
+import strategies
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("simulator", "devices", "strategies")
@@ -38,10 +41,17 @@ def graph() -> dict[str, set[str]]:
     return {name: {m for m in deps if m in g and m != name} for name, deps in g.items()}
 
 
-def test_devices_import_nothing_from_simulator():
-    bad = {f.name: sorted(m for m in imports(f) if m.split(".")[0] == "simulator")
+def test_devices_import_nothing_from_simulator_or_strategies():
+    bad = {f.name: sorted(m for m in imports(f) if m.split(".")[0] in ("simulator", "strategies"))
            for _, f in sources("devices")}
     assert {k: v for k, v in bad.items() if v} == {}
+
+
+def test_strategies_import_only_devices_never_simulator():
+    """Layers point one way: simulator -> strategies -> devices."""
+    bad = {f.name: sorted(m for m in imports(f) if m.split(".")[0] == "simulator") for _, f in sources("strategies")}
+    assert {k: v for k, v in bad.items() if v} == {}
+    assert "devices.models" in imports(Path(strategies.__file__).with_name("cloud.py"))  # the scan reads them
 
 
 def test_strategies_never_import_ray():

@@ -7,7 +7,7 @@ import torch
 
 from conftest import SmallWorld, small_config
 from devices import models
-from simulator.cloud import CloudContext
+from strategies.cloud import CloudContext
 from simulator.grid import FleetGrid, flower_patched
 from simulator.records import array_record
 from simulator.run import make_strategy

@@ -9,7 +9,7 @@ from conftest import small_config
 from devices import models
 from devices.pool import HostPool
 from devices.runtime import DeviceContext, train_held_models
-from simulator.cloud import train_cloud_model
+from strategies.cloud import train_cloud_model
 from simulator.errors import ConfigError
 from simulator.fleet import build_fleet
 

@@ -10,7 +10,7 @@ from conftest import SmallWorld, small_config
 from test_cli import TINY, assert_one_line_error, fleetsim, write_experiment  # noqa: F401 (fleetsim: fixture)
 from devices import models
 from devices.models import PAD
-from simulator.cloud import CloudContext
+from strategies.cloud import CloudContext
 from simulator.errors import ConfigError
 from simulator.grid import FleetGrid, flower_patched
 from simulator.records import array_record

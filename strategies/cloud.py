@@ -1,4 +1,11 @@
-"""Cloud-side training of the backbone on history data (the universal / CloudOnly model)."""
+"""The cloud's training tools: the backbone trained on history data (the model every
+strategy starts from), the ``fit`` loop strategies train their cloud-side parts with,
+and the checks that stop non-finite training.
+
+It sits in ``strategies/`` because strategies' cloud halves use it; the run
+(``simulator.fleetrun``) calls ``train_cloud_model`` and hands a ``CloudContext`` to each
+strategy's ``prepare``.
+"""
 from __future__ import annotations
 
 import math
@@ -12,7 +19,7 @@ from devices import models
 from devices.data import Interactions
 from devices.samples import SampleBuilder, stream_key
 from devices.models import DIVERGED_LOSS
-from simulator.errors import NonFiniteError
+from devices.errors import NonFiniteError
 
 CLOUD_TAG = 3
 
