@@ -46,7 +46,7 @@ def main() -> None:
         "profiles": {"online_peak": 1.0, "online_trough": 1.0, "failure_rate": 0.0},
     })
     run = FleetRun(cfg)
-    fleet = run.build_fleet()
+    run.build_fleet()
     run.train_cloud()
     spec = run.spec
     duet = make_strategy("duet", {"epochs": 1, "fraction_train": 1.0})

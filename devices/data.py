@@ -7,6 +7,7 @@ the cloud model) and which fall in each simulated round.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 
@@ -83,3 +84,21 @@ class Timeline:
         r = np.floor((t - self.history_end) / self.round_seconds).astype(np.int64) + 1
         r = np.where(t < self.history_end, 0, r)
         return np.minimum(r, self.n_rounds + 1)
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where a fleet's interactions come from: ``[data] source = "<name>"``.
+
+    Attributes:
+        name: the ``source`` value (a built-in short name, or the import path
+            ``package.module:NAME`` of this object for any other source).
+        config: a frozen dataclass of the source's ``[data]`` keys (validated by
+            ``devices.settings.build``; rules raise ``ConfigError``).
+        load: ``load(config, seed) -> (Interactions, Timeline)``; bad data files raise
+            ``DataError`` naming the file.
+    """
+
+    name: str
+    config: type
+    load: Callable[[Any, int], tuple[Interactions, Timeline]]

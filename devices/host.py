@@ -131,6 +131,7 @@ class DeviceHost:
         self.inter = shard.interactions
         self.timeline = shard.timeline
         self.spec, self.settings, self.seed = spec, settings, seed
+        models.get_backbone(spec.backbone)  # a user backbone ('package.module:NAME') is imported in this process too
         self.builder = SampleBuilder(self.inter, spec.window, self.device_ids)
         self._eval_cache: dict[int, Samples] = {}
         self.reset(None)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from devices.backbones import REGISTRY
+from devices.backbones.registry import get as get_backbone
 from devices.backbones.din import DIN_ATTENTION, DIN_CHUNK, DIN_HEAD_KEYS, DIN_HIDDEN, din_logits  # noqa: F401
 from devices.backbones.gru4rec import HEAD_KEYS, encode  # noqa: F401
 from devices.backbones.layers import MASKED, _gather, _layer_norm, _linear, apply_patch, head, score  # noqa: F401
@@ -34,8 +35,9 @@ from devices.backbones.sasrec import SAS_FFN, SAS_HEADS, sas_encode  # noqa: F40
 from devices.errors import ConfigError
 
 PAD = -1  # item id used to left-pad windows shorter than L
-BACKBONES = tuple(REGISTRY)  # ("gru4rec", "din", "sasrec")
-# One key only each backbone has: how ``forward`` tells them apart.
+BACKBONES = tuple(REGISTRY)  # the built-in ones: ("gru4rec", "din", "sasrec")
+# One key only each built-in backbone has: how ``forward`` tells them apart (``backbone_of``
+# also looks at backbones registered later).
 BACKBONE_MARKERS = {name: b.marker for name, b in REGISTRY.items()}
 
 
@@ -49,23 +51,25 @@ class ModelSpec:
     window: int = 10
 
     def __post_init__(self) -> None:
-        if self.backbone not in BACKBONES:
-            raise ConfigError("model.backbone", self.backbone, f"one of {', '.join(BACKBONES)}")
+        try:
+            backbone = get_backbone(self.backbone)
+        except KeyError as exc:
+            raise ConfigError("model.backbone", self.backbone, exc.args[0]) from None
         for key in ("n_items", "dim", "window"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"model.{key}", getattr(self, key), "a positive integer")
-        check = REGISTRY[self.backbone].check
+        check = backbone.check
         if check is not None:
             check(self)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Name -> shape of every parameter (without the leading model dimension)."""
         items = {"item_emb": (self.n_items, self.dim), "item_bias": (self.n_items,)}
-        return {**items, **REGISTRY[self.backbone].shapes(self)}
+        return {**items, **get_backbone(self.backbone).shapes(self)}
 
     def head_keys(self) -> tuple[str, ...]:
         """Names of the head (DUET's dynamic part; the rest is the body)."""
-        return REGISTRY[self.backbone].head_keys
+        return get_backbone(self.backbone).head_keys
 
     def n_params(self) -> int:
         return int(sum(np.prod(s) for s in self.shapes().values()))
@@ -115,23 +119,23 @@ def patch_width(spec: "ModelSpec", layer: str) -> int:
     first head layer (d for the GRU4Rec/SASRec user tower, 128 for DIN's classifier)."""
     if layer not in PATCH_LAYERS:
         raise ConfigError("patch.layer", layer, f"one of {', '.join(PATCH_LAYERS)}")
-    width = REGISTRY[spec.backbone].head1_width
+    width = get_backbone(spec.backbone).head1_width
     return width(spec) if layer == "head.1" and width is not None else spec.dim
 
 
 def backbone_of(params: dict[str, torch.Tensor]) -> str:
     """Which backbone a param dict belongs to, from its marker key (``BACKBONE_MARKERS``)."""
-    for name, key in BACKBONE_MARKERS.items():
-        if key in params:
+    for name, backbone in REGISTRY.items():
+        if backbone.marker in params:
             return name
-    raise ValueError(f"no backbone marker ({', '.join(BACKBONE_MARKERS.values())}) among the parameters")
+    raise ValueError(f"no backbone marker ({', '.join(b.marker for b in REGISTRY.values())}) among the parameters")
 
 
 def body_output(params: dict[str, torch.Tensor], windows: torch.Tensor) -> torch.Tensor | None:
     """The body's output (M, N, d) for backbones whose body does not look at the
     candidate (GRU4Rec, SASRec); None for DIN. Training only what comes after the body
     (a patch, the head) can compute it once instead of every step."""
-    fn = REGISTRY[backbone_of(params)].body
+    fn = get_backbone(backbone_of(params)).body
     if fn is None:
         return None
     m, n, L = windows.shape
@@ -153,9 +157,11 @@ def forward(params: dict[str, torch.Tensor], windows: torch.Tensor, candidates: 
     ``backbone`` defaults to the one the param names say (``backbone_of``).
     """
     backbone = backbone or backbone_of(params)
-    if backbone not in REGISTRY:
-        raise ValueError(f"unknown backbone {backbone!r}; one of {', '.join(BACKBONES)}")
-    return REGISTRY[backbone].logits(params, windows, candidates)
+    try:
+        fn = get_backbone(backbone).logits
+    except KeyError as exc:
+        raise ValueError(f"unknown backbone {backbone!r}: {exc.args[0]}") from None
+    return fn(params, windows, candidates)
 
 
 # A mean BCE this far above the loss of predicting 0 for every candidate (ln 2) means

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from devices.data import Interactions, Timeline
+from devices.data import DataSource, Interactions, Timeline
 from devices.errors import ConfigError, DataError
 
 __all__ = ["load_ratings", "load_ratings_with_epoch", "movielens_timeline"]
@@ -280,3 +280,37 @@ def _to_interactions(
         item_ids=item_ids.astype(np.int64),
     )
     return inter, epoch
+
+
+PROTOCOLS = ("fleet", "leave_last")  # data.protocol of MovieLens experiments
+
+
+@dataclass(frozen=True)
+class MovieLensConfig:
+    """``[data]`` with ``source = "movielens"``: a ratings file cut into history and rounds."""
+
+    path: str = ""
+    n_rounds: int = 10
+    history_fraction: float = 0.8
+    # "fleet": history + prequential rounds; "leave_last": the DUET paper's protocol
+    # (simulator.paper; n_rounds and history_fraction are then unused)
+    protocol: str = "fleet"
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ConfigError("data.path", self.path, "the path of a MovieLens ratings file (u.data, ratings.dat or ratings.csv)")
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError("data.protocol", self.protocol, " or ".join(f'"{p}"' for p in PROTOCOLS))
+        if self.n_rounds <= 0:
+            raise ConfigError("data.n_rounds", self.n_rounds, "a positive integer")
+        if not 0 < self.history_fraction < 1:
+            raise ConfigError("data.history_fraction", self.history_fraction, "a number strictly between 0 and 1")
+
+
+def load_source(cfg: MovieLensConfig, seed: int) -> tuple[Interactions, Timeline]:
+    """The ratings file of ``cfg`` cut into history and rounds (``seed`` is not used)."""
+    inter, epoch = load_ratings_with_epoch(cfg.path)
+    return inter, movielens_timeline(inter, epoch, cfg.n_rounds, cfg.history_fraction)
+
+
+SOURCE = DataSource("movielens", MovieLensConfig, load_source)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from devices.data import DriftEvent, Interactions, Timeline
+from devices.data import DataSource, DriftEvent, Interactions, Timeline
 from devices.errors import ConfigError
 
 DRIFT_KINDS = ("none", "gradual", "sudden", "recurring")
@@ -268,3 +268,11 @@ if __name__ == "__main__":
                 f"generate(drift={kind:<9}, n_devices={n:>7,}): {dt:.3f} s, "
                 f"{len(fleet.interactions.items):,} interactions"
             )
+
+
+def load_source(cfg: SyntheticConfig, seed: int) -> tuple[Interactions, Timeline]:
+    fleet = generate(cfg, seed)
+    return fleet.interactions, fleet.timeline
+
+
+SOURCE = DataSource("synthetic", SyntheticConfig, load_source)

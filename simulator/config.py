@@ -2,27 +2,34 @@
 
 An experiment file has the sections ``[experiment]``, ``[data]``, ``[profiles]``,
 ``[model]``, ``[cloud]``, ``[device]`` and ``[strategies.<name>]``; each becomes a frozen,
-validated dataclass. Unknown keys, wrong types and out-of-range values raise
-``ConfigError`` naming ``section.key``.
+validated dataclass. Each section's dataclass lives beside the code it configures
+(``[data]``: its source's module, see ``devices.sources``; ``[profiles]``:
+``devices.profiles``; ``[device]``: ``devices.runtime``); the rest are here.
+
+``from_dict`` validates everything once -- every section and every strategy's
+parameters -- with one mechanism (``devices.settings``), before the run writes anything:
+unknown keys, wrong types and out-of-range values raise ``ConfigError`` naming
+``section.key``, the bad value and what is allowed.
 """
 from __future__ import annotations
 
 import dataclasses
 import tomllib
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from devices import settings
+from devices.movielens import PROTOCOLS, MovieLensConfig  # noqa: F401 (re-exported)
 from devices.profiles import ProfileConfig
 from devices.runtime import DeviceSettings
+from devices.sources import BUILTIN, resolve_source
 from devices.synthetic import SyntheticConfig
 from simulator.errors import ConfigError, FleetsimError
-from strategies.registry import SHORT_NAMES
+from strategies.registry import SHORT_NAMES, make_strategy
 
 DEFAULT_STRATEGIES = ("cloud_only", "local_finetune", "fedavg")
 DEFAULT_EXPERIMENT = Path(__file__).resolve().parent.parent / "experiments" / "quickstart.toml"
-PROTOCOLS = ("fleet", "leave_last")  # data.protocol of MovieLens experiments
 
 
 @dataclass(frozen=True)
@@ -57,28 +64,6 @@ class ExperimentSection:
                 raise ConfigError(f"experiment.{key}", getattr(self, key), "a positive number of seconds")
         if self.on_device_error not in ("stop", "record"):
             raise ConfigError("experiment.on_device_error", self.on_device_error, '"stop" or "record"')
-
-
-@dataclass(frozen=True)
-class MovieLensConfig:
-    """``[data]`` with ``source = "movielens"``: a ratings file cut into history and rounds."""
-
-    path: str = ""
-    n_rounds: int = 10
-    history_fraction: float = 0.8
-    # "fleet": history + prequential rounds; "leave_last": the DUET paper's protocol
-    # (simulator/paper.py; n_rounds and history_fraction are then unused)
-    protocol: str = "fleet"
-
-    def __post_init__(self) -> None:
-        if not self.path:
-            raise ConfigError("data.path", self.path, "the path of a MovieLens ratings file (u.data, ratings.dat or ratings.csv)")
-        if self.protocol not in PROTOCOLS:
-            raise ConfigError("data.protocol", self.protocol, " or ".join(f'"{p}"' for p in PROTOCOLS))
-        if self.n_rounds <= 0:
-            raise ConfigError("data.n_rounds", self.n_rounds, "a positive integer")
-        if not 0 < self.history_fraction < 1:
-            raise ConfigError("data.history_fraction", self.history_fraction, "a number strictly between 0 and 1")
 
 
 @dataclass(frozen=True)
@@ -119,16 +104,19 @@ class ExperimentConfig:
     """A whole experiment: one fleet, one or more strategies."""
 
     experiment: ExperimentSection = field(default_factory=ExperimentSection)
-    data: SyntheticConfig | MovieLensConfig = field(default_factory=SyntheticConfig)
+    data: Any = field(default_factory=SyntheticConfig)  # the config of its data source (devices.sources)
     profiles: ProfileConfig = field(default_factory=ProfileConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     cloud: CloudConfig = field(default_factory=CloudConfig)
     device: DeviceSettings = field(default_factory=DeviceSettings)
     strategies: dict[str, dict[str, Any]] = field(default_factory=dict)
+    data_source: str | None = field(default=None, compare=False)  # [data] source; None: the built-in one of ``data``
 
     @property
     def source(self) -> str:
-        return "movielens" if isinstance(self.data, MovieLensConfig) else "synthetic"
+        if self.data_source is not None:
+            return self.data_source
+        return next(name for name, s in BUILTIN.items() if isinstance(self.data, s.config))
 
     def to_toml(self) -> str:
         """The resolved configuration as TOML (every default spelled out)."""
@@ -161,47 +149,6 @@ def _toml_value(v: Any) -> str:
     raise TypeError(f"cannot write {v!r} as TOML")
 
 
-def _coerce(section: str, key: str, value: Any, hint: Any) -> Any:
-    """Check one TOML value against a dataclass field type (int -> float allowed)."""
-    origin = typing.get_origin(hint)
-    name = f"{section}.{key}"
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(name, value, "true or false")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(name, value, "an integer")
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(name, value, "a number")
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(name, value, "a string")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(name, value, "a list")
-        inner = typing.get_args(hint)[0]
-        return tuple(_coerce(section, key, v, inner) for v in value)
-    return value
-
-
-def build_section(cls: type, table: dict[str, Any], section: str) -> Any:
-    """Construct a config dataclass from a TOML table, with errors naming the key."""
-    if not isinstance(table, dict):
-        raise ConfigError(section, table, "a table")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in table:
-        if key not in names:
-            raise ConfigError(f"{section}.{key}", table[key], f"unknown key; known keys: {', '.join(names)}")
-    kwargs = {k: _coerce(section, k, v, hints[k]) for k, v in table.items()}
-    return cls(**kwargs)
-
-
 def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
     """Build and validate an ``ExperimentConfig`` from parsed TOML."""
     known = {"experiment", "data", "profiles", "model", "cloud", "device", "strategies"}
@@ -212,30 +159,28 @@ def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
     if not isinstance(data, dict):
         raise ConfigError("data", data, "a table")
     data = dict(data)
-    source = data.pop("source", "synthetic")
-    if source == "synthetic":
-        data_cfg = build_section(SyntheticConfig, data, "data")
-    elif source == "movielens":
-        data_cfg = build_section(MovieLensConfig, data, "data")
-    else:
-        raise ConfigError("data.source", source, "synthetic or movielens")
+    source = resolve_source(data.pop("source", "synthetic"))
+    data_cfg = settings.build(source.config, data, "data")
     strategies = raw.get("strategies", {})
     if not isinstance(strategies, dict) or not all(isinstance(v, dict) for v in strategies.values()):
         raise ConfigError("strategies", strategies, "tables [strategies.<name>] of strategy parameters")
-    exp = build_section(ExperimentSection, raw.get("experiment", {}), "experiment")
+    exp = settings.build(ExperimentSection, raw.get("experiment", {}), "experiment")
     for sname in strategies:
         # Tables of built-in strategies not run this time are kept (narrowing a run with
         # --set experiment.strategies=[...] must not fail); any other name is a typo.
         if sname not in exp.strategies and sname not in SHORT_NAMES:
             raise ConfigError(f"strategies.{sname}", "...", f"parameters for a strategy not in experiment.strategies {list(exp.strategies)}")
+    for sname in dict.fromkeys([*exp.strategies, *strategies]):  # every strategy's parameters, checked once
+        make_strategy(sname, strategies.get(sname, {}))
     return ExperimentConfig(
         experiment=exp,
         data=data_cfg,
-        profiles=build_section(ProfileConfig, raw.get("profiles", {}), "profiles"),
-        model=build_section(ModelConfig, raw.get("model", {}), "model"),
-        cloud=build_section(CloudConfig, raw.get("cloud", {}), "cloud"),
-        device=build_section(DeviceSettings, raw.get("device", {}), "device"),
+        profiles=settings.build(ProfileConfig, raw.get("profiles", {}), "profiles"),
+        model=settings.build(ModelConfig, raw.get("model", {}), "model"),
+        cloud=settings.build(CloudConfig, raw.get("cloud", {}), "cloud"),
+        device=settings.build(DeviceSettings, raw.get("device", {}), "device"),
         strategies={k: dict(v) for k, v in strategies.items()},
+        data_source=source.name,
     )
 
 

@@ -45,17 +45,10 @@ def assemble(inter: Interactions, timeline: Timeline, profiles: Profiles, source
 
 
 def build_fleet(cfg) -> Fleet:
-    """The fleet an ``ExperimentConfig`` describes (synthetic or MovieLens)."""
-    from devices import movielens, synthetic
-    from simulator.config import MovieLensConfig
+    """The fleet an ``ExperimentConfig`` describes (its ``[data]`` source, ``devices.sources``)."""
+    from devices.sources import resolve_source
 
     seed = cfg.experiment.seed
-    if isinstance(cfg.data, MovieLensConfig):
-        inter, epoch = movielens.load_ratings_with_epoch(cfg.data.path)
-        timeline = movielens.movielens_timeline(inter, epoch, cfg.data.n_rounds, cfg.data.history_fraction)
-        source = "movielens"
-    else:
-        syn = synthetic.generate(cfg.data, seed)
-        inter, timeline, source = syn.interactions, syn.timeline, "synthetic"
+    inter, timeline = resolve_source(cfg.source).load(cfg.data, seed)
     profiles = make_profiles(inter.n_users, cfg.profiles, seed)
-    return assemble(inter, timeline, profiles, source)
+    return assemble(inter, timeline, profiles, cfg.source)

@@ -7,31 +7,8 @@ from flwr.app import Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-
-def check_fraction(key: str, value: object, allow_zero: bool = False) -> float:
-    """A fraction in (0, 1] (or [0, 1]); raises ValueError naming the parameter."""
-    low_ok = (lambda v: v >= 0) if allow_zero else (lambda v: v > 0)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low_ok(value) and value <= 1):
-        raise ValueError(f"{key} = {value!r}: must be a number in {'[' if allow_zero else '('}0, 1]")
-    return float(value)
-
-
-def check_positive(key: str, value: object, integer: bool = False) -> float | int:
-    """A positive (integer) number; raises ValueError naming the parameter."""
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or not 0 < value < float("inf"):
-        raise ValueError(f"{key} = {value!r}: must be a positive {'integer' if integer else 'number'}")
-    return value
-
-
-def check_non_negative(key: str, value: object, integer: bool = False, meaning: str = "") -> float | int:
-    """A number (integer) >= 0; raises ValueError naming the parameter (``meaning`` is
-    appended to the message in parentheses)."""
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or not 0 <= value < float("inf"):
-        why = f" ({meaning})" if meaning else ""
-        raise ValueError(f"{key} = {value!r}: must be {'an integer' if integer else 'a number'} >= 0{why}")
-    return value
+from devices.settings import (  # noqa: F401 (re-exported: the rules strategies check their parameters with)
+    check_choice, check_fraction, check_non_negative, check_positive)
 
 
 def sample_fraction(grid: Grid, fraction: float, minimum: int) -> list[int]:

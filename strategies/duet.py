@@ -39,6 +39,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 
 from devices import models
+from devices.errors import ConfigError
 from devices.runtime import DeviceApp, DeviceContext, Payload
 from devices.samples import SampleBuilder
 from strategies.cloud import history_rows
@@ -76,14 +77,14 @@ class Duet(FleetStrategy, short_name="duet", colour="#2ca02c"):
         self.epochs = int(check_positive("epochs", epochs, integer=True))
         self.lr = float(check_positive("lr", lr))
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-            raise ValueError(f"m = {m!r}: must be a positive integer (number of parallel decoders)")
+            raise ConfigError("m", m, "a positive integer (number of parallel decoders)")
         self.retrain_every = int(check_non_negative("retrain_every", retrain_every, integer=True,
                                                     meaning="rounds between cloud retrainings; 0 = off"))
         self.retrain_epochs = int(check_positive("retrain_epochs", retrain_epochs, integer=True))
         self.retrain_history = float(check_non_negative("retrain_history", retrain_history,
                                                         meaning="history samples per window sample"))
         if not isinstance(from_scratch, bool):
-            raise ValueError(f"from_scratch = {from_scratch!r}: must be true or false")
+            raise ConfigError("from_scratch", from_scratch, "true or false")
         self.gcfg = GeneratorConfig(m=m, tau=float(check_positive("tau", tau)), stabilizer=bool(stabilizer),
                                     frozen_bases=bool(frozen_bases), from_scratch=from_scratch)
         self.body: dict[str, np.ndarray] | None = None

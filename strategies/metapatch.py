@@ -28,7 +28,8 @@ from flwr.serverapp import Grid
 from devices import models
 from devices.runtime import DeviceApp, DeviceContext, Payload, diverged_losses
 from strategies.base import FleetStrategy
-from strategies.common import check_fraction, check_non_negative, check_positive, mean_metrics, sample_fraction
+from strategies.common import (check_choice, check_fraction, check_non_negative, check_positive, mean_metrics,
+                               sample_fraction)
 from strategies.metapatch_theta import init_theta, learn_theta, patch_from_phi, tensors
 
 PHI_CHUNK = 1024  # devices whose phi train in one batched pass
@@ -113,9 +114,7 @@ class MetaPatch(FleetStrategy, short_name="metapatch", colour="#d62728"):
                  local_steps: int | None = None, lr: float | None = None, theta_epochs: int = 3) -> None:
         self.fraction_train = check_fraction("fraction_train", fraction_train)
         self.patch_dim = int(check_positive("patch_dim", patch_dim, integer=True))
-        if patch_layer not in models.PATCH_LAYERS:
-            raise ValueError(f"patch_layer = {patch_layer!r}: one of {', '.join(models.PATCH_LAYERS)}")
-        self.patch_layer = patch_layer
+        self.patch_layer = check_choice("patch_layer", patch_layer, models.PATCH_LAYERS)
         self.local_steps = None if local_steps is None else check_positive("local_steps", local_steps, integer=True)
         self.lr = None if lr is None else check_positive("lr", lr)
         self.theta_epochs = int(check_non_negative("theta_epochs", theta_epochs, integer=True))

@@ -38,7 +38,8 @@ from flwr.serverapp import Grid
 from devices import models
 from devices.runtime import DeviceApp, DeviceContext, Payload
 from devices.scoring import device_metrics
-from strategies.common import check_fraction, check_non_negative, check_positive, mean_metrics, sample_fraction
+from strategies.common import (check_choice, check_fraction, check_non_negative, check_positive, mean_metrics,
+                               sample_fraction)
 from strategies.metapatch import MetaPatch, patch_from_phi, tensors, train_local_phi
 from strategies.momodistill_aux import (  # noqa: F401 (the encoder and the uploads' samples; names re-exported)
     MOMO_TAG, aux_flops, contexts, init_aux, last_windows, predict_phi, pretrain_aux, sequence_samples)
@@ -135,9 +136,7 @@ class MoMoDistill(MoMoDistillCloud, MetaPatch, short_name="momodistill", colour=
         self.aux_history = int(check_positive("aux_history", aux_history, integer=True))
         self.aux_epochs = int(check_non_negative("aux_epochs", aux_epochs, integer=True))
         self.aux_lr = float(check_positive("aux_lr", aux_lr))
-        if push not in PUSH_MODES:
-            raise ValueError(f"push = {push!r}: one of {', '.join(PUSH_MODES)}")
-        self.push = push
+        self.push = check_choice("push", push, PUSH_MODES)
         self.fraction_evaluate = check_fraction("fraction_evaluate", fraction_evaluate, allow_zero=True)
 
     def _config(self, server_round: int, train: bool) -> ConfigRecord:

@@ -9,7 +9,6 @@ strategy is named by import path ``package.module:Class``.
 from __future__ import annotations
 
 import importlib
-import inspect
 import os
 import pkgutil
 import sys
@@ -18,6 +17,7 @@ from typing import Any
 from flwr.serverapp.strategy import Strategy
 
 import strategies
+from devices import settings
 from devices.errors import ConfigError
 from devices.runtime import DeviceApp
 from strategies.base import COLOURS, REGISTERED
@@ -58,20 +58,10 @@ def make_strategy(name: str, params: dict[str, Any]) -> Strategy:
     cls = resolve_strategy(name)
     if not (isinstance(cls, type) and issubclass(cls, Strategy)):
         raise ConfigError("experiment.strategies", name, "a subclass of flwr.serverapp.strategy.Strategy")
-    sig = inspect.signature(cls)
-    has_var_kw = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
-    for key in params:
-        if key not in sig.parameters and not has_var_kw:
-            allowed = ", ".join(k for k in sig.parameters if k not in ("self", "kwargs")) or "none"
-            raise ConfigError(f"strategies.{name}.{key}", params[key], f"unknown parameter; known: {allowed}")
-    try:
-        strategy = cls(**params)
-    except (TypeError, ValueError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        key, sep, rest = msg.partition(" = ")
-        if sep and key in params:  # our strategies say "param = value: what is allowed"
-            raise ConfigError(f"strategies.{name}.{key}", params[key], rest.partition(": ")[2] or rest) from None
-        raise ConfigError(f"strategies.{name}", params, msg) from None
+    try:  # one validation mechanism for sections and parameters (devices.settings)
+        strategy = settings.call(cls, params, f"strategies.{name}")
+    except (TypeError, ValueError) as exc:  # a parameter without a default; a plain Flower strategy's own check
+        raise ConfigError(f"strategies.{name}", params, str(exc).splitlines()[0] if str(exc) else "TypeError") from None
     if not isinstance(getattr(strategy, "device_app", None), DeviceApp):
         raise ConfigError("experiment.strategies", name, "a strategy with a device_app (devices.runtime.DeviceApp)")
     return strategy

@@ -232,7 +232,7 @@ def test_unknown_parameter_of_kwargs_strategy(fleetsim, tmp_path):
 def test_strategy_parameter_out_of_range(fleetsim, tmp_path):
     code, _, err = fleetsim("run", write_experiment(tmp_path), "--set", 'experiment.strategies=["local_finetune"]',
                             "--set", "strategies.local_finetune.fraction_train=0", "--out", str(tmp_path / "o"))
-    assert_one_line_error(code, err, "strategies.local_finetune.fraction_train", "must be a number in (0, 1]")
+    assert_one_line_error(code, err, "strategies.local_finetune.fraction_train = 0 is invalid: a number in (0, 1]")
 
 
 def test_parameters_for_an_unknown_unlisted_strategy(fleetsim, tmp_path):

@@ -159,7 +159,7 @@ def test_retraining_is_deterministic_under_a_seed(always_online_world):
 
 @pytest.mark.parametrize("setting, needles", [
     ("strategies.duet.retrain_every=-1", ["strategies.duet.retrain_every = -1", "integer >= 0"]),
-    ("strategies.duet.retrain_every=1.5", ["strategies.duet.retrain_every = 1.5", "integer >= 0"]),
+    ("strategies.duet.retrain_every=1.5", ["strategies.duet.retrain_every = 1.5", "invalid: an integer"]),
     ("strategies.duet.retrain_every=true", ["strategies.duet.retrain_every = True"]),
     ("strategies.duet.retrain_epochs=0", ["strategies.duet.retrain_epochs = 0", "positive integer"]),
     ("strategies.duet.retrain_history=-0.5", ["strategies.duet.retrain_history = -0.5", "number >= 0"]),

@@ -174,7 +174,7 @@ def test_bad_parameters_name_the_key(params, key):
     ("strategies.momodistill.local_steps=0", ["strategies.momodistill.local_steps = 0", "positive integer"]),
     ("strategies.momodistill.patch_layer=nope", ["strategies.momodistill.patch_layer = 'nope'", "encoder"]),
     ("strategies.momodistill.aux_history=0", ["strategies.momodistill.aux_history = 0", "positive integer"]),
-    ("strategies.momodistill.aux_lr=abc", ["strategies.momodistill.aux_lr = 'abc'", "positive number"]),
+    ("strategies.momodistill.aux_lr=abc", ["strategies.momodistill.aux_lr = 'abc'", "invalid: a number"]),
 ])
 def test_bad_parameters_are_one_line_errors_from_the_cli(fleetsim, tmp_path, setting, needles):
     code, _, err = fleetsim("run", write_experiment(tmp_path, TINY), "--set", 'experiment.strategies=["momodistill"]',

@@ -1,7 +1,8 @@
 """The backbone type and registry (see ``devices.backbones``)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -23,6 +24,25 @@ class Backbone:
 
 
 REGISTRY: dict[str, Backbone] = {}
+
+
+def get(name: str) -> Backbone:
+    """The backbone called ``name``: a registered one, or the import path
+    ``package.module:NAME`` of a ``Backbone`` (imported on first use, in whichever process
+    asks -- the driver or a host -- and registered under that path). ``KeyError`` says why not."""
+    backbone = REGISTRY.get(name)
+    if backbone is None and isinstance(name, str) and ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            backbone = getattr(importlib.import_module(module_name), attr, None)
+        except ImportError as exc:
+            raise KeyError(f"cannot import module {module_name!r} ({exc})") from None
+        if not isinstance(backbone, Backbone):
+            raise KeyError(f"module {module_name!r} has no Backbone {attr!r}")
+        backbone = REGISTRY[name] = replace(backbone, name=name)
+    if backbone is None:
+        raise KeyError(f"one of {', '.join(REGISTRY)}, or the import path 'package.module:NAME' of a Backbone")
+    return backbone
 
 
 def register(backbone: Backbone) -> Backbone:
