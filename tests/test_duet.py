@@ -53,7 +53,12 @@ def test_each_round_uploads_windows_and_installs_generated_heads(always_online_w
     assert all(np.array_equal(held[k], strategy.body[k]) for k in held)
     heads = [host.personal[d]["head.w1"] for d in list(host.personal)[:5]]
     assert any(not np.allclose(heads[0], h) for h in heads[1:])  # personalised, not one head
-    assert result.train_metrics_clientapp[1]["generation_ms_per_device"] > 0
+    for rnd in (1, 2):  # the per-device generation time is the round's generation time over its devices
+        m = result.train_metrics_clientapp[rnd]
+        assert m["devices"] == m["installed"] == w.fleet.n_devices
+        assert m["body_sent"] == (w.fleet.n_devices if rnd == 1 else 0)
+        assert 0 < m["generation_s"] < float("inf")
+        assert m["generation_ms_per_device"] == pytest.approx(1e3 * m["generation_s"] / m["devices"], rel=1e-12)
 
 
 def test_generated_head_is_what_the_generator_gives_for_the_uploaded_window(always_online_world):
@@ -68,11 +73,92 @@ def test_generated_head_is_what_the_generator_gives_for_the_uploaded_window(alwa
             np.testing.assert_allclose(host.personal[int(i)][k], expect[k][j], rtol=1e-6, atol=1e-7)
 
 
+def numpy_heads(strategy, windows: np.ndarray) -> dict[str, np.ndarray]:
+    """METHODS.md's generator written out in numpy from the strategy's parameters: e_n = A_n z;
+    W^(i) = D_i e_n + d_i; with the stabiliser p = softmax(rowsum(W W^T) / tau), W = sum_i p_i W^(i)."""
+    import torch
+
+    from strategies.duet_generator import encode_windows
+
+    gen, gcfg = strategy.gen, strategy.gcfg
+    with torch.no_grad():
+        z = encode_windows({k: torch.from_numpy(v) for k, v in gen.items()}, models.to_torch(strategy.body),
+                           torch.from_numpy(windows.astype(np.int64))).double().numpy()
+    out = {}
+    shapes = strategy.spec.shapes()
+    for wk, bk in zip(strategy.spec.head_keys()[::2], strategy.spec.head_keys()[1::2]):
+        A = gen[f"gen.{wk}.A"].astype(np.float64)
+        for key, basis, off in ((wk, "D", "d0"), (bk, "C", "c0")):
+            layer = wk if key == wk else bk
+            D, d = gen[f"gen.{layer}.{basis}"].astype(np.float64), gen[f"gen.{layer}.{off}"].astype(np.float64)
+            heads = []
+            for n in range(len(z)):
+                e = A @ z[n]
+                W = np.stack([D[i] @ e + d[i] for i in range(len(D))])  # (m, P) candidates
+                if len(D) == 1:
+                    heads.append(W[0])
+                else:
+                    logit = W @ W.T
+                    logit = logit.sum(1) / gcfg.tau
+                    p = np.exp(logit - logit.max())
+                    heads.append((p / p.sum()) @ W)
+            out[key] = np.stack(heads).reshape(len(z), *shapes[key])
+    return out
+
+
 @pytest.mark.parametrize("params", [{"stabilizer": False}, {"frozen_bases": True}, {"m": 2, "tau": 2.0},
                                     {"from_scratch": True}])
 def test_ablations_run(always_online_world, params):
-    _, grid, _ = served(always_online_world, rounds=1, **params)
+    from strategies.duet_generator import BASES, GeneratorConfig, init_generator, is_basis
+
+    w = always_online_world
+    strategy, grid, _ = served(w, rounds=1, **params)
     assert grid.results[0].info["ok"] > 0
+    assert grid.results[0].info["ok"] == w.fleet.n_devices and grid.results[0].info["errors"] == 0
+    host = w.pool.hosts[0]
+    local = np.array(sorted(host.personal)[:3])
+    installed = {int(i): dict(host.personal[int(i)]) for i in local}
+    bytes_down = grid.results[0].devices["bytes_down"].copy()
+    heads_keys = w.spec.head_keys()
+    # decoders per layer: 1 without the stabiliser (m ignored), else m
+    decoders = 1 if params.get("stabilizer") is False else params.get("m", 5)
+    assert all(v.shape[0] == decoders for k, v in strategy.gen.items() if is_basis(k))
+    assert sum(is_basis(k) for k in strategy.gen) == len(BASES) * len(heads_keys) // 2
+    # the installed head is the generator's formula (one decoder, or the stabilised mixture) for the window
+    expect = numpy_heads(strategy, host.last_windows(local, 1))
+    for j, i in enumerate(local):
+        for k in heads_keys:
+            np.testing.assert_allclose(installed[int(i)][k], expect[k][j], rtol=1e-4, atol=1e-5, err_msg=k)
+    # the universal head the body carries is never trained (DUET generates it instead)
+    assert all(np.array_equal(strategy.body[k], w.initial[k]) for k in heads_keys)
+    if params.get("frozen_bases"):  # bases bit-identical to their init, everything else trained
+        gen0 = init_generator(w.spec, strategy.gcfg, w.cfg.experiment.seed, head_init={k: w.initial[k] for k in heads_keys})
+        assert all(np.array_equal(strategy.gen[k], gen0[k]) == is_basis(k) for k in gen0)
+    if params.get("from_scratch"):
+        # with a vanishing lr the joint training stays at its start: the fresh init for the
+        # body (not the universal model), the universal model by default
+        fresh = models.init_params(w.spec, w.cfg.experiment.seed)
+        still = prepared(w, from_scratch=True, lr=1e-9)
+        plain = prepared(w, lr=1e-9)
+        for k in w.initial:
+            if k in heads_keys:
+                assert np.array_equal(still.body[k], w.initial[k]) and np.array_equal(plain.body[k], w.initial[k])
+            else:
+                np.testing.assert_allclose(still.body[k], fresh[k], rtol=0, atol=1e-5, err_msg=k)
+                np.testing.assert_allclose(plain.body[k], w.initial[k], rtol=0, atol=1e-5, err_msg=k)
+                assert not np.allclose(fresh[k], w.initial[k], rtol=0, atol=1e-3), k  # the two starts differ
+        gen0 = init_generator(w.spec, GeneratorConfig(from_scratch=True), w.cfg.experiment.seed,
+                              head_init={k: fresh[k] for k in heads_keys})  # offsets: the fresh head + noise
+        np.testing.assert_allclose(still.gen["gen.head.w1.d0"], gen0["gen.head.w1.d0"], rtol=0, atol=1e-5)
+    # against the default DUET on the same world: same bytes (same head and body shapes), other heads
+    w.pool.reset(w.initial)
+    default, default_grid, _ = served(w, rounds=1)
+    np.testing.assert_array_equal(bytes_down, default_grid.results[0].devices["bytes_down"])
+    assert all(not np.allclose(installed[int(i)]["head.w1"], host.personal[int(i)]["head.w1"]) for i in local)
+    assert all(v.shape[0] == 5 for k, v in default.gen.items() if is_basis(k))
+    if params.get("frozen_bases"):  # the default does train its bases
+        gen0 = init_generator(w.spec, default.gcfg, w.cfg.experiment.seed, head_init={k: w.initial[k] for k in heads_keys})
+        assert all(not np.array_equal(default.gen[k], gen0[k]) for k in gen0 if is_basis(k))
 
 
 def test_short_windows_are_padded():

@@ -69,6 +69,16 @@ def run_loop(world: SmallWorld, rounds: int, **params):
     strategy.prepare(CloudContext(w.fleet.interactions, w.fleet.timeline.history_end, w.spec, w.initial,
                                   w.cfg.experiment.seed))
     grid = FleetGrid(w.fleet, w.pool, strategy.device_app, seed=3, deadline_s=1e9)
+    strategy.evaluate_log = []  # (round, online nodes, reported before it, nodes asked to evaluate)
+    configure_evaluate = strategy.configure_evaluate
+
+    def spy(server_round, arrays, config, grid):
+        online, reported = sorted(grid.get_node_ids()), set(strategy.reported)
+        msgs = list(configure_evaluate(server_round, arrays, config, grid))
+        strategy.evaluate_log.append((server_round, online, reported, [m.metadata.dst_node_id for m in msgs]))
+        return msgs
+
+    strategy.configure_evaluate = spy
     with flower_patched(grid, 3):
         result = strategy.start(grid=grid, initial_arrays=array_record(w.initial), num_rounds=rounds,
                                 evaluate_fn=grid.round_hook)
@@ -129,12 +139,49 @@ def test_cold_devices_get_a_metapatch_from_the_auxiliary_encoder(loop):
 
 
 def test_measurement_on_users_that_never_reported(loop):
-    _, strategy, _, result = loop
+    from sklearn.metrics import roc_auc_score
+
+    world, strategy, grid, result = loop
     ev = result.evaluate_metrics_clientapp
     assert set(ev) == {2}
     for m in ev.values():
         assert {"auc_initial", "auc_distilled", "auc_aux", "gain_distilled", "gain_aux", "users"} <= set(m)
         assert 0 <= m["auc_initial"] <= 1 and m["users"] >= 1
+    # who was asked: with fraction_evaluate = 1, exactly the online devices that had not reported by then
+    # (asked only in the distillation round 2; round 3 has no new version to measure)
+    assert [r for r, *_ in strategy.evaluate_log] == [1, 2, 3]
+    assert [len(asked) > 0 for *_, asked in strategy.evaluate_log] == [False, True, False]
+    _, online, reported, asked = strategy.evaluate_log[1]
+    assert asked == sorted(set(online) - reported)
+    assert 0 < len(reported) < len(online)  # a real split of the fleet (fraction_train 0.5 for two rounds)
+    m = ev[2]
+    # per-user AUC (sklearn) on each asked user's round-2 samples, for the initial and the distilled model
+    per_user: dict[str, list[float]] = {"initial": [], "distilled": []}
+    models_ = {"initial": world.initial, "distilled": strategy.model}
+    for host in world.pool.hosts:
+        local = np.flatnonzero(np.isin(host.device_ids, asked))
+        win, cand, _, counts = host.window_samples(local, 2)
+        for j in np.flatnonzero(counts > 0):
+            n = int(counts[j])
+            for name, params in models_.items():
+                p = {k: torch.from_numpy(np.asarray(v, np.float32))[None] for k, v in params.items()}
+                with torch.no_grad():
+                    logits = models.forward(p, win[j : j + 1, :n], cand[j : j + 1, :n])[0].numpy()
+                labels = np.zeros_like(logits)
+                labels[:, 0] = 1
+                per_user[name].append(roc_auc_score(labels.ravel(), logits.ravel()))
+    assert m["users"] == len(per_user["initial"])
+    assert m["auc_initial"] == pytest.approx(np.mean(per_user["initial"]), abs=1e-6)
+    assert m["auc_distilled"] == pytest.approx(np.mean(per_user["distilled"]), abs=1e-6)
+    assert m["gain_distilled"] == pytest.approx(np.mean(per_user["distilled"]) - np.mean(per_user["initial"]), abs=1e-6)
+    assert m["gain_aux"] == pytest.approx(m["auc_aux"] - m["auc_distilled"], abs=1e-12)
+    # and the same initial-model AUCs are what the prequential scoring of round 2 recorded for them:
+    # never contacted before round 2, they held the installed cloud model when round 2 was scored
+    r2 = grid.results[1].devices
+    mine = np.isin(r2["device_id"], asked)
+    pre = r2["auc"][mine]
+    assert int(np.isfinite(pre).sum()) == m["users"]
+    assert m["auc_initial"] == pytest.approx(float(np.nanmean(pre)), abs=1e-6)
 
 
 def test_same_seed_same_loop():

@@ -106,12 +106,19 @@ def test_load_run_rejects(tmp_path, make, needle):
 # Files and HTML -------------------------------------------------------------------------
 
 
-def test_every_figure_is_a_png_of_the_expected_size(built):
+def test_every_figure_is_a_png_of_the_expected_size(built, drawn):
     assert [p.name for p in built.figures] == list(report.FIGURES)
     for p in built.figures:
         assert p.stat().st_size > 10_000, p.name
         _, w, h = report.FIGURES[p.name]
         assert png_size(p) == (round(w * report.DPI), round(h * report.DPI)), p.name
+        fig = drawn[p.name]  # the figure object behind it: that size, and one legend entry per strategy
+        assert tuple(fig.get_size_inches()) == (w, h), p.name
+        labels = [t.get_text() for lg in fig.legends for t in lg.get_texts()]
+        labels += [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+        shown = [s for s in STRATEGIES if any(lab == s or lab.startswith(f"{s}:") for lab in labels)]
+        # fig4 shows only the strategies compared with the baseline
+        assert shown == (STRATEGIES[1:] if p.name == "fig4_user_gain.png" else STRATEGIES), (p.name, labels)
 
 
 def test_html_is_self_contained_and_embeds_figures_and_tables(built):
@@ -334,3 +341,110 @@ def test_run_writes_its_report_unless_told_not_to(monkeypatch, capsys, tmp_path)
     assert code == 0, err
     assert "report:" not in out and not (tmp_path / "b" / "report.html").exists()
     assert load_run(tmp_path / "b").strategies == ["cloud_only", "fedavg"]
+
+
+# What the figures draw -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def drawn(run_dir, tmp_path_factory) -> dict:
+    """The matplotlib Figure of every report figure (captured as it is saved)."""
+    import simulator.report_figures as rf
+
+    figs = {}
+    real_save = rf._save
+
+    def keep(fig, path):
+        figs[Path(path).name] = fig
+        real_save(fig, path)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(rf, "_save", keep)
+    try:
+        report.build_report([run_dir], tmp_path_factory.mktemp("drawn"), n_boot=50)
+    finally:
+        mp.undo()
+    return figs
+
+
+def _lines_of(ax, colour: str):
+    from matplotlib.colors import same_color
+
+    return [ln for ln in ax.get_lines() if same_color(ln.get_color(), colour)]
+
+
+def test_figures_draw_the_runs_numbers_in_each_strategys_colour(drawn, run_dir):
+    from matplotlib.colors import same_color
+
+    from strategies.registry import STRATEGY_COLOURS
+
+    assert sorted(drawn) == sorted(report.FIGURES)
+    summary = json.loads((run_dir / "summary.json").read_text())["strategies"]
+    devices = pd.concat([read_devices(run_dir, s).assign(strategy=s) for s in STRATEGIES])
+    colours = [STRATEGY_COLOURS[s] for s in STRATEGIES]
+    assert len(set(colours)) == 3
+
+    # Figure 1: one UAUC and one AUC line per strategy over rounds 1..3
+    ax_u, ax_a = drawn["fig1_rounds.png"].axes[:2]
+    for s, c in zip(STRATEGIES, colours):
+        (lu,), (la,) = _lines_of(ax_u, c), _lines_of(ax_a, c)
+        per_round = summary[s]["per_round"]
+        assert list(lu.get_xdata()) == [1, 2, 3] == [r["round"] for r in per_round]
+        np.testing.assert_allclose(lu.get_ydata(), [r["uauc"] for r in per_round], rtol=1e-12)
+        # pooled AUC of the round: device AUCs weighted by n_pos x n_neg (from the parquet)
+        d = devices[(devices["strategy"] == s) & devices["auc"].notna()]
+        pairs = d["n_pos"] * d["n_neg"]
+        want = (d["auc"] * pairs).groupby(d["round"]).sum() / pairs.groupby(d["round"]).sum()
+        assert list(la.get_xdata()) == list(want.index)
+        np.testing.assert_allclose(la.get_ydata(), want.to_numpy(), rtol=1e-9)
+        # the per-round UAUC is the plain mean of the devices' AUCs that round
+        np.testing.assert_allclose(lu.get_ydata(), d.groupby("round")["auc"].mean().to_numpy(), rtol=1e-9)
+
+    # Figure 2: p10 / p50 / p90 markers at summary.json's per-user percentiles
+    (ax,) = drawn["fig2_user_auc_ecdf.png"].axes[:1]
+    for s, c in zip(STRATEGIES, colours):
+        points = sorted((float(ln.get_ydata()[0]), float(ln.get_xdata()[0])) for ln in _lines_of(ax, c)
+                        if len(ln.get_xdata()) == 1)
+        assert points == [(0.1, pytest.approx(summary[s]["user_auc_p10"])), (0.5, pytest.approx(summary[s]["user_auc_p50"])),
+                          (0.9, pytest.approx(summary[s]["user_auc_p90"]))]
+
+    # Figure 3: bars start at 0.5 and reach each bucket's UAUC, strategies side by side in their colour
+    ax_u, ax_g = drawn["fig3_buckets.png"].axes[:2]
+    bars = ax_u.patches
+    assert len(bars) == 3 * len(STRATEGIES)
+    for i, (s, c) in enumerate(zip(STRATEGIES, colours)):
+        mine = bars[3 * i : 3 * i + 3]
+        assert all(same_color(b.get_facecolor(), c) for b in mine)
+        assert [b.get_y() for b in mine] == [0.5] * 3
+        want = [summary[s]["by_bucket"][b]["uauc"] for b in ("head", "torso", "tail")]
+        np.testing.assert_allclose([b.get_y() + b.get_height() for b in mine], want, rtol=1e-9)
+    assert len(ax_g.patches) == 3 * 2  # gain bars for the two non-baseline strategies only
+    assert all(same_color(b.get_facecolor(), STRATEGY_COLOURS["local_finetune"]) for b in ax_g.patches[:3])
+
+    # Figure 5: one point per strategy at (MB up + down per device-round, UAUC) and (GFLOPs, UAUC)
+    ax_b, ax_f = drawn["fig5_cost_quality.png"].axes[:2]
+    for s, c in zip(STRATEGIES, colours):
+        mb = (summary[s]["mb_up_per_device_round"] or 0.0) + (summary[s]["mb_down_per_device_round"] or 0.0)
+        gf = summary[s]["gflops_per_device_round"] or 0.0
+        for ax, x in ((ax_b, mb), (ax_f, gf)):
+            pts = [ln for ln in _lines_of(ax, c) if ln.get_marker() not in ("_", "|")]  # not the CI caps
+            assert len(pts) == 1, s
+            assert float(pts[0].get_xdata()[0]) == pytest.approx(x, rel=1e-12)
+            assert float(pts[0].get_ydata()[0]) == pytest.approx(summary[s]["uauc"], abs=1e-12)
+    assert summary["cloud_only"]["uauc"] is not None
+    assert float(_lines_of(ax_b, STRATEGY_COLOURS["cloud_only"])[0].get_xdata()[0]) == 0.0  # no traffic at all
+
+    # Figure 6: devices selected per round, counted from the device parquet (every selected device has a row)
+    fleet = drawn["fig6_fleet.png"]
+    by_title = {ax.get_title(): ax for ax in fleet.axes if ax.get_visible()}
+    selected_ax = by_title["devices selected by the strategy"]
+    ok_ax = by_title["selected devices that replied in time (ok)"]
+    for s, c in zip(STRATEGIES, colours):
+        d = devices[devices["strategy"] == s]
+        sel = d[d["selected"]].groupby("round").size().reindex([1, 2, 3], fill_value=0)
+        ok = d[d["selected"] & (d["status"] == "ok")].groupby("round").size().reindex([1, 2, 3], fill_value=0)
+        (ls,), (lo,) = _lines_of(selected_ax, c), _lines_of(ok_ax, c)
+        assert list(ls.get_xdata()) == [1, 2, 3]
+        assert list(ls.get_ydata()) == sel.astype(float).tolist()
+        assert list(lo.get_ydata()) == ok.astype(float).tolist()
+    assert list(_lines_of(selected_ax, STRATEGY_COLOURS["cloud_only"])[0].get_ydata()) == [0.0, 0.0, 0.0]
