@@ -320,7 +320,7 @@ class DeviceHost:
         per = scoring.device_metrics(scores, s.owner, len(self.device_ids))
         nonfinite = np.zeros(len(self.device_ids), dtype=bool)
         nonfinite[s.owner[bad_row]] = True
-        for k in ("auc", "hr10", "ndcg10", "logloss"):
+        for k in scoring.DEVICE_METRICS:
             per[k][nonfinite] = np.nan
         per["nonfinite"] = nonfinite
         active = np.flatnonzero(per["n_pos"] > 0)

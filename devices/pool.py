@@ -88,7 +88,7 @@ def init_ray(address: str | None, timeout: float = RAY_CONNECT_TIMEOUT_S) -> Non
 
         start_reaper()
     kwargs = dict(
-        # "local" never joins a stale cluster left in Ray's temp folder (FLOWER-NOTES.md).
+        # "local" never joins a stale cluster left in Ray's temp folder (Ray would otherwise join it).
         address=address or "local",
         include_dashboard=False,
         log_to_driver=False,

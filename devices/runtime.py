@@ -255,7 +255,7 @@ def diverged_losses(losses: np.ndarray) -> np.ndarray:
 def evaluate_received(ctx: DeviceContext, payload: Payload) -> list[Payload]:
     """Flower's federated evaluation: score the received model on each device's recent
     data (its positives against ``eval_negatives`` sampled negatives) without adopting it."""
-    from devices.scoring import device_metrics
+    from devices.scoring import DEVICE_METRICS, device_metrics
 
     arrays = next(iter(payload.arrays.values()))
     win, cand, weight, counts = ctx.train_samples(ctx.settings.eval_negatives)
@@ -270,5 +270,5 @@ def evaluate_received(ctx: DeviceContext, payload: Payload) -> list[Payload]:
                                          # weight 0 when there is no data: report 0, not NaN,
                                          # so Flower's weighted mean is not poisoned
                                          **{k: float(m[k][j]) if counts[j] > 0 else 0.0
-                                            for k in ("auc", "logloss", "hr10", "ndcg10")}}})
+                                            for k in DEVICE_METRICS}}})
             for j in range(b)]

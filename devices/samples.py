@@ -2,7 +2,7 @@
 
 A sample is (window of the L items before the target, candidates) where candidate 0 is
 the item the user really interacted with next and the rest are sampled negatives the
-user never interacted with (METHODS.md: 4 for training, 99 for evaluation). Everything is
+user never interacted with (as in the DUET and DCCL papers: 4 for training, 99 for evaluation). Everything is
 vectorised over interactions; randomness comes from generators the caller derives from
 (seed, purpose, round, ...), so every strategy sees the same samples.
 """

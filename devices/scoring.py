@@ -17,6 +17,9 @@ from typing import Any
 import numpy as np
 
 TOP_K = 10
+# The per-device metrics every scoring pass gives, in the order of devices.parquet's
+# columns; hosts, the grid, federated evaluation and the paper protocol all read this list.
+DEVICE_METRICS = ("auc", "ndcg10", "hr10", "logloss")
 # Largest number of candidates whose factors (1 + e^-|x|) <= 2 are multiplied together
 # before one log: 2**512 is far below the float64 maximum (~2**1024).
 _PROD_CHUNK = 512

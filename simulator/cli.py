@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         from simulator.errors import Terminated
 
-        if isinstance(exc, Terminated):
+        if isinstance(exc, Terminated) or Terminated.received:
             print("fleetsim: terminated (SIGTERM); rounds already written are kept", file=sys.stderr)
             return 143
         print("fleetsim: interrupted; rounds already written are kept", file=sys.stderr)

@@ -15,4 +15,9 @@ class RayAddressError(FleetsimError):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM: handled like Ctrl-C (the strategy in flight is marked ``interrupted``)."""
+    """SIGTERM: handled like Ctrl-C (the strategy in flight is marked ``interrupted``).
+
+    ``received`` stays set once the signal came, so the exit code is 143 even if a library
+    (Ray's ``get``) re-raises the interrupt as a plain ``KeyboardInterrupt``."""
+
+    received = False

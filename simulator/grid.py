@@ -32,6 +32,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from devices import profiles as prof
+from devices.scoring import DEVICE_METRICS
 from devices.pool import HostPool
 from devices.runtime import DeviceApp, Payload
 from simulator import metrics
@@ -196,7 +197,7 @@ class FleetGrid(Grid):
             "selected": self.selected[ids],
             "status": np.array(STATUSES, dtype=object)[self.status[ids]],
         }
-        for k in ("auc", "ndcg10", "hr10", "logloss"):
+        for k in DEVICE_METRICS:
             v = np.full(len(ids), np.nan)
             v[found] = sc[k][pos[found]]
             cols[k] = v

@@ -1,5 +1,5 @@
 """The DUET paper's protocol on MovieLens (``data.protocol = "leave_last"``): base vs
-finetune vs DUET, as in Table 1 of the paper (METHODS.md, "DUET").
+finetune vs DUET, as in Table 1 of the DUET paper (Lv et al., WWW 2023; docs/methods.md).
 
 Per user, time-ordered: the LAST interaction is the test target, ranked against
 ``device.eval_negatives`` (99) sampled items the user never interacted with (the test item
@@ -20,8 +20,9 @@ sample builder still knows every interaction (negatives exclude the test items t
   training samples with ``device.local_steps`` full-batch SGD steps at ``device.lr``
   (``models.sgd_train`` on local vocabularies, users batched; ``device.recent`` is not
   used: a user trains on all its samples, as in the paper).
-- **duet**: ``train_duet`` from the base model (``[strategies.duet]`` m, tau, stabilizer,
-  frozen_bases, epochs, lr; DUET's defaults otherwise), then each user's head is generated
+- **duet**: ``train_duet`` from the base model, or from a fresh initialisation with
+  ``from_scratch = true`` (``[strategies.duet]`` m, tau, stabilizer, frozen_bases,
+  from_scratch, epochs, lr; DUET's defaults otherwise), then each user's head is generated
   from the window before its test item and scores the test candidates with the body.
 
 Metrics: AUC pooled over all test samples (sklearn, exact), UAUC (mean per-user AUC),
@@ -41,6 +42,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from devices import models
+from devices.scoring import DEVICE_METRICS
 from devices.data import Interactions
 from devices.movielens import load_ratings_with_epoch
 from devices.runtime import ITEM_TABLES, local_vocabulary
@@ -246,7 +248,7 @@ def _record(run: FleetRun, name: str, scores: np.ndarray, split: LeaveLastSplit,
     users = split.users.astype(np.int64)
     devices = {
         "round": np.ones(n, np.int32), "device_id": users, "online": np.ones(n, bool), "selected": np.ones(n, bool),
-        "status": np.full(n, "ok", dtype=object), **{k: m[k] for k in ("auc", "ndcg10", "hr10", "logloss")},
+        "status": np.full(n, "ok", dtype=object), **{k: m[k] for k in DEVICE_METRICS},
         "n_pos": m["n_pos"].astype(np.int64), "n_neg": m["n_neg"].astype(np.int64), "nonfinite": np.zeros(n, bool),
         "bytes_down": np.zeros(n, np.int64), "bytes_up": np.zeros(n, np.int64), "device_flops": np.zeros(n),
         "device_seconds": np.zeros(n), "bucket": np.asarray(buckets)[users],

@@ -66,6 +66,7 @@ def _terminate_on_sigterm():
         return lambda: None
 
     def terminate(signum, frame):
+        Terminated.received = True
         raise Terminated()
 
     previous = signal.signal(signal.SIGTERM, terminate)

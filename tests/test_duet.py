@@ -74,7 +74,7 @@ def test_generated_head_is_what_the_generator_gives_for_the_uploaded_window(alwa
 
 
 def numpy_heads(strategy, windows: np.ndarray) -> dict[str, np.ndarray]:
-    """METHODS.md's generator written out in numpy from the strategy's parameters: e_n = A_n z;
+    """The DUET paper's generator (docs/methods.md) written out in numpy from the strategy's parameters: e_n = A_n z;
     W^(i) = D_i e_n + d_i; with the stabiliser p = softmax(rowsum(W W^T) / tau), W = sum_i p_i W^(i)."""
     import torch
 
