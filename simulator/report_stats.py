@@ -9,6 +9,7 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+from scipy.stats import bootstrap
 
 from simulator import metrics
 
@@ -37,13 +38,14 @@ class MeanCI:
 
 def bootstrap_mean_ci(values: Sequence[float] | np.ndarray, *, n_boot: int = N_BOOT, level: float = LEVEL,
                       seed: int = 0) -> MeanCI:
-    """Mean of ``values`` and its percentile bootstrap CI (resampling values with replacement).
+    """Mean of ``values`` and its percentile bootstrap CI (resampling values with replacement):
+    ``scipy.stats.bootstrap`` with ``method="percentile"``.
 
     NaNs are dropped first. The generator is ``numpy.random.default_rng(seed)``, so the
     interval is reproducible. With no value everything is NaN; with one value the
     interval is that value.
 
-    Cost is ``n_boot * n`` draws, done in blocks of about 2**23 so memory stays small
+    Cost is ``n_boot * n`` draws, done in batches of about 2**23 so memory stays small
     (100,000 values x 1,000 resamples take ~0.5 s).
     """
     x = np.asarray(values, dtype=np.float64)
@@ -54,16 +56,9 @@ def bootstrap_mean_ci(values: Sequence[float] | np.ndarray, *, n_boot: int = N_B
     mean = float(x.mean())
     if n == 1:
         return MeanCI(mean, mean, mean, 1)
-    rng = np.random.default_rng(seed)
-    means = np.empty(n_boot)
-    block = max(1, 2**23 // n)
-    dtype = np.int32 if n < 2**31 else np.int64
-    for k in range(0, n_boot, block):
-        b = min(block, n_boot - k)
-        means[k : k + b] = x[rng.integers(0, n, size=(b, n), dtype=dtype)].mean(axis=1)
-    alpha = (1.0 - level) / 2.0
-    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
-    return MeanCI(mean, float(lo), float(hi), n)
+    ci = bootstrap((x,), np.mean, n_resamples=n_boot, batch=max(1, 2**23 // n), vectorized=True,
+                   confidence_level=level, method="percentile", random_state=np.random.default_rng(seed))
+    return MeanCI(mean, float(ci.confidence_interval.low), float(ci.confidence_interval.high), n)
 
 
 def paired_user_diff(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
