@@ -18,8 +18,11 @@ would stay ours, so it would add a dependency and delete little.)
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import math
+import os
+import sys
 import typing
 from typing import Any, Callable
 
@@ -142,3 +145,22 @@ def check_choice(key: str, value: object, choices: typing.Sequence[str]) -> str:
     if value not in choices:
         raise ConfigError(key, value, f"one of {', '.join(choices)}")
     return value  # type: ignore[return-value]
+
+
+def load_object(path: str, key: str, what: str) -> Any:
+    """The object an import path ``package.module:NAME`` names -- how a setting names a user
+    strategy, backbone or data source. The current directory is importable (as under
+    ``python -m``); a path that does not resolve raises ``ConfigError(key, path, ...)``."""
+    module_name, _, attr = path.partition(":") if isinstance(path, str) else ("", "", "")
+    if not module_name or not attr:
+        raise ConfigError(key, path, f"the import path 'package.module:NAME' of {what}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(key, path, f"cannot import module {module_name!r} ({exc})") from None
+    obj = getattr(module, attr, None)
+    if obj is None:
+        raise ConfigError(key, path, f"module {module_name!r} has no {attr!r}")
+    return obj

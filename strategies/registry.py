@@ -9,9 +9,7 @@ strategy is named by import path ``package.module:Class``.
 from __future__ import annotations
 
 import importlib
-import os
 import pkgutil
-import sys
 from typing import Any
 
 from flwr.serverapp.strategy import Strategy
@@ -37,20 +35,7 @@ STRATEGY_COLOURS = dict(COLOURS)
 
 def resolve_strategy(name: str) -> type:
     """A strategy class from a short name or an import path ``package.module:Class``."""
-    path = SHORT_NAMES.get(name, name)
-    if os.getcwd() not in sys.path:  # user strategies next to the experiment, as `python -m` would
-        sys.path.insert(0, os.getcwd())
-    module_name, _, attr = path.partition(":")
-    if not module_name or not attr:
-        raise ConfigError("experiment.strategies", name, "a short name or 'package.module:Class'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError("experiment.strategies", name, f"cannot import module {module_name!r} ({exc})") from None
-    cls = getattr(module, attr, None)
-    if cls is None:
-        raise ConfigError("experiment.strategies", name, f"module {module_name!r} has no {attr!r}")
-    return cls
+    return settings.load_object(SHORT_NAMES.get(name, name), "experiment.strategies", "a strategy class")
 
 
 def make_strategy(name: str, params: dict[str, Any]) -> Strategy:

@@ -1,7 +1,6 @@
 """The backbone type and registry (see ``devices.backbones``)."""
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
@@ -32,13 +31,15 @@ def get(name: str) -> Backbone:
     asks -- the driver or a host -- and registered under that path). ``KeyError`` says why not."""
     backbone = REGISTRY.get(name)
     if backbone is None and isinstance(name, str) and ":" in name:
-        module_name, _, attr = name.partition(":")
+        from devices.errors import ConfigError
+        from devices.settings import load_object
+
         try:
-            backbone = getattr(importlib.import_module(module_name), attr, None)
-        except ImportError as exc:
-            raise KeyError(f"cannot import module {module_name!r} ({exc})") from None
+            backbone = load_object(name, "model.backbone", "a Backbone")
+        except ConfigError as exc:
+            raise KeyError(exc.allowed) from None
         if not isinstance(backbone, Backbone):
-            raise KeyError(f"module {module_name!r} has no Backbone {attr!r}")
+            raise KeyError(f"{name} is not a devices.backbones.Backbone")
         backbone = REGISTRY[name] = replace(backbone, name=name)
     if backbone is None:
         raise KeyError(f"one of {', '.join(REGISTRY)}, or the import path 'package.module:NAME' of a Backbone")
