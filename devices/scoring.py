@@ -18,8 +18,31 @@ import numpy as np
 
 TOP_K = 10
 # The per-device metrics every scoring pass gives, in the order of devices.parquet's
-# columns; hosts, the grid, federated evaluation and the paper protocol all read this list.
-DEVICE_METRICS = ("auc", "ndcg10", "hr10", "logloss")
+# columns, with their display label and how a fleet pools them over devices:
+#   "users"      -- unweighted mean over users with a defined value (UAUC from per-user AUC);
+#   "positives"  -- mean over all positives (weights n_pos);
+#   "candidates" -- mean over all scored candidates (weights n_pos + n_neg).
+# Hosts, the grid, federated evaluation, run summaries, the report's tables and the paper
+# protocol all read this one list; a new metric is added here and in ``device_metrics``.
+METRICS = {  # key: (label, pooling)
+    "auc": ("AUC", "users"),
+    "ndcg10": (f"NDCG@{TOP_K}", "positives"),
+    "hr10": (f"HR@{TOP_K}", "positives"),
+    "logloss": ("log loss", "candidates"),
+}
+DEVICE_METRICS = tuple(METRICS)
+# The metrics pooled by weighting (every metric but the per-user AUC), in column order.
+POOLED_METRICS = tuple(k for k, (_, pooling) in METRICS.items() if pooling != "users")
+
+
+def pooling_weights(records, metric: str):
+    """The weights that pool ``metric`` over rows of ``records`` (``n_pos`` / ``n_neg`` columns)."""
+    pooling = METRICS[metric][1]
+    if pooling == "positives":
+        return records["n_pos"]
+    if pooling == "candidates":
+        return records["n_pos"] + records["n_neg"]
+    raise ValueError(f"{metric} is pooled per user, not by weights")
 # Largest number of candidates whose factors (1 + e^-|x|) <= 2 are multiplied together
 # before one log: 2**512 is far below the float64 maximum (~2**1024).
 _PROD_CHUNK = 512

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 # Device scoring lives below the coordinator, with the hosts that use it; re-exported here.
-from devices.scoring import TOP_K, ScoreHistogram, device_metrics  # noqa: F401
+from devices.scoring import METRICS, POOLED_METRICS, TOP_K, ScoreHistogram, device_metrics, pooling_weights  # noqa: F401
 
 BUCKETS = ("head", "torso", "tail")
 
@@ -161,17 +161,17 @@ def summarize(
         Plain floats / ints (NaN -> None): ``overall_auc``; per-user AUC stats from
         ``user_auc`` -- ``uauc`` (unweighted mean over users with a defined AUC),
         ``user_auc_p10/p50/p90`` (linear-interpolated percentiles), ``user_auc_worst10``
-        (mean of the worst ceil(10 %) of users), ``n_users_auc``; ``ndcg10``, ``hr10``
-        (means over all positives), ``logloss`` (mean over all candidates);
+        (mean of the worst ceil(10 %) of users), ``n_users_auc``; each of
+        ``devices.scoring.POOLED_METRICS`` pooled as ``METRICS`` says (``ndcg10``, ``hr10``
+        over all positives, ``logloss`` over all candidates);
         ``n_users_evaluated`` (users with at least one positive), ``n_positives``;
-        ``by_bucket`` with, per bucket, the same user-AUC stats plus ``ndcg10``, ``hr10``,
+        ``by_bucket`` with, per bucket, the same user-AUC stats and pooled metrics,
         ``n_users`` (users with a positive) and ``n_positives``; ``bucket_thresholds``.
     """
     ua = user_auc(records)
     out: dict[str, Any] = {"overall_auc": _json_num(overall_auc), **_user_auc_stats(ua["auc"].to_numpy())}
-    out["ndcg10"] = _json_num(_weighted_mean(records["ndcg10"], records["n_pos"]))
-    out["hr10"] = _json_num(_weighted_mean(records["hr10"], records["n_pos"]))
-    out["logloss"] = _json_num(_weighted_mean(records["logloss"], records["n_pos"] + records["n_neg"]))
+    for m in POOLED_METRICS:
+        out[m] = _json_num(_weighted_mean(records[m], pooling_weights(records, m)))
     out["n_users_evaluated"] = int((ua["n_pos"] > 0).sum())
     out["n_positives"] = int(records["n_pos"].sum())
 
@@ -192,8 +192,7 @@ def summarize(
             r, u = records[rec_bucket == b], ua[user_bucket == b]
             out["by_bucket"][b] = {
                 **_user_auc_stats(u["auc"].to_numpy()),
-                "ndcg10": _json_num(_weighted_mean(r["ndcg10"], r["n_pos"])),
-                "hr10": _json_num(_weighted_mean(r["hr10"], r["n_pos"])),
+                **{m: _json_num(_weighted_mean(r[m], pooling_weights(r, m))) for m in POOLED_METRICS},
                 "n_users": int((u["n_pos"] > 0).sum()),
                 "n_positives": int(r["n_pos"].sum()),
             }
@@ -215,14 +214,12 @@ def per_round(records: pd.DataFrame) -> pd.DataFrame:
             {
                 "round": rnd,
                 "uauc": float(r["auc"].mean()) if r["auc"].notna().any() else math.nan,
-                "ndcg10": _weighted_mean(r["ndcg10"], r["n_pos"]),
-                "hr10": _weighted_mean(r["hr10"], r["n_pos"]),
-                "logloss": _weighted_mean(r["logloss"], r["n_pos"] + r["n_neg"]),
+                **{m: _weighted_mean(r[m], pooling_weights(r, m)) for m in POOLED_METRICS},
                 "n_devices": int((r["n_pos"] > 0).sum()),
                 "n_pos": int(r["n_pos"].sum()),
             }
         )
-    cols = ["round", "uauc", "ndcg10", "hr10", "logloss", "n_devices", "n_pos"]
+    cols = ["round", "uauc", *POOLED_METRICS, "n_devices", "n_pos"]
     return pd.DataFrame(rows, columns=cols)
 
 

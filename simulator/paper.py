@@ -42,7 +42,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from devices import models
-from devices.scoring import DEVICE_METRICS
+from devices.scoring import DEVICE_METRICS, POOLED_METRICS
 from devices.data import Interactions
 from devices.movielens import load_ratings_with_epoch
 from devices.runtime import ITEM_TABLES, local_vocabulary
@@ -90,13 +90,14 @@ def build_test_samples(builder: SampleBuilder, split: LeaveLastSplit, negatives:
 
 
 def evaluate(scores: np.ndarray) -> dict[str, Any]:
-    """AUC (pooled, exact), UAUC, NDCG@10, HR@10 of scores (n_users, C), column 0 the positive."""
+    """AUC (pooled, exact), UAUC and the mean of each pooled metric (NDCG@10, HR@10, log loss)
+    over users, of scores (n_users, C), column 0 the positive (one positive per user)."""
     n, c = scores.shape
     labels = np.zeros((n, c), np.int8)
     labels[:, 0] = 1
     m = device_metrics(scores, np.arange(n), n)
     return {"auc": float(roc_auc_score(labels.ravel(), scores.ravel())), "uauc": float(np.nanmean(m["auc"])),
-            "ndcg10": float(m["ndcg10"].mean()), "hr10": float(m["hr10"].mean()), "n_users": int(n)}
+            **{k: float(m[k].mean()) for k in POOLED_METRICS}, "n_users": int(n)}
 
 
 @torch.no_grad()

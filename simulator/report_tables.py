@@ -145,8 +145,7 @@ SUMMARY_COLUMNS = [  # csv name, HTML header, format
     ("overall_auc", "overall AUC", "{:.4f}"),
     ("uauc", "UAUC", "{:.4f}"),
     ("user_auc_p10", "p10 per-user AUC", "{:.4f}"),
-    ("ndcg10", "NDCG@10", "{:.4f}"),
-    ("hr10", "HR@10", "{:.4f}"),
+    *((m, metrics.METRICS[m][0], "{:.4f}") for m in metrics.POOLED_METRICS),
     ("tail_uauc", "tail UAUC", "{:.4f}"),
     ("mb_up_per_device_round", "MB up / device-round", "{:.4g}"),
     ("mb_down_per_device_round", "MB down / device-round", "{:.4g}"),
@@ -181,7 +180,7 @@ def summary_table(entries: Sequence[Entry]) -> pd.DataFrame:
         tail = ((s.get("by_bucket") or {}).get("tail") or {}).get("uauc")
         rows.append({
             "strategy": e.label, "run": e.run.name, "overall_auc": s.get("overall_auc"), "uauc": s.get("uauc"),
-            "user_auc_p10": s.get("user_auc_p10"), "ndcg10": s.get("ndcg10"), "hr10": s.get("hr10"),
+            "user_auc_p10": s.get("user_auc_p10"), **{m: s.get(m) for m in metrics.POOLED_METRICS},
             "tail_uauc": tail, "mb_up_per_device_round": s.get("mb_up_per_device_round"),
             "mb_down_per_device_round": s.get("mb_down_per_device_round"),
             "gflops_per_device_round": s.get("gflops_per_device_round"),

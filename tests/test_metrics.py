@@ -379,6 +379,9 @@ def test_summarize_hand_example():
     assert head["n_users"] == 1
     assert torso["uauc"] == 0.5 and torso["hr10"] == 0.0
     assert tail["uauc"] == pytest.approx(0.9) and tail["n_users"] == 1 and tail["n_users_auc"] == 1
+    # every pooled metric of the one metric list, per bucket too: log loss over candidates
+    assert head["logloss"] == pytest.approx((0.5 * 5 + 0.8 * 10) / 15)
+    assert torso["logloss"] == pytest.approx(0.7) and tail["logloss"] == pytest.approx(0.3)
     for stats in out["by_bucket"].values():
         assert {"uauc", "user_auc_p10", "user_auc_p50", "user_auc_p90", "ndcg10", "hr10", "n_users"} <= set(stats)
     assert out["bucket_thresholds"] == th
@@ -417,5 +420,7 @@ def test_per_round():
     np.testing.assert_allclose(pr["uauc"], [0.65, 0.75])
     np.testing.assert_allclose(pr["ndcg10"], [0.5, (2 * 0.25 + 0.5) / 3])
     np.testing.assert_allclose(pr["hr10"], [0.5, 2 / 3])
+    np.testing.assert_allclose(pr["logloss"], [0.6, (0.8 * 10 + 0.3 * 5) / 15])
+    assert list(pr.columns) == ["round", "uauc", "ndcg10", "hr10", "logloss", "n_devices", "n_pos"]
     assert pr["n_devices"].tolist() == [2, 2]
     assert pr["n_pos"].tolist() == [2, 3]
