@@ -1,4 +1,5 @@
-"""``fleetsim`` command line: ``fleetsim run [EXPERIMENT.toml] [--out DIR] [--set k=v ...]`` and
+"""``fleetsim`` command line: ``fleetsim run [EXPERIMENT.toml] [--out DIR] [--set k=v ...]``,
+``fleetsim run --resume DIR`` and
 ``fleetsim report RUN_DIR [RUN_DIR ...] [--out DIR] [--baseline NAME]``.
 
 Every user error (config, data, arguments, output folder, an unreachable
@@ -60,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="override a setting, e.g. --set data.n_devices=500 (repeatable; values are TOML)")
     run.add_argument("--seed", type=int, help="run seed (overrides experiment.seed)")
+    run.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR: finished strategies are "
+                     "kept, the one in flight restarts from its last checkpoint (experiment.checkpoint_every)")
     run.add_argument("--ray-address", help="join an existing Ray cluster (default: start an embedded one)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--no-report", action="store_true", help="do not write report.html and figures into the run folder")
@@ -75,8 +78,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     from simulator import config
     from simulator.run import failed_strategies, format_table, run_experiment
 
-    cfg = config.load(args.experiment, args.overrides, args.seed)
-    out = args.out or os.path.join("runs", f"{cfg.experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.resume is not None:
+        from simulator.checkpoint import check_resumable
+
+        given = [flag for flag, v in (("EXPERIMENT", args.experiment), ("--out", args.out), ("--set", args.overrides),
+                                      ("--seed", args.seed)) if v]
+        if given:
+            raise FleetsimError(f"--resume takes the run's own config and folder; drop {', '.join(given)}")
+        cfg, out = check_resumable(args.resume), args.resume
+    else:
+        cfg = config.load(args.experiment, args.overrides, args.seed)
+        out = args.out or os.path.join("runs", f"{cfg.experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     if getattr(cfg.data, "protocol", "fleet") == "leave_last":  # the DUET paper's protocol, not a fleet
@@ -85,7 +97,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         summary = run_leave_last(cfg, out, log=log)
         print(format_paper_table(summary))
     else:
-        summary = run_experiment(cfg, out, ray_address=args.ray_address, progress=not args.no_progress, log=log)
+        summary = run_experiment(cfg, out, ray_address=args.ray_address, progress=not args.no_progress, log=log,
+                                 resume=args.resume is not None)
         print(format_table(summary))
     print(f"\nresults: {out}  (wall {time.perf_counter() - t0:.1f} s)")
     failed = failed_strategies(summary)

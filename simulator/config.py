@@ -45,6 +45,10 @@ class ExperimentSection:
     # an exception in a device function: "stop" the strategy at that round (status failed),
     # or "record" it (errors per round, device status "error") and go on
     on_device_error: str = "stop"
+    # a checkpoint (strategy, devices, clock, random streams) after every N rounds, so
+    # ``fleetsim run --resume DIR`` continues exactly; 0 = none
+    checkpoint_every: int = 1
+    keep_checkpoints: bool = False  # keep a finished strategy's last checkpoint
 
     def __post_init__(self) -> None:
         if not self.strategies:
@@ -62,6 +66,9 @@ class ExperimentSection:
         for key in ("deadline_s", "wait_s"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"experiment.{key}", getattr(self, key), "a positive number of seconds")
+        if self.checkpoint_every < 0:
+            raise ConfigError("experiment.checkpoint_every", self.checkpoint_every,
+                              "rounds between checkpoints: 0 (none) or a positive integer")
         if self.on_device_error not in ("stop", "record"):
             raise ConfigError("experiment.on_device_error", self.on_device_error, '"stop" or "record"')
 

@@ -20,122 +20,38 @@ Without ``out`` nothing is written: the benchmarks and tests read ``Played`` ins
 """
 from __future__ import annotations
 
-import logging
+import random
 import time
 import traceback
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
-import pandas as pd
-from flwr.serverapp.strategy import Strategy
+import torch
+from flwr.serverapp.strategy import Result, Strategy
 
 from devices.models import ModelSpec
 from devices.pool import HostPool, RayUnreachable, init_ray
-from simulator import metrics
+from simulator import checkpoint
+from strategies.base import FleetMixin
 from strategies.cloud import CloudContext, train_cloud_model
 from simulator.config import ExperimentConfig
 from simulator.errors import FleetsimError, NonFiniteError, RayAddressError, StrategyFailure
 from simulator.fleet import Fleet, build_fleet
 from simulator.grid import CodeError, FleetGrid, RoundResult, flower_patched
+from simulator.runstate import Played, RunState, quiet_flower, server_failure, summarise  # noqa: F401 (re-exported)
 from simulator.records import array_record
 from simulator.writer import RunWriter
 
 
-@contextmanager
-def quiet_flower() -> Iterator[None]:
-    """Flower logs every round at INFO; a fleet run shows its own progress instead."""
-    logger = logging.getLogger("flwr")
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def summarise(results: list[RoundResult], fleet: Fleet, wall_s: float, sim_end: float) -> dict[str, Any]:
-    """Fleet metrics and costs of one strategy's run, from its per-round records."""
-    df = pd.DataFrame({k: np.concatenate([r.devices[k] for r in results]) for k in results[0].devices}) if results else pd.DataFrame()
-    hist = metrics.ScoreHistogram()
-    for r in results:
-        hist = hist.merge(r.histogram)
-    out = metrics.run_summary(df, overall_auc=hist.auc() if results else float("nan"), thresholds=fleet.bucket_thresholds)
-    out.update(
-        errors=int(sum(r.info["errors"] for r in results)),
-        quarantined=int(sum(r.info["quarantined"] for r in results)),
-        round_latency_s=float(sum(r.info["latency_s"] for r in results)),
-        simulated_seconds=float(sim_end - fleet.timeline.history_end) if results else 0.0,
-        wall_seconds=float(wall_s),
-    )
-    return out
-
-
-SERVER_METHODS = ("configure_train", "aggregate_train", "configure_evaluate", "aggregate_evaluate", "prepare", "summary")
-
-
-def server_failure(exc: BaseException, round: int) -> StrategyFailure:
-    """A ``StrategyFailure`` for an exception raised by a strategy's server half, naming
-    the method it came from (the outermost strategy method in the traceback)."""
-    stage = "start"
-    for frame, _ in traceback.walk_tb(exc.__traceback__):
-        if frame.f_code.co_name in SERVER_METHODS:
-            stage = frame.f_code.co_name
-            break
-    first = (str(exc).splitlines() or [""])[0]
-    return StrategyFailure(f"round {round}: {stage} raised {type(exc).__name__}: {first}", round=round, stage=stage,
-                           error_type=type(exc).__name__, detail=first,
-                           traceback="".join(traceback.format_exception(exc)))
-
-
-class RunState:
-    """The run's progress on disk: ``summary.json`` is rewritten when a strategy starts,
-    after each of its rounds and when it ends, with its ``status`` (``running``,
-    ``complete``, ``failed``, ``interrupted``) and ``rounds_completed``."""
-
-    def __init__(self, writer: RunWriter, log) -> None:
-        self.writer, self.log = writer, log
-
-    def pending(self, names: list[str]) -> None:
-        """Every strategy of the run, before any starts (so a stopped run shows what never ran)."""
-        for name in names:
-            self.writer.summary["strategies"][name] = {"status": "pending", "rounds_completed": 0}
-        self.writer.write_summary(names[0], self.writer.summary["strategies"][names[0]])
-
-    def start(self, name: str) -> None:
-        self.writer.write_summary(name, {"status": "running", "rounds_completed": 0})
-
-    def round_done(self, name: str, result: RoundResult) -> None:
-        self.writer.write_round(name, result)
-        entry = self.writer.summary["strategies"][name]
-        entry["rounds_completed"] = result.round
-        self.writer.write_summary(name, entry)
-
-    def end(self, name: str, summary: dict[str, Any], status: str, failure: StrategyFailure | None = None,
-            rounds: int = 0, quiet: bool = False) -> None:
-        summary = {"status": status, "rounds_completed": rounds, **summary}
-        if failure is not None:
-            summary["error"] = {"strategy": name, **failure.info}
-            path = self.writer.append_error_log(name, f"strategy failed: {failure}", failure.traceback)
-            summary["error"]["log"] = str(path)
-            if not quiet:
-                self.log(f"fleetsim: error: {name} failed: {failure}; traceback in {path}" if failure.traceback
-                         else f"fleetsim: error: {name} failed: {failure}")
-        self.writer.write_summary(name, summary)
-
-
-@dataclass
-class Played:
-    """What ``FleetRun.play`` leaves of one strategy: its status (``complete`` or
-    ``failed``), its grid (with every ``RoundResult``), Flower's ``Result``, its summary
-    and, if it failed, the ``StrategyFailure``."""
-
-    status: str
-    grid: FleetGrid
-    result: Any = None
-    summary: dict[str, Any] = field(default_factory=dict)
-    failure: StrategyFailure | None = None
+def _reset_process_state(seed: int) -> None:
+    """Process-wide state that results depend on, the same at every strategy's start
+    whatever ran before in this process (a resumed run skips the cloud training): one torch
+    thread, as cloud training sets it (float sums depend on the thread count), and the
+    torch / numpy / ``random`` streams (fleetsim derives its own; a user's may not)."""
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
 
 
 class FleetRun:
@@ -154,12 +70,18 @@ class FleetRun:
 
     def __init__(self, cfg: ExperimentConfig, out: str | None = None, *, use_ray: bool = True,
                  ray_address: str | None = None, n_hosts: int | None = None,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, resume: bool = False) -> None:
         self.cfg, self.log = cfg, log
         self.seed = cfg.experiment.seed
         self.use_ray, self.ray_address = use_ray, ray_address
         self.n_hosts = cfg.experiment.hosts if n_hosts is None else n_hosts
-        self.writer = RunWriter(out) if out is not None else None  # fails on a bad --out; writes nothing
+        self.resume = resume  # continue the run in ``out`` (checked by ``simulator.resume``)
+        if out is None:
+            self.writer = None
+        else:  # a new folder fails on a bad --out and writes nothing
+            self.writer = RunWriter.reopen(out) if resume else RunWriter(out)
+        self.checkpoints = bool(self.writer is not None and cfg.experiment.checkpoint_every)
+        self.checkpoint_log: list[dict[str, float]] = []  # round, bytes, seconds of each checkpoint written
         self.state = RunState(self.writer, log) if self.writer is not None else None
         self.fleet: Fleet | None = None
         self.spec: ModelSpec | None = None
@@ -193,7 +115,11 @@ class FleetRun:
             return
         self.writer.create(mark_running=mark_running)
         self._opened = True
-        self.writer.write_config(self.cfg.to_toml())
+        if self.resume:  # the folder, its config and its fleet files are the run's own
+            return
+        toml = self.cfg.to_toml()
+        self.writer.summary["config_sha256"] = checkpoint.config_digest(toml)  # --resume refuses an edited config
+        self.writer.write_config(toml)
         if fleet:
             self.writer.write_fleet(self.fleet)
         self.state.pending(list(names))
@@ -201,9 +127,15 @@ class FleetRun:
     def train_cloud(self) -> None:
         """Train the cloud model every strategy starts from (``NonFiniteError`` if it diverges)."""
         c = self.cfg.cloud
-        self.initial, self.cloud_losses = train_cloud_model(
-            self.fleet.interactions, self.fleet.timeline.history_end, self.spec, epochs=c.epochs, lr=c.lr,
-            batch_size=c.batch_size, negatives=c.negatives, seed=self.seed)
+        saved = checkpoint.load_cloud(self.writer.dir) if self.checkpoints and self.resume else None
+        if saved is not None:
+            self.initial, self.cloud_losses = saved
+        else:
+            self.initial, self.cloud_losses = train_cloud_model(
+                self.fleet.interactions, self.fleet.timeline.history_end, self.spec, epochs=c.epochs, lr=c.lr,
+                batch_size=c.batch_size, negatives=c.negatives, seed=self.seed)
+            if self.checkpoints:
+                checkpoint.save_cloud(self.writer.dir, self.initial, self.cloud_losses)
         self.cloud = CloudContext(self.fleet.interactions, self.fleet.timeline.history_end, self.spec, self.initial,
                                   self.seed, epochs=c.epochs, lr=c.lr, batch_size=c.batch_size, negatives=c.negatives)
 
@@ -256,17 +188,37 @@ class FleetRun:
             grid = self.new_grid(strategy, round_done, on_code_error)
         played = Played("complete", grid)
         hosts_lost = False
+        resumable = isinstance(strategy, FleetMixin)  # has the state contract and a resumable start()
+        ckpt_dir = checkpoint.folder(self.writer.dir, name) if self.checkpoints and resumable else None
+        saved = checkpoint.latest(ckpt_dir) if ckpt_dir is not None and self.resume else None
+        n_rounds = num_rounds or self.fleet.timeline.n_rounds
+        result = Result()
+        hook = evaluate_fn or grid.round_hook
+        if ckpt_dir is not None:
+            hook = self._checkpointing(name, strategy, grid, result, ckpt_dir, hook, n_rounds,
+                                       lambda: (time.perf_counter() - t_start, t_prepared - t_start))
         try:
-            self.pool.reset(self.initial)
-            t_start = t_prepared = time.perf_counter()  # a strategy's wall time starts with its hosts ready
-            prepare = getattr(strategy, "prepare", None)  # Flower strategies without the fleet base lack it
-            if prepare is not None:  # cloud-side training before round 1 (DUET, MoMoDistill)
-                prepare(self.cloud)
-            t_prepared = time.perf_counter()
+            _reset_process_state(self.seed)
+            if saved is not None:
+                first, arrays, (wall_s, prep_s), rngs = self._restore(name, strategy, grid, result, saved)
+                t_start = time.perf_counter() - wall_s
+                t_prepared = t_start + prep_s
+            else:
+                if self.resume and self.writer is not None:  # a strategy started before, no checkpoint: again
+                    self.writer.discard_rounds(name, after=0)
+                first, arrays, rngs = 1, array_record(self.initial), None
+                self.pool.reset(self.initial)
+                t_start = t_prepared = time.perf_counter()  # a strategy's wall time starts with its hosts ready
+                prepare = getattr(strategy, "prepare", None)  # Flower strategies without the fleet base lack it
+                if prepare is not None:  # cloud-side training before round 1 (DUET, MoMoDistill)
+                    prepare(self.cloud)
+                t_prepared = time.perf_counter()
             with flower_patched(grid, self.seed), quiet_flower():
-                played.result = strategy.start(grid=grid, initial_arrays=array_record(self.initial),
-                                               num_rounds=num_rounds or self.fleet.timeline.n_rounds,
-                                               evaluate_fn=evaluate_fn or grid.round_hook)
+                if rngs is not None:
+                    checkpoint.set_rng_states(rngs)
+                extra = {"first_round": first, "result": result} if resumable else {}
+                played.result = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=n_rounds,
+                                               evaluate_fn=hook, **extra)
                 grid.finish_round()
         except StrategyFailure as exc:
             played.failure, played.status = exc, "failed"
@@ -292,20 +244,69 @@ class FleetRun:
             raise
         finally:
             self._end(name, played, t_start, t_prepared)
+            if ckpt_dir is not None and played.status != "interrupted" and not self.cfg.experiment.keep_checkpoints:
+                checkpoint.drop(ckpt_dir)  # finished (complete or failed): nothing to resume
         if hosts_lost:  # a host process died: the next strategy gets a fresh pool
             self.pool.shutdown()
             self.start_pool()
         return played
 
     def close(self) -> None:
-        """Shut the hosts down and drop the run's in-progress mark (idempotent)."""
+        """Shut the hosts down and drop the run's in-progress mark (idempotent). When every
+        strategy has finished, the checkpoints go too (unless ``keep_checkpoints``)."""
         try:
             if self.pool is not None:
                 self.pool.shutdown()
                 self.pool = None
         finally:
             if self.writer is not None and self._opened:
+                statuses = [s.get("status") for s in self.writer.summary["strategies"].values()]
+                if self.checkpoints and not self.cfg.experiment.keep_checkpoints and statuses and \
+                        all(st in ("complete", "failed") for st in statuses):
+                    checkpoint.drop(self.writer.dir / checkpoint.CHECKPOINTS)
                 self.writer.release()
+
+    # -- checkpoints ---------------------------------------------------------------------
+
+    def _checkpointing(self, name: str, strategy: FleetMixin, grid: FleetGrid, result: Result, parent,
+                       hook: Callable, n_rounds: int, clock: Callable[[], tuple[float, float]]) -> Callable:
+        """``hook`` (the strategy's ``evaluate_fn``) that first closes the round and, every
+        ``checkpoint_every`` rounds but the last, writes a checkpoint between two rounds."""
+        every = self.cfg.experiment.checkpoint_every
+
+        def checkpointing_hook(server_round: int, arrays):
+            grid.finish_round()
+            if server_round and server_round % every == 0 and server_round < n_rounds and \
+                    server_round > getattr(grid, "_checkpointed", 0):
+                t0 = time.perf_counter()
+                driver = {"round": server_round, "strategy": strategy.state(), "arrays": arrays, "result": result,
+                          "grid": checkpoint.grid_state(grid), "rng": checkpoint.rng_states(), "clock": clock(),
+                          "error_log_bytes": self.writer.error_log_bytes(name),
+                          "logged": {k for k in self.writer._logged if k[0] == name}}
+                path = checkpoint.write(parent, server_round, driver, self.pool.states())
+                self.pool.set_restore_point(path)  # a lost host restarts from here
+                grid._checkpointed = server_round
+                self.checkpoint_log.append({"round": server_round, "bytes": checkpoint.size_bytes(path),
+                                            "seconds": time.perf_counter() - t0})
+            return hook(server_round, arrays)
+
+        return checkpointing_hook
+
+    def _restore(self, name: str, strategy: FleetMixin, grid: FleetGrid, result: Result, path):
+        """Set strategy, grid, hosts and records back to the checkpoint at ``path``;
+        returns the first round to play, the arrays, the clock and the random states."""
+        saved = checkpoint.read(path)
+        rnd = saved["round"]
+        self.writer.discard_rounds(name, after=rnd, error_log_bytes=saved["error_log_bytes"])
+        self.writer._logged |= saved["logged"]
+        strategy.restore(saved["strategy"], self.cloud)
+        checkpoint.restore_grid(grid, saved["grid"], self.writer.dir, name)
+        grid._checkpointed = rnd
+        for k, v in vars(saved["result"]).items():
+            setattr(result, k, v)
+        self.pool.load_states(path)
+        self.log(f"fleetsim: {name}: resumed from its round-{rnd} checkpoint")
+        return rnd + 1, saved["arrays"], saved["clock"], saved["rng"]
 
     def __enter__(self) -> FleetRun:
         return self

@@ -17,21 +17,30 @@ from strategies.registry import make_strategy, resolve_strategy  # noqa: F401 (r
 
 
 def run_experiment(cfg: ExperimentConfig, out: str, *, ray_address: str | None = None, use_ray: bool = True,
-                   progress: bool = True, log=print) -> dict[str, Any]:
+                   progress: bool = True, log=print, resume: bool = False) -> dict[str, Any]:
     """Run every strategy of ``cfg`` on one fleet; write results to ``out``; return the summary.
 
     A strategy that fails (a device or server code error, non-finite training) is
     recorded as ``failed`` in ``summary.json`` with its error, its traceback goes to
     ``<out>/<strategy>/error.log``, one line goes to ``log``, and the next strategy runs.
+
+    ``resume``: continue the run in ``out`` (``simulator.checkpoint.check_resumable``
+    first): finished strategies are kept, the one in flight continues from its last
+    checkpoint, the others run.
     """
-    run = FleetRun(cfg, out, use_ray=use_ray, ray_address=ray_address, log=log)  # checks --out, writes nothing
+    run = FleetRun(cfg, out, use_ray=use_ray, ray_address=ray_address, log=log, resume=resume)
     strategies = [(name, make_strategy(name, cfg.strategies.get(name, {}))) for name in cfg.experiment.strategies]
+    if resume:
+        done = [n for n, _ in strategies if run.summary["strategies"].get(n, {}).get("status") in ("complete", "failed")]
+        strategies = [(n, s) for n, s in strategies if n not in done]
+        log(f"fleetsim: resuming {out}: kept {', '.join(done) or 'no finished strategy'}; to run: "
+            f"{', '.join(n for n, _ in strategies)}")
     names = [name for name, _ in strategies]
     run.connect()  # an unreachable cluster fails here, before --out is touched
     t0 = time.perf_counter()
     with run:
         fleet = run.build_fleet()
-        run.open(names)
+        run.open(names)  # resume: reopens the folder, keeps its statuses
         try:
             run.train_cloud()
         except NonFiniteError as exc:  # every strategy starts from the cloud model: none can run

@@ -92,6 +92,36 @@ class RunWriter:
         self.summary: dict[str, Any] = {"layout_version": LAYOUT_VERSION, "strategies": {}}
         self._logged: set[tuple[str, str]] = set()
 
+    @classmethod
+    def reopen(cls, out: str | Path) -> RunWriter:
+        """The writer of an existing run folder (``--resume``), its summary read back."""
+        self = cls.__new__(cls)
+        self.dir, self._created = Path(out), False
+        self.summary = json.loads((self.dir / "summary.json").read_text())
+        self._logged = set()
+        return self
+
+    def discard_rounds(self, strategy: str, after: int, error_log_bytes: int | None = None) -> None:
+        """Drop a strategy's round files past round ``after`` (written after its last
+        checkpoint) and cut its ``error.log`` back to ``error_log_bytes`` (None: remove it)."""
+        folder = self.dir / strategy_dirname(strategy)
+        for name in ("devices.parquet", "rounds.parquet"):
+            parts = folder / name
+            for part in parts.glob("round-*.parquet") if parts.is_dir() else []:
+                if int(part.stem.split("-")[1]) > after:
+                    part.unlink()
+        log = folder / "error.log"
+        if log.exists():
+            if error_log_bytes:
+                with open(log, "r+b") as f:
+                    f.truncate(error_log_bytes)
+            else:
+                log.unlink()
+
+    def error_log_bytes(self, strategy: str) -> int:
+        log = self.dir / strategy_dirname(strategy) / "error.log"
+        return log.stat().st_size if log.exists() else 0
+
     def create(self, mark_running: bool = True) -> None:
         """Make the run folder and (``mark_running``) mark it as in progress (``PID_FILE``)."""
         try:

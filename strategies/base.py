@@ -28,19 +28,34 @@ strategies, as ``strategies.fedavg`` does) gives it the parts every strategy sha
    report figure (``strategies.registry``). A strategy of one's own needs neither: it is
    named by import path ``package.module:Class``.
 
+7. **State, for checkpoints.** ``state()`` returns the server state a checkpoint saves and
+   ``restore(state, cloud)`` puts it back, so a killed run continues exactly where its last
+   checkpoint left it (``experiment.checkpoint_every``). By default the state is every
+   attribute of the strategy (its arrays, generator, Theta, versions, ...), pickled, except
+   the ``CloudContext`` (re-linked on restore) and the attributes named in
+   ``transient_state``: caches derived from the cloud data that ``rebuild(cloud)`` makes
+   again. A strategy that keeps something unpicklable overrides the three.
+8. **Resumable rounds.** ``start(..., first_round=k, result=r)`` is Flower's round loop
+   (the same calls in the same order) begun at round *k* with ``initial_arrays`` the
+   arrays after round *k - 1* and ``r`` the ``Result`` so far. The run passes its own
+   ``Result`` so that a checkpoint holds the metrics of the rounds before it. A strategy
+   that overrides ``start`` (DUET) accepts both keywords; a plain Flower strategy without
+   ``FleetMixin`` still runs, but a resumed run plays it again from round 1.
+
 Evaluation halves are no-ops by default (every device is scored prequentially by the
 grid); a strategy that wants Flower's federated evaluation overrides them.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import Result, Strategy
 
 from devices.runtime import DeviceApp
+from strategies.cloud import CloudContext
 
 REGISTERED: dict[str, type] = {}  # short name -> class, in the order the classes were defined
 COLOURS: dict[str, str] = {}
@@ -66,6 +81,62 @@ class FleetMixin:
 
     def prepare(self, cloud: Any) -> None:
         """Cloud-side work before round 1 (nothing by default)."""
+
+    # -- checkpoints: the state contract ------------------------------------------------
+
+    transient_state: ClassVar[tuple[str, ...]] = ()  # attributes ``rebuild(cloud)`` derives again
+
+    def state(self) -> dict[str, Any]:
+        """The server state a checkpoint saves (picklable): every attribute but the
+        ``CloudContext`` and ``transient_state``."""
+        attrs = vars(self)
+        cloud = sorted(k for k, v in attrs.items() if isinstance(v, CloudContext))
+        skip = set(cloud) | set(self.transient_state)
+        return {"attrs": {k: v for k, v in attrs.items() if k not in skip}, "cloud_attrs": cloud}
+
+    def restore(self, state: dict[str, Any], cloud: Any) -> None:
+        """Put back what ``state()`` returned; re-link ``cloud``; ``rebuild(cloud)``."""
+        vars(self).update(state["attrs"])
+        for k in state["cloud_attrs"]:
+            setattr(self, k, cloud)
+        self.rebuild(cloud)
+
+    def rebuild(self, cloud: Any) -> None:
+        """Make the ``transient_state`` caches again after ``restore`` (nothing by default)."""
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
+              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None, *,
+              first_round: int = 1, result: Result | None = None) -> Result:
+        """Flower's ``Strategy.start`` round loop (same calls, same order, without its log
+        lines), begun at ``first_round``; fills and returns ``result`` (a new one if None)."""
+        self.summary()
+        train_config = ConfigRecord() if train_config is None else train_config
+        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        result = Result() if result is None else result
+        if evaluate_fn:
+            res = evaluate_fn(first_round - 1, initial_arrays)
+            if res is not None:
+                result.evaluate_metrics_serverapp[first_round - 1] = res
+        arrays = initial_arrays
+        for rnd in range(first_round, num_rounds + 1):
+            replies = grid.send_and_receive(messages=self.configure_train(rnd, arrays, train_config, grid),
+                                            timeout=timeout)
+            agg_arrays, agg_metrics = self.aggregate_train(rnd, replies)
+            if agg_arrays is not None:
+                result.arrays = arrays = agg_arrays
+            if agg_metrics is not None:
+                result.train_metrics_clientapp[rnd] = agg_metrics
+            replies = grid.send_and_receive(messages=self.configure_evaluate(rnd, arrays, evaluate_config, grid),
+                                            timeout=timeout)
+            agg_eval = self.aggregate_evaluate(rnd, replies)
+            if agg_eval is not None:
+                result.evaluate_metrics_clientapp[rnd] = agg_eval
+            if evaluate_fn:
+                res = evaluate_fn(rnd, arrays)
+                if res is not None:
+                    result.evaluate_metrics_serverapp[rnd] = res
+        return result
 
     def device_config(self, server_round: int, **extra: Any) -> ConfigRecord:
         """A message config: ``server-round``, then ``extra``, then ``local-steps`` and

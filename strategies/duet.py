@@ -69,6 +69,7 @@ class Duet(FleetStrategy, short_name="duet", colour="#2ca02c"):
     """Server half of DUET: select, collect windows, generate heads in one pass, install."""
 
     device_app = DeviceApp({WINDOW: upload_window, INSTALL: install_head})
+    transient_state = ("_builder", "_hist_rows")  # built from the cloud's history data
 
     def __init__(self, fraction_train: float = 0.5, m: int = 5, tau: float = 1.0, stabilizer: bool = True,
                  frozen_bases: bool = False, epochs: int = 3, lr: float = 0.005, retrain_every: int = 0,
@@ -101,6 +102,9 @@ class Duet(FleetStrategy, short_name="duet", colour="#2ca02c"):
             lr=self.lr, batch_size=cloud.batch_size, negatives=cloud.negatives, seed=cloud.seed)
         self._install(self.body, self.gen)
         self.body_version, self._device_body, self._uploads = 0, {}, []
+        self.rebuild(cloud)
+
+    def rebuild(self, cloud) -> None:
         if self.retrain_every:
             self._builder = SampleBuilder(cloud.interactions, cloud.spec.window)
             self._hist_rows = history_rows(cloud.interactions, cloud.history_end)
@@ -137,13 +141,13 @@ class Duet(FleetStrategy, short_name="duet", colour="#2ca02c"):
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
-              evaluate_fn=None) -> Result:
+              evaluate_fn=None, *, first_round: int = 1, result: Result | None = None) -> Result:
         if self.body is None:
             raise RuntimeError("Duet.prepare(cloud) must run before start(): it trains the generator")
-        result = Result()
+        result = Result() if result is None else result
         if evaluate_fn:
-            evaluate_fn(0, initial_arrays)
-        for rnd in range(1, num_rounds + 1):
+            evaluate_fn(first_round - 1, initial_arrays)
+        for rnd in range(first_round, num_rounds + 1):
             result.train_metrics_clientapp[rnd] = self.round(grid, rnd)
             if evaluate_fn:
                 res = evaluate_fn(rnd, self._body_record)
