@@ -66,3 +66,18 @@ class NonFiniteError(StrategyFailure):
     def __init__(self, stage: str, setting: str, detail: str, *, round: int | None = None) -> None:
         super().__init__(f"{stage}: {detail}; look at {setting}", round=round, stage=stage, setting=setting,
                          detail=detail)
+
+
+class HostLost(StrategyFailure):
+    """A device host process died ``deaths`` times within one round (each time it was
+    restarted and caught up): something in that round kills it, so the strategy stops."""
+
+    kind = "device host lost"
+
+    def __init__(self, host: int, round: int | None, deaths: int, cause: BaseException, traceback: str = "") -> None:
+        where = f"round {round}: device host {host} died {deaths} times in this round" if round else \
+            f"device host {host} died {deaths} times between rounds"
+        first = (str(cause).splitlines() or [""])[0][:300]
+        super().__init__(f"{where} ({type(cause).__name__}); the strategy stops", round=round or None,
+                         stage="device host", error_type=type(cause).__name__, detail=first, traceback=traceback)
+        self.host, self.deaths = host, deaths

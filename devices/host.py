@@ -7,6 +7,8 @@ receives plain payloads and device functions and returns plain replies and costs
 from __future__ import annotations
 
 import hashlib
+import os
+import pickle
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +18,7 @@ import torch
 
 from devices import models
 from devices.data import Interactions, Timeline
+from devices.replies import diverged_replies, nonfinite_replies
 from devices.runtime import ITEM_TABLES, DeviceContext, DeviceFn, DeviceSettings, Payload
 from devices.samples import SampleBuilder, Samples, pad_by_owner, stream_key
 from devices import scoring
@@ -67,61 +70,6 @@ class JobResult:
     diverged: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
 
-def diverged_replies(replies: list[Payload], limit: float = models.DIVERGED_LOSS) -> np.ndarray:
-    """Which replies report a finite ``train_loss`` metric above ``limit``: local training
-    diverged (a loss of 100 x ln 2 means logits in the hundreds with the wrong sign), so
-    the update is garbage even though every number in it is finite."""
-    out = np.zeros(len(replies), dtype=bool)
-    for j, r in enumerate(replies):
-        for vals in r.metrics.values():
-            v = vals.get("train_loss")
-            if isinstance(v, float) and np.isfinite(v) and v > limit:
-                out[j] = True
-    return out
-
-
-def nonfinite_replies(replies: list[Payload]) -> np.ndarray:
-    """Which replies hold a NaN or Inf in any array or float metric, vectorised per key.
-
-    Arrays of one key are stacked over replies and summed in float64 per reply: a sum
-    is non-finite iff an element is (float32 values cannot overflow a float64 sum), so
-    one reduction per key replaces an ``isfinite`` per array; a float64 array whose sum
-    overflowed is checked element-wise before it is called non-finite.
-    """
-    n = len(replies)
-    bad = np.zeros(n, dtype=bool)
-    if n == 0:
-        return bad
-    groups: dict[tuple, list[tuple[int, np.ndarray]]] = {}
-    floats: dict[tuple, list[tuple[int, float]]] = {}
-    for j, r in enumerate(replies):
-        for rec, arrays in r.arrays.items():
-            for k, a in arrays.items():
-                a = np.asarray(a)
-                if a.dtype.kind in "fc":
-                    groups.setdefault((rec, k, a.shape, a.dtype.str), []).append((j, a))
-        for rec, vals in r.metrics.items():
-            for k, v in vals.items():
-                if isinstance(v, float):
-                    floats.setdefault((rec, k), []).append((j, v))
-                elif isinstance(v, (list, tuple)) and v and isinstance(v[0], float):
-                    floats.setdefault((rec, k), []).append((j, float(np.sum(v, dtype=np.float64))))
-    for members in groups.values():
-        idx = np.fromiter((j for j, _ in members), dtype=np.int64, count=len(members))
-        stacked = np.stack([a for _, a in members]).reshape(len(members), -1)
-        with np.errstate(over="ignore", invalid="ignore"):
-            sums = stacked.sum(axis=1, dtype=np.float64)
-        suspect = ~np.isfinite(sums)
-        if suspect.any():
-            suspect[suspect] = ~np.isfinite(stacked[suspect]).all(axis=1)
-            bad[idx[suspect]] = True
-    for members in floats.values():
-        vals = np.fromiter((v for _, v in members), dtype=np.float64, count=len(members))
-        idx = np.fromiter((j for j, _ in members), dtype=np.int64, count=len(members))
-        bad[idx[~np.isfinite(vals)]] = True
-    return bad
-
-
 class DeviceHost:
     """Holds a shard of devices and runs device functions for many of them per call."""
 
@@ -150,15 +98,44 @@ class DeviceHost:
         if initial is not None:
             self.held[:] = self._register(initial)
 
-    def get_state(self) -> bytes:  # TEMP (replaced by the host-recovery branch)
-        import pickle
-        return pickle.dumps((self.versions, self._fingerprints, self._next_vid, self.held, self.personal, self.kv),
-                            protocol=4)
+    STATE = ("versions", "_fingerprints", "_next_vid", "held", "personal", "kv")
 
-    def set_state(self, data: bytes) -> None:  # TEMP
-        import pickle
-        (self.versions, self._fingerprints, self._next_vid, self.held, self.personal, self.kv) = pickle.loads(data)
+    def get_state(self) -> bytes:
+        """The device state (shared versions and their fingerprints, the next version id,
+        what each device holds, personal parameters, key-value stores), pickled with
+        protocol 5; caches are not part of it."""
+        return pickle.dumps({k: getattr(self, k) for k in self.STATE}, protocol=5)
+
+    def set_state(self, data: bytes) -> None:
+        """Restore a state from ``get_state`` exactly; caches start empty."""
+        state = pickle.loads(data)
+        if set(state) != set(self.STATE) or len(state["held"]) != len(self.device_ids):
+            raise ValueError(f"not the state of this host ({len(self.device_ids)} devices)")
+        for k in self.STATE:
+            setattr(self, k, state[k])
         self._by_identity = {}
+        self._eval_cache = {}
+
+    def prune(self) -> None:
+        """What ``score`` changes in the device state (replayed instead of a whole score)."""
+        self._drop_unused_versions()
+
+    def replay(self, method: str, *args: Any) -> None:
+        """Call ``method`` again for its effect on the device state only (a host restored
+        after a crash catching up): the result is dropped; a score only prunes versions."""
+        if method == "score":
+            self.prune()
+        else:
+            getattr(self, method)(*args)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def node_id(self) -> str | None:
+        """The Ray node this host runs on (None outside Ray)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
     def _register(self, arrays: dict[str, np.ndarray]) -> int:
         # The same payload object reaches many jobs of one call: hash it once.

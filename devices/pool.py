@@ -13,13 +13,15 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
 from devices.data import Interactions, Timeline
 from devices.host import DeviceHost, JobResult, Shard
 from devices.models import ModelSpec
+from devices.recovery import Recovery, hush_worker_death_notes
 from devices.runtime import DeviceSettings
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -139,8 +141,19 @@ def init_ray(address: str | None, timeout: float = RAY_CONNECT_TIMEOUT_S) -> Non
         raise RayUnreachable(f"--ray-address {address}: could not join the Ray cluster ({first})")
 
 
-class HostPool:
-    """Routes device work to the host holding each device."""
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+class HostPool(Recovery):
+    """Routes device work to the host holding each device.
+
+    Under Ray a host process that dies is recovered (``_recover``): a new actor for its
+    shard gets the *restore point* (the last ``reset``, a ``set_restore_point`` or
+    ``load_states``), replays the state-changing calls sent to that host since then (the
+    replay log), and is sent the call that failed; the other hosts' results are kept.
+    Device work is deterministic, so the run's numbers equal an uninterrupted run's.
+    """
 
     def __init__(
         self,
@@ -152,8 +165,10 @@ class HostPool:
         n_hosts: int = 0,
         use_ray: bool = True,
         ray_address: str | None = None,
+        log: Callable[[str], None] | None = None,
     ) -> None:
         self.use_ray = use_ray
+        self.log = log or _stderr
         if use_ray:
             import ray
 
@@ -164,56 +179,100 @@ class HostPool:
         self.n_hosts = n_hosts
         self.host_of = assign_hosts(inter.counts, n_hosts)
         self.n_devices = inter.n_users
+        self.restarts = 0  # host processes restarted over the pool's life
+        self._round_restarts: dict[int, int] = {}  # per round of the current strategy (0: between rounds)
+        self._deaths: dict[tuple[int, int], int] = {}  # (host, round) -> deaths
+        self._restore: Any = None  # None (as built), ("reset", initial), list of states, or a folder
+        self._log: list[list[tuple[str, tuple]]] = [[] for _ in range(n_hosts)]
         shards = [shard_of(inter, timeline, np.flatnonzero(self.host_of == h)) for h in range(n_hosts)]
         if use_ray:
             import ray
 
-            actor = ray.remote(num_cpus=0)(DeviceHost)
-            refs = [ray.put(s) for s in shards]
-            self.hosts = [actor.remote(r, spec, settings, seed) for r in refs]
+            hush_worker_death_notes()
+            self._actor = ray.remote(num_cpus=0)(DeviceHost)
+            self._shards = [ray.put(s) for s in shards]  # kept: a replacement is built from them
+            self._args = (spec, settings, seed)
+            self._node_of: list[str | None] = []
+            self.hosts = [self._new_actor(h) for h in range(n_hosts)]
         else:
             self.hosts = [DeviceHost(s, spec, settings, seed) for s in shards]
 
-    def _call(self, method: str, args_per_host: list[tuple]) -> list[Any]:
-        if self.use_ray:
-            import ray
+    def _call(self, method: str, args_per_host: list[tuple | None], round: int = 0, logged: bool = False) -> list[Any]:
+        """``method`` on every host with arguments (None: not that host); ``logged``: it
+        changes the device state, so it enters each host's replay log once it succeeded."""
+        if not self.use_ray:
+            return [getattr(h, method)(*a) if a is not None else None for h, a in zip(self.hosts, args_per_host)]
+        import ray
 
-            futures = [getattr(h, method).remote(*a) for h, a in zip(self.hosts, args_per_host) if a is not None]
-            results = iter(ray.get(futures))
-            return [next(results) if a is not None else None for a in args_per_host]
-        return [getattr(h, method)(*a) if a is not None else None for h, a in zip(self.hosts, args_per_host)]
+        futures = {h: getattr(self.hosts[h], method).remote(*a) for h, a in enumerate(args_per_host) if a is not None}
+        out: list[Any] = [None] * self.n_hosts
+        for h, future in futures.items():
+            try:
+                out[h] = ray.get(future)
+            except Exception as exc:
+                if not self.lost_host(exc):
+                    raise
+                out[h] = self._recover(h, method, args_per_host[h], round, exc)
+            if logged:
+                self._log[h].append((method, args_per_host[h]))
+        return out
+
+    def _new_restore_point(self, source: Any) -> None:
+        self._restore = source
+        self._log = [[] for _ in range(self.n_hosts)]
 
     def reset(self, initial: dict[str, np.ndarray]) -> None:
+        """Every device holds ``initial``; this is the new restore point, and the
+        per-round restart counts start over (a new strategy)."""
+        self._round_restarts.clear()
+        self._deaths.clear()
         if self.use_ray:
             import ray
 
-            ref = ray.put(initial)  # shipped once, shared by all hosts
-            self._call("reset", [(ref,)] * self.n_hosts)
-        else:
-            self._call("reset", [(initial,)] * self.n_hosts)
+            initial = ray.put(initial)  # shipped once, shared by all hosts
+        self._new_restore_point(("reset", initial))
+        self._call("reset", [(initial,)] * self.n_hosts)
 
     def score(self, round: int) -> list[dict[str, Any]]:
-        return self._call("score", [(round,)] * self.n_hosts)
+        return self._call("score", [(round,)] * self.n_hosts, round=round, logged=True)
 
     def run(self, round: int, exchange: int, jobs_per_host: list[list]) -> list[JobResult]:
         """Run the jobs of each host (one call per host); results of all hosts, flattened."""
+        if self.use_ray:
+            import ray
+
+            # in the object store: the replay log keeps them as sent, whatever the caller does next
+            jobs_per_host = [ray.put(jobs) if jobs else jobs for jobs in jobs_per_host]
         args = [(round, exchange, jobs) if jobs else None for jobs in jobs_per_host]
         out: list[JobResult] = []
-        for res in self._call("run", args):
+        for res in self._call("run", args, round=round, logged=True):
             if res:
                 out.extend(res)
         return out
 
-    def states(self) -> list[bytes]:  # TEMP (replaced by the host-recovery branch)
+    def states(self) -> list[bytes]:
+        """Every host's device state (``DeviceHost.get_state``), one call per host."""
         return self._call("get_state", [()] * self.n_hosts)
 
-    def set_restore_point(self, source) -> None:  # TEMP
-        self._restore_point = source
+    def set_restore_point(self, source: list[bytes] | Path) -> None:
+        """Where a restarted host starts from: ``states()`` kept in memory, or a folder with
+        ``host-000.pkl``, ``host-001.pkl``, ... (read only when a host is restored). The
+        replay log starts over."""
+        if isinstance(source, (str, Path)):
+            source = Path(source)
+        elif len(source) != self.n_hosts or not all(isinstance(s, bytes) for s in source):
+            raise ValueError(f"a restore point needs {self.n_hosts} host states (bytes), got {len(source)}")
+        else:
+            source = list(source)
+        self._new_restore_point(source)
 
-    def load_states(self, folder) -> None:  # TEMP
-        from pathlib import Path
-        self._call("set_state", [((Path(folder) / f"host-{h:03d}.pkl").read_bytes(),) for h in range(self.n_hosts)])
-        self._restore_point = folder
+    def load_states(self, folder: Path) -> None:
+        """Every host's state from ``folder``'s ``host-NNN.pkl`` (a run resuming from a
+        checkpoint); the folder becomes the restore point."""
+        folder = Path(folder)
+        data = [(folder / f"host-{h:03d}.pkl").read_bytes() for h in range(self.n_hosts)]
+        self._new_restore_point(folder)
+        self._call("set_state", [(d,) for d in data])
 
     def lost_host(self, exc: BaseException) -> bool:
         """Whether ``exc`` says a host process died (not a Python error inside a host)."""

@@ -12,6 +12,11 @@ A run goes through these steps, each a method, each done once::
                                      # start() on it, per-round records, the summary
     run.close()                      # hosts shut down, the in-progress mark dropped
 
+With a run folder, ``play`` writes a checkpoint every ``experiment.checkpoint_every``
+rounds (``simulator.checkpoint``); ``FleetRun(cfg, out, resume=True)`` reopens an
+interrupted run and ``play`` continues a strategy from its last checkpoint. The host pool
+restarts a lost host from the last checkpoint by itself (``devices.recovery``).
+
 ``with FleetRun(...) as run`` closes it whatever happens. Every user of a fleet -- the
 ``fleetsim run`` loop (``simulator.run``), the paper protocol (``simulator.paper``, which
 uses only the folder and status steps), the benchmarks and the tests -- goes through it,
@@ -141,7 +146,8 @@ class FleetRun:
 
     def start_pool(self) -> HostPool:
         self.pool = HostPool(self.fleet.interactions, self.fleet.timeline, self.spec, self.cfg.device, self.seed,
-                             n_hosts=self.n_hosts, use_ray=self.use_ray, ray_address=self.ray_address)
+                             n_hosts=self.n_hosts, use_ray=self.use_ray, ray_address=self.ray_address,
+                             log=self.log)
         return self.pool
 
     def new_grid(self, strategy: Strategy, on_round: Callable[[RoundResult], None] | None = None,

@@ -255,7 +255,8 @@ def _record(run: FleetRun, name: str, scores: np.ndarray, split: LeaveLastSplit,
         "device_seconds": np.zeros(n), "bucket": np.asarray(buckets)[users],
     }
     info = {"round": 1, "t_start": 0.0, "latency_s": 0.0, "online": n, "active": n, "selected": n, "exchanges": 0,
-            "ok": n, "dropped": 0, "late": 0, "quarantined": 0, "errors": 0, "nonfinite_scores": 0}
+            "ok": n, "dropped": 0, "late": 0, "quarantined": 0, "errors": 0, "nonfinite_scores": 0,
+            "host_restarts": 0}
     run.state.round_done(name, RoundResult(1, devices, info, None))
     labels = np.zeros((n, c), np.int8)
     labels[:, 0] = 1

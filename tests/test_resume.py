@@ -81,11 +81,12 @@ def comparable_summary(run: Path) -> dict:
     return s
 
 
-def assert_same_results(a: Path, b: Path) -> None:
+def assert_same_results(a: Path, b: Path, ignore: tuple[str, ...] = ()) -> None:
     assert comparable_summary(a) == comparable_summary(b)
     for name in STRATEGIES:
         for table in ("devices.parquet", "rounds.parquet"):
-            ta, tb = (pq.read_table(r / name / table).to_pandas() for r in (a, b))
+            ta, tb = (pq.read_table(r / name / table).to_pandas().drop(columns=list(ignore), errors="ignore")
+                      for r in (a, b))
             assert len(ta) > 0
             pd.testing.assert_frame_equal(ta, tb, check_exact=True)
     assert not (b / "checkpoints").exists()  # a finished run keeps no checkpoint
@@ -273,3 +274,46 @@ def test_interrupted_strategy_resumes_exactly_in_process(tmp_path, strategy, par
         ta, tb = (pq.read_table(r / strategy / table).to_pandas() for r in (tmp_path / "a", tmp_path / "b"))
         pd.testing.assert_frame_equal(ta, tb, check_exact=True)
     assert not (tmp_path / "b" / "checkpoints").exists()
+
+
+# A host process killed mid-round, through the CLI ---------------------------------------------
+
+
+def host_pids(driver: int) -> list[int]:
+    from devices.reaper import descendants
+
+    out = []
+    for pid in descendants(driver):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::DeviceHost"):
+                out.append(pid)
+        except OSError:
+            pass
+    return sorted(out)
+
+
+def test_host_killed_mid_round_run_goes_on_with_identical_results(tmp_path, uninterrupted):
+    """kill -9 of one DeviceHost process while FedAvg's round 2 is in flight: exit 0, the
+    round counts the restart, one warning line, results equal the uninterrupted run's."""
+    exp = write_experiment(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "simulator.cli", "run", str(exp), "--out", "out", "--no-progress",
+                             "--no-report"], cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        end = time.monotonic() + 300
+        while not KILL_POINTS["fedavg_mid_round"](tmp_path / "out"):
+            assert proc.poll() is None and time.monotonic() < end, proc.stderr.read() if proc.poll() else "timeout"
+            time.sleep(0.05)
+        hosts = host_pids(proc.pid)
+        assert len(hosts) == 2, hosts
+        os.kill(hosts[1], signal.SIGKILL)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    warnings = [line for line in err.splitlines() if "died" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("fleetsim: warning: device host "), err
+    restarts = pd.concat(pq.read_table(tmp_path / "out" / n / "rounds.parquet").to_pandas() for n in STRATEGIES)
+    assert restarts["host_restarts"].sum() == 1
+    assert_same_results(uninterrupted, tmp_path / "out", ignore=("host_restarts",))

@@ -1,0 +1,110 @@
+"""Recovery of lost device hosts (Ray only), mixed into ``devices.pool.HostPool``.
+
+A host process that dies (SIGKILL, segfault, OOM kill, its node gone) is replaced by a
+new actor built from the same shard; it gets the pool's restore point (the last reset,
+a set of saved host states in memory or in a folder) and replays the state-changing
+calls sent to that host since then, then the call that failed is sent to it again.
+Device work is deterministic given the device state and the call, so the replacement
+ends up exactly where the dead host was. A host that dies ``MAX_DEATHS`` times within
+one round raises ``HostLost``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from devices.errors import HostLost
+
+MAX_DEATHS = 3  # a host that dies this often within one round raises HostLost
+WORKER_DIED_NOTE = "A worker died or was killed while executing a task"
+
+
+def hush_worker_death_notes() -> None:
+    """Ray's driver prints a note to stdout for every worker process that dies; the pool
+    reports each lost host in one line of its own instead, so that note is dropped."""
+    from ray._private import worker
+
+    original = getattr(worker, "print_to_stdstream", None)
+    if original is None or getattr(original, "fleetsim_filter", False):
+        return
+
+    def filtered(data, *args, **kwargs):
+        lines = [x for x in data.get("lines", []) if WORKER_DIED_NOTE not in str(x)]
+        if lines or not data.get("lines"):
+            original({**data, "lines": lines}, *args, **kwargs)
+
+    filtered.fleetsim_filter = True
+    worker.print_to_stdstream = filtered
+
+
+class Recovery:
+    """The recovery half of ``HostPool`` (its state is set up by ``HostPool.__init__``)."""
+
+    def _recover(self, h: int, method: str, args: tuple, round: int, exc: BaseException) -> Any:
+        """Host ``h`` died during ``method``: replace it, bring it to where it was, and
+        return its result of ``method``; ``HostLost`` on its MAX_DEATHS-th death in the round."""
+        import ray
+
+        while True:
+            deaths = self._deaths[(h, round)] = self._deaths.get((h, round), 0) + 1
+            if deaths >= MAX_DEATHS:
+                raise HostLost(h, round, deaths, exc) from exc
+            where = f"in round {round}" if round else "between rounds"
+            try:
+                self._replace(h, f"died {where} ({type(exc).__name__})", round)
+                return ray.get(getattr(self.hosts[h], method).remote(*args))
+            except Exception as again:
+                if not self.lost_host(again):
+                    raise
+                exc = again
+
+    def _replace(self, h: int, why: str, round: int = 0) -> None:
+        """A new actor for host ``h``'s shard, restored to the restore point and caught up
+        with the replay log (the old actor is killed in case it still runs)."""
+        import ray
+
+        try:
+            ray.kill(self.hosts[h], no_restart=True)
+        except Exception:  # noqa: BLE001 -- it is gone already
+            pass
+        host = self.hosts[h] = self._new_actor(h)
+        self.restarts += 1
+        self._round_restarts[round] = self._round_restarts.get(round, 0) + 1
+        log = self._log[h]
+        self.log(f"fleetsim: warning: device host {h} {why}; restarted it and replayed {len(log)} call(s) "
+                 f"from the last restore point")
+        src, calls = self._restore, []
+        if isinstance(src, tuple):
+            calls.append(host.reset.remote(src[1]))
+        elif isinstance(src, list):
+            calls.append(host.set_state.remote(src[h]))
+        elif src is not None:
+            calls.append(host.set_state.remote((src / f"host-{h:03d}.pkl").read_bytes()))
+        calls += [host.replay.remote(m, *a) for m, a in log]
+        ray.get(calls)
+
+    def _new_actor(self, h: int) -> Any:
+        """An actor for host ``h`` on the live node with CPUs holding fewest hosts; on one
+        node, or if nodes cannot be listed, Ray's SPREAD strategy. (SPREAD, and soft node
+        affinity, were both seen to put the two hosts of a two-node cluster on one node.)
+        A node that dies before the actor starts fails it like a host death."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        strategy: Any = "SPREAD"
+        try:
+            nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0)
+        except Exception:  # noqa: BLE001 -- placement is best effort
+            nodes = []
+        others = [n for j, n in enumerate(self._node_of) if j != h]
+        node = min(nodes, key=lambda n: (others.count(n), (nodes.index(n) - h) % len(nodes)), default=None)
+        if len(nodes) > 1:
+            strategy = NodeAffinitySchedulingStrategy(node, soft=False)
+        if h < len(self._node_of):
+            self._node_of[h] = node
+        else:
+            self._node_of.append(node)
+        return self._actor.options(scheduling_strategy=strategy).remote(self._shards[h], *self._args)
+
+    def restarts_in(self, round: int) -> int:
+        """Host processes restarted during round ``round`` of the current strategy."""
+        return self._round_restarts.get(round, 0)

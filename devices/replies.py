@@ -1,0 +1,65 @@
+"""Checks of device replies: non-finite values (quarantined) and diverged local training.
+
+Vectorised over replies; ``DeviceHost.run`` calls them on every job's replies.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from devices import models
+from devices.runtime import Payload
+
+
+def diverged_replies(replies: list[Payload], limit: float = models.DIVERGED_LOSS) -> np.ndarray:
+    """Which replies report a finite ``train_loss`` metric above ``limit``: local training
+    diverged (a loss of 100 x ln 2 means logits in the hundreds with the wrong sign), so
+    the update is garbage even though every number in it is finite."""
+    out = np.zeros(len(replies), dtype=bool)
+    for j, r in enumerate(replies):
+        for vals in r.metrics.values():
+            v = vals.get("train_loss")
+            if isinstance(v, float) and np.isfinite(v) and v > limit:
+                out[j] = True
+    return out
+
+
+def nonfinite_replies(replies: list[Payload]) -> np.ndarray:
+    """Which replies hold a NaN or Inf in any array or float metric, vectorised per key.
+
+    Arrays of one key are stacked over replies and summed in float64 per reply: a sum
+    is non-finite iff an element is (float32 values cannot overflow a float64 sum), so
+    one reduction per key replaces an ``isfinite`` per array; a float64 array whose sum
+    overflowed is checked element-wise before it is called non-finite.
+    """
+    n = len(replies)
+    bad = np.zeros(n, dtype=bool)
+    if n == 0:
+        return bad
+    groups: dict[tuple, list[tuple[int, np.ndarray]]] = {}
+    floats: dict[tuple, list[tuple[int, float]]] = {}
+    for j, r in enumerate(replies):
+        for rec, arrays in r.arrays.items():
+            for k, a in arrays.items():
+                a = np.asarray(a)
+                if a.dtype.kind in "fc":
+                    groups.setdefault((rec, k, a.shape, a.dtype.str), []).append((j, a))
+        for rec, vals in r.metrics.items():
+            for k, v in vals.items():
+                if isinstance(v, float):
+                    floats.setdefault((rec, k), []).append((j, v))
+                elif isinstance(v, (list, tuple)) and v and isinstance(v[0], float):
+                    floats.setdefault((rec, k), []).append((j, float(np.sum(v, dtype=np.float64))))
+    for members in groups.values():
+        idx = np.fromiter((j for j, _ in members), dtype=np.int64, count=len(members))
+        stacked = np.stack([a for _, a in members]).reshape(len(members), -1)
+        with np.errstate(over="ignore", invalid="ignore"):
+            sums = stacked.sum(axis=1, dtype=np.float64)
+        suspect = ~np.isfinite(sums)
+        if suspect.any():
+            suspect[suspect] = ~np.isfinite(stacked[suspect]).all(axis=1)
+            bad[idx[suspect]] = True
+    for members in floats.values():
+        vals = np.fromiter((v for _, v in members), dtype=np.float64, count=len(members))
+        idx = np.fromiter((j for j, _ in members), dtype=np.int64, count=len(members))
+        bad[idx[~np.isfinite(vals)]] = True
+    return bad
