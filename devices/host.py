@@ -25,6 +25,10 @@ from devices import scoring
 
 EVAL_TAG, TRAIN_TAG = 1, 2
 EVAL_CHUNK_ROWS = 8192  # rows scored per forward pass of a shared model (bounds memory)
+# Evaluation samples are cached so every strategy is scored on the same samples without
+# building them again; a window's samples of a million-device fleet take ~150 MB per host,
+# so the oldest are dropped beyond this (rebuilt identically if asked again).
+EVAL_CACHE_BYTES = 1 << 28
 PERSONAL_CHUNK = 64  # personalised models stacked per forward pass
 
 
@@ -35,6 +39,7 @@ class Shard:
     device_ids: np.ndarray
     interactions: Interactions  # local users 0..n-1 = device_ids in order
     timeline: Timeline
+    evaluated: np.ndarray | None = None  # which local users prequential scoring evaluates (None: all)
 
 
 @dataclass
@@ -78,10 +83,11 @@ class DeviceHost:
         self.device_ids = np.asarray(shard.device_ids, dtype=np.int64)
         self.inter = shard.interactions
         self.timeline = shard.timeline
+        self.evaluated = shard.evaluated
         self.spec, self.settings, self.seed = spec, settings, seed
         models.get_backbone(spec.backbone)  # a user backbone ('package.module:NAME') is imported in this process too
         self.builder = SampleBuilder(self.inter, spec.window, self.device_ids)
-        self._eval_cache: dict[int, Samples] = {}
+        self._eval_cache: dict[tuple[int, bool], Samples] = {}
         self.reset(None)
 
     # State ---------------------------------------------------------------------
@@ -259,30 +265,41 @@ class DeviceHost:
         return [self.inter.items[max(s, e - n) : e].astype(np.int32)
                 for s, e in zip(starts, self._stream_ends(local, round))]
 
-    def eval_samples(self, round: int) -> Samples:
-        """Positives of round ``round``'s window with 99 negatives each (cached: every
-        strategy is scored on exactly the same samples)."""
-        if round not in self._eval_cache:
+    def eval_samples(self, round: int, scored: bool = False) -> Samples:
+        """Positives of round ``round``'s window with 99 negatives each; ``scored``: only
+        those of the devices prequential scoring evaluates (``Shard.evaluated``). A
+        device's samples do not depend on which others are built with it. Cached (see
+        ``EVAL_CACHE_BYTES``): every strategy is scored on exactly the same samples."""
+        scored = scored and self.evaluated is not None
+        key = (round, scored)
+        if key not in self._eval_cache:
             t0, t1 = self.timeline.window(round)
-            rows = np.flatnonzero((self.inter.times >= t0) & (self.inter.times < t1))
-            key = stream_key(self.seed, EVAL_TAG, round)
-            self._eval_cache[round] = self.builder.build(rows, self.settings.eval_negatives, key)
-        return self._eval_cache[round]
+            in_window = (self.inter.times >= t0) & (self.inter.times < t1)
+            if scored:
+                in_window &= self.evaluated[self.builder.user]
+            rows = np.flatnonzero(in_window)
+            s = self.builder.build(rows, self.settings.eval_negatives, stream_key(self.seed, EVAL_TAG, round))
+            size = lambda x: x.owner.nbytes + x.windows.nbytes + x.candidates.nbytes
+            while self._eval_cache and sum(map(size, self._eval_cache.values())) + size(s) > EVAL_CACHE_BYTES:
+                del self._eval_cache[next(iter(self._eval_cache))]
+            self._eval_cache[key] = s
+        return self._eval_cache[key]
 
     # Work ----------------------------------------------------------------------
 
     @torch.no_grad()
     def score(self, round: int) -> dict[str, Any]:
-        """Prequential scoring of window ``round`` with the model each device holds now."""
+        """Prequential scoring of window ``round`` with the model each device holds now
+        (the devices ``Shard.evaluated`` names, or all)."""
         self._drop_unused_versions()
-        s = self.eval_samples(round)
+        s = self.eval_samples(round, scored=True)
         scores = np.zeros(s.candidates.shape, dtype=np.float32)
         owners = np.unique(s.owner)
         has_own = np.array([int(i) in self.personal for i in owners], dtype=bool)
         for vid in np.unique(self.held[owners[~has_own]]):
             group = owners[~has_own][self.held[owners[~has_own]] == vid]
             rows = np.flatnonzero(np.isin(s.owner, group))
-            params = {k: torch.from_numpy(v)[None] for k, v in self.versions[int(vid)].items()}
+            params = models.shared_tables({k: torch.from_numpy(v)[None] for k, v in self.versions[int(vid)].items()})
             for c in range(0, len(rows), EVAL_CHUNK_ROWS):
                 r = rows[c : c + EVAL_CHUNK_ROWS]
                 out = models.forward(params, torch.from_numpy(s.windows[r])[None], torch.from_numpy(s.candidates[r])[None])

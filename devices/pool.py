@@ -38,8 +38,9 @@ def assign_hosts(work: np.ndarray, n_hosts: int) -> np.ndarray:
     return host
 
 
-def shard_of(inter: Interactions, timeline: Timeline, ids: np.ndarray) -> Shard:
-    """The sub-stream of devices ``ids`` (ascending) as a shard with local users 0..n-1."""
+def shard_of(inter: Interactions, timeline: Timeline, ids: np.ndarray, evaluated: np.ndarray | None = None) -> Shard:
+    """The sub-stream of devices ``ids`` (ascending) as a shard with local users 0..n-1;
+    ``evaluated`` (a mask over all devices, None = all) says which of them are scored."""
     ids = np.sort(np.asarray(ids, dtype=np.int64))
     counts = inter.counts[ids]
     indptr = np.zeros(len(ids) + 1, dtype=np.int64)
@@ -47,7 +48,7 @@ def shard_of(inter: Interactions, timeline: Timeline, ids: np.ndarray) -> Shard:
     # rows of every selected user, vectorised: start of its run + offset within the run
     rows = np.repeat(inter.indptr[ids] - indptr[:-1], counts) + np.arange(indptr[-1])
     sub = Interactions(len(ids), inter.n_items, indptr, inter.items[rows], inter.times[rows])
-    return Shard(ids, sub, timeline)
+    return Shard(ids, sub, timeline, None if evaluated is None else np.asarray(evaluated, dtype=bool)[ids])
 
 
 class RayUnreachable(ConnectionError):
@@ -166,6 +167,7 @@ class HostPool(Recovery):
         use_ray: bool = True,
         ray_address: str | None = None,
         log: Callable[[str], None] | None = None,
+        evaluated: np.ndarray | None = None,
     ) -> None:
         self.use_ray = use_ray
         self.log = log or _stderr
@@ -184,7 +186,7 @@ class HostPool(Recovery):
         self._deaths: dict[tuple[int, int], int] = {}  # (host, round) -> deaths
         self._restore: Any = None  # None (as built), ("reset", initial), list of states, or a folder
         self._log: list[list[tuple[str, tuple]]] = [[] for _ in range(n_hosts)]
-        shards = [shard_of(inter, timeline, np.flatnonzero(self.host_of == h)) for h in range(n_hosts)]
+        shards = [shard_of(inter, timeline, np.flatnonzero(self.host_of == h), evaluated) for h in range(n_hosts)]
         if use_ray:
             import ray
 

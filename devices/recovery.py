@@ -36,6 +36,15 @@ def hush_worker_death_notes() -> None:
     worker.print_to_stdstream = filtered
 
 
+def pick_node(h: int, node_of: list, cpus: dict[str, float]) -> str | None:
+    """The node for host ``h``: of the nodes with CPUs, the one where it makes the fewest
+    hosts per CPU (a node of 4 CPUs takes twice the hosts of a node of 2), given the nodes
+    ``node_of`` the other hosts are on; ties go round the nodes by ``h``. None: no node."""
+    nodes = sorted(n for n, c in cpus.items() if c > 0)
+    others = [n for j, n in enumerate(node_of) if j != h]
+    return min(nodes, key=lambda n: ((others.count(n) + 1) / cpus[n], (nodes.index(n) - h) % len(nodes)), default=None)
+
+
 class Recovery:
     """The recovery half of ``HostPool`` (its state is set up by ``HostPool.__init__``)."""
 
@@ -83,7 +92,7 @@ class Recovery:
         ray.get(calls)
 
     def _new_actor(self, h: int) -> Any:
-        """An actor for host ``h`` on the live node with CPUs holding fewest hosts; on one
+        """An actor for host ``h`` on the live node with the fewest hosts per CPU; on one
         node, or if nodes cannot be listed, Ray's SPREAD strategy. (SPREAD, and soft node
         affinity, were both seen to put the two hosts of a two-node cluster on one node.)
         A node that dies before the actor starts fails it like a host death."""
@@ -92,11 +101,11 @@ class Recovery:
 
         strategy: Any = "SPREAD"
         try:
-            nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0)
+            cpus = {n["NodeID"]: float(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive")}
         except Exception:  # noqa: BLE001 -- placement is best effort
-            nodes = []
-        others = [n for j, n in enumerate(self._node_of) if j != h]
-        node = min(nodes, key=lambda n: (others.count(n), (nodes.index(n) - h) % len(nodes)), default=None)
+            cpus = {}
+        node = pick_node(h, self._node_of, cpus)
+        nodes = [n for n, c in cpus.items() if c > 0]
         if len(nodes) > 1:
             strategy = NodeAffinitySchedulingStrategy(node, soft=False)
         if h < len(self._node_of):

@@ -200,49 +200,63 @@ def local_vocabulary(win: np.ndarray, cand: np.ndarray, n_items: int) -> tuple[n
     return items, lw, local(keys_c)
 
 
+def count_buckets(counts: np.ndarray, max_size: int, growth: float = 1.5) -> list[np.ndarray]:
+    """Positions of devices grouped for training: sorted by sample count, a group ends when
+    it holds ``max_size`` devices or the next count exceeds ``growth`` x its first count
+    (plus one). A group padded to its largest count then pads by less than ``growth``, not
+    every device to the batch's longest (recent = 30 padded ~2x the real work)."""
+    order = np.argsort(counts, kind="stable")
+    groups, start = [], 0
+    for i in range(1, len(order) + 1):
+        if i == len(order) or i - start >= max_size or counts[order[i]] > growth * counts[order[start]] + 1:
+            groups.append(order[start:i])
+            start = i
+    return groups
+
+
 def train_held_models(ctx: DeviceContext, steps: int, lr: float,
                       trainable: tuple[str, ...] | None = None) -> tuple[dict[str, torch.Tensor], np.ndarray, np.ndarray]:
     """Every device trains (a copy of) the model it holds on its recent data.
 
-    Devices are trained together in chunks, each on its local vocabulary (the items its
-    samples touch), and the trained rows are written back into a full copy of the held
-    model. Returns the trained params stacked over devices (B, ...), the last loss and
-    the number of training samples per device, and counts the FLOPs.
+    Devices are trained together in groups of similar sample count (``count_buckets``:
+    each group is padded only to its own longest device), each on its local vocabulary
+    (the items its samples touch), and the trained rows are written back into a full copy
+    of the held model. Returns the trained params stacked over devices (B, ...), the last
+    loss and the number of training samples per device, and counts the FLOPs.
     """
     win, cand, weight, counts = ctx.train_samples()
     held = ctx.held_params()
     b = len(ctx)
     chunk = max(1, int(256e6 // (4 * ctx.spec.n_params())))
-    parts, losses, final = [], [], []
-    for c in range(0, b, chunk):
-        sl = slice(c, min(c + chunk, b))
-        n = sl.stop - sl.start
-        items, lw, lc = local_vocabulary(win[sl].numpy(), cand[sl].numpy(), ctx.spec.n_items)
+    parts, losses, final, done = [], [], [], []
+    for sel in count_buckets(counts, chunk):
+        idx, n, rows_n = torch.from_numpy(sel), len(sel), max(int(counts[sel].max()), 1)
+        sw, sc, sweight = win[idx, :rows_n], cand[idx, :rows_n], weight[idx, :rows_n]
+        items, lw, lc = local_vocabulary(sw.numpy(), sc.numpy(), ctx.spec.n_items)
         rows = torch.from_numpy(np.clip(items, 0, None))
         dev = torch.arange(n).unsqueeze(1).expand_as(rows)
-        p = {}
-        for k, v in held.items():
-            full = v[sl] if v.shape[0] == b and b > 1 else v.expand(n, *v.shape[1:])
-            p[k] = full[dev, rows] if k in ITEM_TABLES else full
-        new, loss = models.sgd_train(p, torch.from_numpy(lw), torch.from_numpy(lc), weight[sl], steps, lr, trainable)
+        mine = {k: (v[idx] if v.shape[0] == b and b > 1 else v.expand(n, *v.shape[1:])) for k, v in held.items()}
+        p = {k: (v[dev, rows] if k in ITEM_TABLES else v) for k, v in mine.items()}
+        new, loss = models.sgd_train(p, torch.from_numpy(lw), torch.from_numpy(lc), sweight, steps, lr, trainable)
         with torch.no_grad():  # where the last step left each model (the reported loss is from before it),
             # on each device's first sample: a diverged model is off on every sample, and one
             # row per device keeps this check at a few % of the training's cost
             final.append(models.bce_loss(models.forward(new, torch.from_numpy(lw[:, :1]), torch.from_numpy(lc[:, :1])),
-                                         weight[sl][:, :1]))
+                                         sweight[:, :1]))
         valid = torch.from_numpy(items >= 0)
         for k in ITEM_TABLES:
-            v = held[k]
-            full = (v[sl] if v.shape[0] == b and b > 1 else v.expand(n, *v.shape[1:])).clone()
+            full = mine[k].clone()
             full[dev[valid], rows[valid]] = new[k][valid]
             new[k] = full
         parts.append(new)
         losses.append(loss)
-    out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        done.append(sel)
+    back = torch.from_numpy(np.argsort(np.concatenate(done), kind="stable"))  # groups -> device order
+    out = {k: torch.cat([p[k] for p in parts])[back] for k in parts[0]}
     ctx.count_train(counts, steps, cand.shape[-1])
     if hasattr(ctx, "mark_diverged"):
-        ctx.mark_diverged(diverged_losses(torch.cat(final).numpy()))
-    return out, torch.cat(losses).numpy(), counts
+        ctx.mark_diverged(diverged_losses(torch.cat(final).numpy()[back.numpy()]))
+    return out, torch.cat(losses).numpy()[back.numpy()], counts
 
 
 def diverged_losses(losses: np.ndarray) -> np.ndarray:

@@ -49,6 +49,9 @@ class ExperimentSection:
     # ``fleetsim run --resume DIR`` continues exactly; 0 = none
     checkpoint_every: int = 1
     keep_checkpoints: bool = False  # keep a finished strategy's last checkpoint
+    # whom prequential scoring evaluates each round: "all" devices, or a fixed seeded
+    # sample of this many (the same users for every strategy and round)
+    eval_users: int | str = "all"
 
     def __post_init__(self) -> None:
         if not self.strategies:
@@ -69,6 +72,9 @@ class ExperimentSection:
         if self.checkpoint_every < 0:
             raise ConfigError("experiment.checkpoint_every", self.checkpoint_every,
                               "rounds between checkpoints: 0 (none) or a positive integer")
+        if self.eval_users != "all" and (not isinstance(self.eval_users, int) or isinstance(self.eval_users, bool)
+                                         or self.eval_users < 1):
+            raise ConfigError("experiment.eval_users", self.eval_users, '"all" or a number of users >= 1')
         if self.on_device_error not in ("stop", "record"):
             raise ConfigError("experiment.on_device_error", self.on_device_error, '"stop" or "record"')
 

@@ -24,6 +24,9 @@ class Fleet:
     buckets: np.ndarray  # "head" | "torso" | "tail" per device, by history activity
     bucket_thresholds: dict
     source: str
+    # which devices prequential scoring evaluates (``experiment.eval_users``); None = all
+    evaluated: np.ndarray | None = None
+    eval_users: int | str = "all"
 
     @property
     def n_devices(self) -> int:
@@ -51,4 +54,22 @@ def build_fleet(cfg) -> Fleet:
     seed = cfg.experiment.seed
     inter, timeline = resolve_source(cfg.source).load(cfg.data, seed)
     profiles = make_profiles(inter.n_users, cfg.profiles, seed)
-    return assemble(inter, timeline, profiles, cfg.source)
+    fleet = assemble(inter, timeline, profiles, cfg.source)
+    fleet.eval_users = cfg.experiment.eval_users
+    fleet.evaluated = eval_sample(fleet.n_devices, fleet.eval_users, seed)
+    return fleet
+
+
+_EVAL_SAMPLE_TAG = 0xE7A1
+
+
+def eval_sample(n_devices: int, eval_users: int | str, seed: int) -> np.ndarray | None:
+    """The devices scored each round: None for "all" (or a sample as large as the fleet),
+    else a bool mask of ``eval_users`` devices drawn uniformly without replacement from
+    (seed, a fixed tag), so each activity bucket keeps its share in expectation."""
+    if eval_users == "all" or eval_users >= n_devices:
+        return None
+    rng = np.random.default_rng([seed, _EVAL_SAMPLE_TAG])
+    mask = np.zeros(n_devices, dtype=bool)
+    mask[rng.choice(n_devices, size=int(eval_users), replace=False)] = True
+    return mask

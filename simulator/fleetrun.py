@@ -147,7 +147,7 @@ class FleetRun:
     def start_pool(self) -> HostPool:
         self.pool = HostPool(self.fleet.interactions, self.fleet.timeline, self.spec, self.cfg.device, self.seed,
                              n_hosts=self.n_hosts, use_ray=self.use_ray, ray_address=self.ray_address,
-                             log=self.log)
+                             log=self.log, evaluated=self.fleet.evaluated)
         return self.pool
 
     def new_grid(self, strategy: Strategy, on_round: Callable[[RoundResult], None] | None = None,

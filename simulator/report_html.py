@@ -81,10 +81,11 @@ def _runs_html(runs: Sequence[Run]) -> str:
         data = r.config.get("data", {})
         f = r.fleet
         drift = ", ".join(f"{e.get('kind')} @ round {e.get('round')}" for e in r.drift_events) or "none"
-        rows.append([r.name, f.get("source", data.get("source", "")), f.get("n_devices"), f.get("n_rounds"),
+        rows.append([r.name, f.get("source", data.get("source", "")), f.get("n_devices"),
+                     f.get("evaluated_devices", f.get("n_devices")), f.get("n_rounds"),
                      _fmt((f.get("round_seconds") or math.nan) / 3600, "{:.3g}"),
                      r.config.get("experiment", {}).get("seed"), drift, ", ".join(r.strategies)])
-    head = "".join(f"<th>{h}</th>" for h in ["run", "data", "devices", "rounds", "round length (h)", "seed",
+    head = "".join(f"<th>{h}</th>" for h in ["run", "data", "devices", "evaluated users", "rounds", "round length (h)", "seed",
                                               "drift", "strategies"])
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"

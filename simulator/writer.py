@@ -163,16 +163,20 @@ class RunWriter:
     def write_fleet(self, fleet) -> None:
         tl = fleet.timeline
         pr = fleet.profiles
+        evaluated = fleet.n_devices if fleet.evaluated is None else int(fleet.evaluated.sum())
+        self.summary.update(eval_users=fleet.eval_users, evaluated_devices=evaluated)  # written with the first state
         self.write_fleet_files({
             "source": fleet.source, "n_devices": fleet.n_devices, "n_items": fleet.interactions.n_items,
             "history_end_s": tl.history_end, "round_seconds": tl.round_seconds, "n_rounds": tl.n_rounds,
             "start_clock_s": tl.start_clock, "drift_events": [asdict(e) for e in tl.drift_events],
-            "bucket_thresholds": fleet.bucket_thresholds,
+            "bucket_thresholds": fleet.bucket_thresholds, "eval_users": fleet.eval_users,
+            "evaluated_devices": evaluated,
         }, {
             "device_id": np.arange(fleet.n_devices, dtype=np.int64),
             "history_interactions": fleet.history_counts,
             "interactions": fleet.interactions.counts,
             "bucket": np.asarray(fleet.buckets, dtype=str),
+            "evaluated": np.ones(fleet.n_devices, bool) if fleet.evaluated is None else fleet.evaluated,
             "tier": np.asarray(pr.tier, dtype=np.int8), "flops": pr.flops, "down_bps": pr.down_bps,
             "up_bps": pr.up_bps, "rtt_s": pr.rtt_s, "tz_offset_h": pr.tz_offset_h, "failure_p": pr.failure_p,
         })

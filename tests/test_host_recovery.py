@@ -296,3 +296,23 @@ def test_hosts_spread_over_two_nodes_and_a_killed_worker_node_host_is_recovered(
             run.close()
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_hosts_are_placed_by_each_nodes_cpus():
+    from devices.recovery import pick_node
+
+    def place(n_hosts, cpus):
+        node_of: list = []
+        for h in range(n_hosts):
+            node_of.append(pick_node(h, node_of, cpus))
+        return node_of
+
+    # 6 hosts over nodes of 2 and 4 CPUs (and one without CPUs): 2 and 4 hosts
+    six = place(6, {"a": 2.0, "b": 4.0, "gpu-only": 0.0})
+    assert six.count("a") == 2 and six.count("b") == 4
+    # equal nodes alternate
+    assert place(4, {"a": 1.0, "b": 1.0}) == ["a", "b", "a", "b"]
+    # a replacement for host 1 (node "b" gone) goes to the node left, then to the emptiest
+    assert pick_node(1, ["a", "b", "a"], {"a": 2.0}) == "a"
+    assert pick_node(1, ["a", "b", "a"], {"a": 2.0, "c": 2.0}) == "c"
+    assert pick_node(0, [], {}) is None

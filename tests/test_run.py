@@ -65,6 +65,35 @@ def test_same_seed_same_records_other_seed_different(tmp_path):
         assert not a[s].equals(c[s])
 
 
+def test_eval_users_scores_a_fixed_seeded_sample_with_the_full_runs_numbers(tmp_path):
+    # experiment.eval_users = 12: only a seeded sample of 12 of the 40 devices is scored,
+    # the same 12 for every strategy and round, and each is scored exactly as in a run that
+    # scores everyone (a device's samples and its model do not depend on who else is scored).
+    names = ["cloud_only", "fedavg"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    run_experiment(small_config(experiment={"strategies": names}), str(full), use_ray=False, progress=False, log=quiet)
+    summary = run_experiment(small_config(experiment={"strategies": names, "eval_users": 12}), str(part),
+                             use_ray=False, progress=False, log=quiet)
+    assert summary["eval_users"] == 12 and summary["evaluated_devices"] == 12
+    assert json.loads((full / "summary.json").read_text())["eval_users"] == "all"
+    fleet = pd.read_parquet(part / "fleet_devices.parquet")
+    sample = set(fleet.loc[fleet["evaluated"], "device_id"])
+    assert len(sample) == 12
+    assert pd.read_parquet(full / "fleet_devices.parquet")["evaluated"].all()
+    for name in names:
+        a, b = read_devices(full, name), read_devices(part, name)
+        scored_a, scored_b = a[a["n_pos"] > 0], b[b["n_pos"] > 0]
+        assert set(scored_b["device_id"]) <= sample and len(scored_b) > 0
+        assert set(scored_a["device_id"]) > set(scored_b["device_id"])
+        want = scored_a[scored_a["device_id"].isin(sample)].reset_index(drop=True)
+        pd.testing.assert_frame_equal(want[["round", "device_id", "auc", "n_pos"]],
+                                      scored_b.reset_index(drop=True)[["round", "device_id", "auc", "n_pos"]])
+    again = tmp_path / "again"
+    run_experiment(small_config(experiment={"strategies": names, "eval_users": 12}), str(again),
+                   use_ray=False, progress=False, log=quiet)
+    pd.testing.assert_frame_equal(pd.read_parquet(again / "fleet_devices.parquet"), fleet)
+
+
 def test_user_strategy_by_import_path_trains_only_the_head(tmp_path):
     name = "examples.head_finetune:HeadFinetune"
     cfg = small_config(experiment={"strategies": [name]}, strategies={name: {"fraction_train": 1.0}})

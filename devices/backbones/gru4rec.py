@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from devices.backbones.registry import Backbone, register
-from devices.backbones.layers import _gather, head, score
+from devices.backbones.layers import SHARED_GRU_IN, _gather, head, score
 
 HEAD_KEYS = ("head.w1", "head.b1", "head.w2", "head.b2")  # user tower of GRU4Rec and SASRec
 
@@ -19,13 +19,17 @@ def tower(d: int) -> dict[str, tuple[int, ...]]:
 def encode(params: dict[str, torch.Tensor], windows: torch.Tensor) -> torch.Tensor:
     """GRU4Rec body: windows (M, N, L) item ids (PAD on the left) -> hidden state (M, N, d)."""
     _, n, L = windows.shape
-    x = _gather(params["item_emb"], windows)  # (M, N, L, d)
-    mask = (windows >= 0).unsqueeze(-1).to(x.dtype)
-    m, d = x.shape[0], x.shape[-1]
-    h = x.new_zeros(m, n, d)
     w_ih, w_hh, b = params["gru.w_ih"], params["gru.w_hh"], params["gru.b"].unsqueeze(1)
-    # -1: the GRU weights may hold more models than the window's table (M = 1 broadcasts)
-    gi_all = torch.matmul(x.reshape(m, n * L, d), w_ih).reshape(-1, n, L, 3 * d) + b.unsqueeze(2)
+    if SHARED_GRU_IN in params:  # every item's input projection, computed once (``shared_tables``)
+        gi_all = _gather(params[SHARED_GRU_IN], windows) + b.unsqueeze(2)
+        m, d = gi_all.shape[0], w_hh.shape[1]
+    else:
+        x = _gather(params["item_emb"], windows)  # (M, N, L, d)
+        m, d = x.shape[0], x.shape[-1]
+        # -1: the GRU weights may hold more models than the window's table (M = 1 broadcasts)
+        gi_all = torch.matmul(x.reshape(m, n * L, d), w_ih).reshape(-1, n, L, 3 * d) + b.unsqueeze(2)
+    mask = (windows >= 0).unsqueeze(-1).to(gi_all.dtype)
+    h = gi_all.new_zeros(m, n, d)
     # unbind, not gi_all[:, :, t]: each select's backward would zero-fill a full-size grad
     steps, masks = gi_all.unbind(2), mask.unbind(2)
     for t in range(L):
