@@ -171,7 +171,47 @@ def device_metrics(scores: np.ndarray, owner: np.ndarray, n_devices: int) -> dic
     return {"auc": auc, "hr10": hr10, "ndcg10": ndcg10, "logloss": logloss, "n_pos": n_pos, "n_neg": n_neg}
 
 
+# Devices with at most this many rows get their U by comparing every positive with every
+# negative of theirs (k^2 (C-1) comparisons, no sort); the others by one sort.
+_PAIRWISE_MAX_ROWS = 16
+_PAIRWISE_CELLS = 1 << 22  # comparisons per block
+
+
 def _pooled_auc(scores: np.ndarray, owner: np.ndarray, n_devices: int, n_pos: np.ndarray) -> np.ndarray:
+    """Per-device Mann-Whitney U (positive-vs-negative pairs won, ties 0.5), not normalised.
+
+    Devices with few rows (most of a large fleet's, in one window) are counted directly:
+    their rows, grouped by device and by row count k, compare each positive with the
+    device's k (C - 1) negatives. The rest go through ``_pooled_auc_sorted``. Both count
+    exactly the same pairs, so the result does not depend on the split.
+    """
+    n_rows, n_cand = scores.shape
+    if n_rows == 0 or n_cand == 1:
+        return np.zeros(n_devices)
+    k_row = n_pos[owner]
+    small = k_row <= _PAIRWISE_MAX_ROWS
+    u = np.zeros(n_devices)
+    if small.any():
+        rows = np.flatnonzero(small)
+        rows = rows[np.argsort(owner[rows], kind="stable")]  # each device's rows together
+        k_of = k_row[rows]
+        for k in np.unique(k_of):
+            r = rows[k_of == k]  # B devices x k rows, device by device
+            k = int(k)
+            per = max(1, _PAIRWISE_CELLS // (k * k * (n_cand - 1)))  # devices per block
+            for b in range(0, len(r), per * k):
+                block = scores[r[b : b + per * k]]
+                pos = block[:, :1].reshape(-1, k, 1)
+                neg = block[:, 1:].reshape(-1, 1, k * (n_cand - 1))
+                won = (neg < pos).sum(axis=(1, 2)) + 0.5 * (neg == pos).sum(axis=(1, 2))
+                u[owner[r[b : b + per * k : k]]] = won
+    if not small.all():
+        big = ~small
+        u += _pooled_auc_sorted(scores[big], owner[big], n_devices, np.where(n_pos > _PAIRWISE_MAX_ROWS, n_pos, 0))
+    return u
+
+
+def _pooled_auc_sorted(scores: np.ndarray, owner: np.ndarray, n_devices: int, n_pos: np.ndarray) -> np.ndarray:
     """Per-device Mann-Whitney U (positive-vs-negative pairs won, ties 0.5), not normalised.
 
     Every candidate gets one int64 key ``owner | score code | label``; a single sort of the

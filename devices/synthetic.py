@@ -23,7 +23,9 @@ Generative model (one user = one device):
 from __future__ import annotations
 
 import math
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +38,7 @@ DRIFT_KINDS = ("none", "gradual", "sudden", "recurring")
 _SYNTH_TAG = int.from_bytes(b"synthetic", "big")
 # Cells (rows x items) per chunk of the item sampler: bounds its work arrays to ~16 MB.
 _SAMPLER_CELLS = 1 << 22
+_SAMPLER_THREADS = 4
 
 
 def _is_int(x: object) -> bool:
@@ -176,7 +179,7 @@ def _sample_items(
     vt = (strength * item_factors.T).astype(np.float32)
     pop = pop_logit.astype(np.float32)
     n_steps = max(1, math.ceil(math.log2(n_items)))
-    for lo in range(0, len(row_counts), chunk):
+    def draw(lo: int) -> None:
         hi = min(lo + chunk, len(row_counts))
         logits = row_taste[lo:hi] @ vt + pop
         logits -= logits.max(axis=1, keepdims=True)
@@ -195,6 +198,17 @@ def _sample_items(
             right = np.where(above, mid, right)
             left = np.where(above, left, mid + 1)
         items[a:b] = np.minimum(left, n_items - 1)
+
+    # Chunks write disjoint slices and numpy releases the GIL in their heavy loops: on a
+    # few threads the draws are the same, sooner.
+    chunks = range(0, len(row_counts), chunk)
+    workers = min(len(chunks), os.cpu_count() or 1, _SAMPLER_THREADS)
+    if workers <= 1:
+        for lo in chunks:
+            draw(lo)
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(draw, chunks))
     return items
 
 

@@ -424,3 +424,29 @@ def test_per_round():
     assert list(pr.columns) == ["round", "uauc", "ndcg10", "hr10", "logloss", "n_devices", "n_pos"]
     assert pr["n_devices"].tolist() == [2, 2]
     assert pr["n_pos"].tolist() == [2, 3]
+
+
+def test_pooled_auc_pairwise_and_sorted_paths_count_the_same_pairs():
+    # Devices with few rows are counted pairwise, the rest by one sort: every split of a
+    # batch (shuffled owners, ties, float64 logits, devices on both sides) gives the same U.
+    from devices import scoring as S
+
+    rng = np.random.default_rng(0)
+    for trial in range(24):
+        nd = int(rng.integers(1, 200))
+        counts = rng.integers(0, 40, nd) if trial % 2 else rng.poisson(1.5, nd)
+        owner = np.repeat(np.arange(nd), counts)
+        if trial % 3 == 0:
+            rng.shuffle(owner)
+        c = int(rng.integers(1, 30))
+        sc = rng.standard_normal((len(owner), c)).astype(np.float32)
+        if trial % 4 == 0:  # many ties
+            sc = rng.integers(-3, 3, sc.shape).astype(np.float32)
+        if trial % 5 == 0:
+            sc = sc.astype(np.float64) + rng.standard_normal(sc.shape) * 1e-12
+        n_pos = np.bincount(owner, minlength=nd)
+        np.testing.assert_array_equal(S._pooled_auc(sc, owner, nd, n_pos), S._pooled_auc_sorted(sc, owner, nd, n_pos))
+    # hand-computed: one device, 2 rows of 1 positive + 2 negatives; positives 1 and 3,
+    # negatives {0, 3, 2, 5}: 1 beats 0; 3 beats 0 and 2 and ties 3 -> U = 1 + 2.5 = 3.5
+    sc = np.array([[1.0, 0.0, 3.0], [3.0, 2.0, 5.0]], np.float32)
+    assert S._pooled_auc(sc, np.array([0, 0]), 1, np.array([2]))[0] == 3.5
