@@ -46,12 +46,16 @@ def main() -> None:
 
     from devices.pool import HostPool
     from simulator import config
+    from simulator.errors import FleetsimError
     from simulator.run import run_experiment
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
     names = args.strategies.split(",")
-    cfg = config.from_dict({"experiment": {"strategies": names, "hosts": 0},
-                            "data": {"n_devices": args.devices, "n_rounds": args.rounds}, "cloud": {"epochs": 1}})
+    try:
+        cfg = config.from_dict({"experiment": {"strategies": names, "hosts": 0},
+                                "data": {"n_devices": args.devices, "n_rounds": args.rounds}, "cloud": {"epochs": 1}})
+    except FleetsimError as exc:
+        ap.exit(2, f"cluster_traffic: {exc}\n")
     traffic: dict[tuple[str, int, str], list[int]] = defaultdict(lambda: [0, 0])  # (strategy, host, round) -> [down, up]
     current = {"strategy": names[0]}
     original = HostPool._call

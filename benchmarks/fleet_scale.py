@@ -177,8 +177,8 @@ def main(argv: list[str] | None = None) -> None:
         sizes = [int(s) for s in args.sizes.split(",")]
     except ValueError:
         ap.error(f"--sizes {args.sizes!r}: expected comma-separated integers")
-    if any(s < args.per_round for s in sizes) or args.warm < 1:
-        ap.error("every size must be >= --per-round, and --warm >= 1")
+    if args.per_round < 1 or any(s < args.per_round for s in sizes) or args.warm < 1:
+        ap.error("--per-round must be >= 1, every size >= --per-round, and --warm >= 1")
     gb = 1 << 30
     results = []
     print(f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; {args.per_round} devices per round, "

@@ -38,6 +38,7 @@ DRIFT_KINDS = ("none", "gradual", "sudden", "recurring")
 _SYNTH_TAG = int.from_bytes(b"synthetic", "big")
 # Cells (rows x items) per chunk of the item sampler: bounds its work arrays to ~16 MB.
 _SAMPLER_CELLS = 1 << 22
+# Threads drawing chunks at once (at most the CPUs): the draws are the same on any number.
 _SAMPLER_THREADS = 4
 
 

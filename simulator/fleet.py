@@ -29,6 +29,11 @@ class Fleet:
     eval_users: int | str = "all"
 
     @property
+    def evaluated_devices(self) -> int:
+        """How many devices prequential scoring evaluates."""
+        return self.n_devices if self.evaluated is None else int(self.evaluated.sum())
+
+    @property
     def n_devices(self) -> int:
         return self.interactions.n_users
 

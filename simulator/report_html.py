@@ -85,8 +85,8 @@ def _runs_html(runs: Sequence[Run]) -> str:
                      f.get("evaluated_devices", f.get("n_devices")), f.get("n_rounds"),
                      _fmt((f.get("round_seconds") or math.nan) / 3600, "{:.3g}"),
                      r.config.get("experiment", {}).get("seed"), drift, ", ".join(r.strategies)])
-    head = "".join(f"<th>{h}</th>" for h in ["run", "data", "devices", "evaluated users", "rounds", "round length (h)", "seed",
-                                              "drift", "strategies"])
+    head = "".join(f"<th>{h}</th>" for h in ["run", "data", "devices", "evaluated users", "rounds",
+                                              "round length (h)", "seed", "drift", "strategies"])
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 

@@ -163,14 +163,14 @@ class RunWriter:
     def write_fleet(self, fleet) -> None:
         tl = fleet.timeline
         pr = fleet.profiles
-        evaluated = fleet.n_devices if fleet.evaluated is None else int(fleet.evaluated.sum())
-        self.summary.update(eval_users=fleet.eval_users, evaluated_devices=evaluated)  # written with the first state
+        # in summary.json from the first strategy state on
+        self.summary.update(eval_users=fleet.eval_users, evaluated_devices=fleet.evaluated_devices)
         self.write_fleet_files({
             "source": fleet.source, "n_devices": fleet.n_devices, "n_items": fleet.interactions.n_items,
             "history_end_s": tl.history_end, "round_seconds": tl.round_seconds, "n_rounds": tl.n_rounds,
             "start_clock_s": tl.start_clock, "drift_events": [asdict(e) for e in tl.drift_events],
             "bucket_thresholds": fleet.bucket_thresholds, "eval_users": fleet.eval_users,
-            "evaluated_devices": evaluated,
+            "evaluated_devices": fleet.evaluated_devices,
         }, {
             "device_id": np.arange(fleet.n_devices, dtype=np.int64),
             "history_interactions": fleet.history_counts,
