@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import threading
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,15 +22,13 @@ from devices.data import Interactions, Timeline
 from devices.replies import diverged_replies, nonfinite_replies
 from devices.runtime import ITEM_TABLES, DeviceContext, DeviceFn, DeviceSettings, Payload
 from devices.samples import SampleBuilder, Samples, pad_by_owner, stream_key
-from devices import scoring
+from devices import prequential
 
 EVAL_TAG, TRAIN_TAG = 1, 2
-EVAL_CHUNK_ROWS = 8192  # rows scored per forward pass of a shared model (bounds memory)
 # Evaluation samples are cached so every strategy is scored on the same samples without
 # building them again; a window's samples of a million-device fleet take ~150 MB per host,
 # so the oldest are dropped beyond this (rebuilt identically if asked again).
 EVAL_CACHE_BYTES = 1 << 28
-PERSONAL_CHUNK = 64  # personalised models stacked per forward pass
 
 
 @dataclass
@@ -78,7 +77,10 @@ class JobResult:
 class DeviceHost:
     """Holds a shard of devices and runs device functions for many of them per call."""
 
-    def __init__(self, shard: Shard, spec: models.ModelSpec, settings: DeviceSettings, seed: int) -> None:
+    def __init__(self, shard: Shard, spec: models.ModelSpec, settings: DeviceSettings, seed: int,
+                 prefetch: bool = False) -> None:
+        """``prefetch``: score the next window in the background after each exchange
+        (``devices.prequential``); for hosts in their own process, as a Ray pool's are."""
         torch.set_num_threads(1)  # hosts are one per core; intra-op threads would oversubscribe
         self.device_ids = np.asarray(shard.device_ids, dtype=np.int64)
         self.inter = shard.interactions
@@ -88,12 +90,15 @@ class DeviceHost:
         models.get_backbone(spec.backbone)  # a user backbone ('package.module:NAME') is imported in this process too
         self.builder = SampleBuilder(self.inter, spec.window, self.device_ids)
         self._eval_cache: dict[tuple[int, bool], Samples] = {}
+        self._cache_lock = threading.Lock()  # a prefetch may build samples beside the main thread
+        self._prefetch = prequential.Prefetch(self) if prefetch else None
         self.reset(None)
 
     # State ---------------------------------------------------------------------
 
     def reset(self, initial: dict[str, np.ndarray] | None) -> None:
         """Forget all device state; every device holds ``initial`` (the installed app)."""
+        self._settle()
         self.versions: dict[int, dict[str, np.ndarray]] = {}
         self._fingerprints: dict[bytes, int] = {}
         self._by_identity: dict[int, tuple[dict, int]] = {}
@@ -114,6 +119,7 @@ class DeviceHost:
 
     def set_state(self, data: bytes) -> None:
         """Restore a state from ``get_state`` exactly; caches start empty."""
+        self._settle()
         state = pickle.loads(data)
         if set(state) != set(self.STATE) or len(state["held"]) != len(self.device_ids):
             raise ValueError(f"not the state of this host ({len(self.device_ids)} devices)")
@@ -124,6 +130,7 @@ class DeviceHost:
 
     def prune(self) -> None:
         """What ``score`` changes in the device state (replayed instead of a whole score)."""
+        self._settle()
         self._drop_unused_versions()
 
     def replay(self, method: str, *args: Any) -> None:
@@ -133,6 +140,11 @@ class DeviceHost:
             self.prune()
         else:
             getattr(self, method)(*args)
+
+    def _settle(self) -> None:
+        """Before the device state changes: no prefetch may read it (``devices.prequential``)."""
+        if getattr(self, "_prefetch", None):
+            self._prefetch.settle()
 
     def pid(self) -> int:
         return os.getpid()
@@ -272,7 +284,9 @@ class DeviceHost:
         ``EVAL_CACHE_BYTES``): every strategy is scored on exactly the same samples."""
         scored = scored and self.evaluated is not None
         key = (round, scored)
-        if key not in self._eval_cache:
+        with self._cache_lock:
+            cached = self._eval_cache.get(key)
+        if cached is None:
             t0, t1 = self.timeline.window(round)
             in_window = (self.inter.times >= t0) & (self.inter.times < t1)
             if scored:
@@ -280,61 +294,22 @@ class DeviceHost:
             rows = np.flatnonzero(in_window)
             s = self.builder.build(rows, self.settings.eval_negatives, stream_key(self.seed, EVAL_TAG, round))
             size = lambda x: x.owner.nbytes + x.windows.nbytes + x.candidates.nbytes
-            while self._eval_cache and sum(map(size, self._eval_cache.values())) + size(s) > EVAL_CACHE_BYTES:
-                del self._eval_cache[next(iter(self._eval_cache))]
-            self._eval_cache[key] = s
-        return self._eval_cache[key]
+            with self._cache_lock:
+                while self._eval_cache and sum(map(size, self._eval_cache.values())) + size(s) > EVAL_CACHE_BYTES:
+                    del self._eval_cache[next(iter(self._eval_cache))]
+                cached = self._eval_cache.setdefault(key, s)
+        return cached
 
     # Work ----------------------------------------------------------------------
 
     @torch.no_grad()
     def score(self, round: int) -> dict[str, Any]:
         """Prequential scoring of window ``round`` with the model each device holds now
-        (the devices ``Shard.evaluated`` names, or all)."""
+        (the devices ``Shard.evaluated`` names, or all): ``prequential.score_window``,
+        taken from a prefetch when a valid one exists."""
+        out = self._prefetch.take(round) if self._prefetch else None
         self._drop_unused_versions()
-        s = self.eval_samples(round, scored=True)
-        scores = np.zeros(s.candidates.shape, dtype=np.float32)
-        owners = np.unique(s.owner)
-        has_own = np.array([int(i) in self.personal for i in owners], dtype=bool)
-        for vid in np.unique(self.held[owners[~has_own]]):
-            group = owners[~has_own][self.held[owners[~has_own]] == vid]
-            rows = np.flatnonzero(np.isin(s.owner, group))
-            params = models.shared_tables({k: torch.from_numpy(v)[None] for k, v in self.versions[int(vid)].items()})
-            for c in range(0, len(rows), EVAL_CHUNK_ROWS):
-                r = rows[c : c + EVAL_CHUNK_ROWS]
-                out = models.forward(params, torch.from_numpy(s.windows[r])[None], torch.from_numpy(s.candidates[r])[None])
-                scores[r] = out[0].numpy()
-        own = owners[has_own]
-        for c in range(0, len(own), PERSONAL_CHUNK):
-            group = own[c : c + PERSONAL_CHUNK]
-            rows = np.flatnonzero(np.isin(s.owner, group))
-            sub = s.take(rows)
-            win, cand, weight, _ = pad_by_owner(sub, group)
-            out = models.forward(self.held_params(group), torch.from_numpy(win), torch.from_numpy(cand)).numpy()
-            mask = weight > 0
-            # pad_by_owner orders rows by owner then time, as the stable sort of sub.owner
-            order = np.argsort(np.searchsorted(group, sub.owner), kind="stable")
-            scores[rows[order]] = out[mask]
-        # A model that emits NaN/Inf is recorded, never scored as if it were a number:
-        # its device's metrics are NaN and flagged ``nonfinite``, its rows stay out of the
-        # pooled histogram. (A float64 row sum is non-finite iff a float32 entry is.)
-        bad_row = ~np.isfinite(scores.sum(axis=1, dtype=np.float64))
-        if bad_row.any():
-            scores[bad_row] = 0.0
-        per = scoring.device_metrics(scores, s.owner, len(self.device_ids))
-        nonfinite = np.zeros(len(self.device_ids), dtype=bool)
-        nonfinite[s.owner[bad_row]] = True
-        for k in scoring.DEVICE_METRICS:
-            per[k][nonfinite] = np.nan
-        per["nonfinite"] = nonfinite
-        active = np.flatnonzero(per["n_pos"] > 0)
-        hist = scoring.ScoreHistogram()
-        hist.add(scores[~bad_row] if bad_row.any() else scores)
-        return {
-            "device_id": self.device_ids[active],
-            **{k: np.asarray(v)[active] for k, v in per.items()},
-            "histogram": hist,
-        }
+        return out if out is not None else prequential.score_window(self, round)
 
     def _snapshot(self, local: np.ndarray) -> tuple:
         """What a device function may change for ``local`` devices (shallow: functions
@@ -366,7 +341,9 @@ class DeviceHost:
 
         An exception fails that job's devices as a code error (their state is rolled
         back); a reply with non-finite values is quarantined (that device's state is
-        rolled back, the reply is flagged). Neither stops the other jobs."""
+        rolled back, the reply is flagged). Neither stops the other jobs. With ``prefetch``
+        the next window's scoring starts in the background as the call returns."""
+        self._settle()
         out = []
         for fn, payload, ids in jobs:
             local = np.searchsorted(self.device_ids, ids)
@@ -389,6 +366,8 @@ class DeviceHost:
                 self._rollback(local[bad], (snap[0][bad], *snap[1:]))
             up = np.array([r.nbytes() for r in replies], dtype=np.float64)
             out.append(JobResult(np.asarray(ids), replies, ctx.flops, up, nonfinite=nonfinite, diverged=diverged))
+        if self._prefetch and 1 <= round < self.timeline.n_rounds:
+            self._prefetch.start(round + 1)
         return out
 
     def memory_bytes(self) -> int:

@@ -193,7 +193,7 @@ class HostPool(Recovery):
             hush_worker_death_notes()
             self._actor = ray.remote(num_cpus=0)(DeviceHost)
             self._shards = [ray.put(s) for s in shards]  # kept: a replacement is built from them
-            self._args = (spec, settings, seed)
+            self._args = (spec, settings, seed, True)  # own processes: prefetch the next window's scores
             self._node_of: list[str | None] = []
             self.hosts = [self._new_actor(h) for h in range(n_hosts)]
         else:

@@ -21,28 +21,27 @@ def encode(params: dict[str, torch.Tensor], windows: torch.Tensor) -> torch.Tens
     _, n, L = windows.shape
     w_ih, w_hh, b = params["gru.w_ih"], params["gru.w_hh"], params["gru.b"].unsqueeze(1)
     if SHARED_GRU_IN in params:  # every item's input projection, computed once (``shared_tables``)
-        gi_all = _gather(params[SHARED_GRU_IN], windows) + b.unsqueeze(2)
+        gi_all = _gather(params[SHARED_GRU_IN], windows)  # the bias is in the table
         m, d = gi_all.shape[0], w_hh.shape[1]
     else:
         x = _gather(params["item_emb"], windows)  # (M, N, L, d)
         m, d = x.shape[0], x.shape[-1]
         # -1: the GRU weights may hold more models than the window's table (M = 1 broadcasts)
         gi_all = torch.matmul(x.reshape(m, n * L, d), w_ih).reshape(-1, n, L, 3 * d) + b.unsqueeze(2)
-    mask = (windows >= 0).unsqueeze(-1).to(gi_all.dtype)
+    valid = windows >= 0
+    padded = valid.logical_not().flatten(0, 1).any(0).tolist()  # steps where some window has PAD
+    masks = valid.unsqueeze(-1).unbind(2)
     h = gi_all.new_zeros(m, n, d)
     # unbind, not gi_all[:, :, t]: each select's backward would zero-fill a full-size grad
-    steps, masks = gi_all.unbind(2), mask.unbind(2)
+    steps = gi_all.unbind(2)
     for t in range(L):
-        gi = steps[t]
-        gh = torch.matmul(h, w_hh)
-        i_r, i_z, i_n = gi.chunk(3, -1)  # chunk, not slices: no zero-filled grads
-        h_r, h_z, h_n = gh.chunk(3, -1)
-        r = torch.sigmoid(i_r + h_r)
-        z = torch.sigmoid(i_z + h_z)
+        i_rz, i_n = steps[t].split([2 * d, d], -1)  # split, not slices: no zero-filled grads
+        h_rz, h_n = torch.matmul(h, w_hh).split([2 * d, d], -1)
+        r, z = torch.sigmoid(i_rz + h_rz).chunk(2, -1)  # the r and z gates in one call
         c = torch.tanh(i_n + r * h_n)
         h_new = (1 - z) * c + z * h
-        mt = masks[t]
-        h = mt * h_new + (1 - mt) * h
+        # a PAD step leaves h as it was (only the first steps of short windows have one)
+        h = torch.where(masks[t], h_new, h) if padded[t] else h_new
     return h
 
 

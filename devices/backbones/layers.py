@@ -70,7 +70,7 @@ def score(params: dict[str, torch.Tensor], user: torch.Tensor, candidates: torch
 # per-item products every sample would otherwise recompute. Row i of ``table @ W`` is the
 # same float32 result as ``table[i] @ W``, so scores are bit-identical either way.
 SHARED_TARGET = "~target.items"  # item_emb @ target.w, (1, V, d)
-SHARED_GRU_IN = "~gru.items"  # item_emb @ gru.w_ih, (1, V, 3d)
+SHARED_GRU_IN = "~gru.items"  # item_emb @ gru.w_ih + gru.b, (1, V, 3d)
 # With a shared model, scoring every item of a catalogue of up to this many items per
 # candidate (one matmul) is cheaper than gathering the candidates' rows: 3.8 vs 11 us per
 # sample of 100 candidates at 1,000 items, d = 32 (the sum runs in another order: logits
@@ -88,7 +88,7 @@ def shared_tables(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if "target.w" in params and params["target.w"].shape[0] == 1:
         out[SHARED_TARGET] = torch.matmul(emb, params["target.w"])
     if "gru.w_ih" in params and params["gru.w_ih"].shape[0] == 1:
-        out[SHARED_GRU_IN] = torch.matmul(emb, params["gru.w_ih"])
+        out[SHARED_GRU_IN] = torch.matmul(emb, params["gru.w_ih"]) + params["gru.b"].unsqueeze(1)
     return out
 
 

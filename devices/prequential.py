@@ -1,0 +1,161 @@
+"""Prequential scoring on a host: one window scored with the model each device holds, and
+the same work started ahead of time while the host would otherwise wait.
+
+Why ahead of time: in a Ray pool a host is idle while the driver aggregates the replies
+of an exchange and builds the next round's messages. Scoring window ``r + 1`` needs only
+the device state as round ``r``'s exchanges leave it, so a host may start it when an
+exchange ends (``Prefetch.start``), in a background thread at the lowest CPU priority: it
+takes cores nobody else wants and yields them to the driver and the other hosts.
+
+Why that cannot change a result: the prefetched score is the very function ``score``
+would call, on the same state. It is used only if nothing touched the device state in
+between -- every state-changing host call first settles the prefetch (``Prefetch.settle``
+cancels it and, if it has started reading device state, waits for it to stop). A
+cancelled, stale or failed prefetch is dropped and the score is computed again in the
+call itself, so an error surfaces where it would have without prefetching.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from devices import models, scoring
+from devices.samples import pad_by_owner
+
+EVAL_CHUNK_ROWS = 8192  # rows scored per forward pass of a shared model (bounds memory)
+PERSONAL_CHUNK = 64  # personalised models stacked per forward pass
+
+
+class Cancelled(Exception):
+    """Raised inside a prefetch that was settled: its result would be stale."""
+
+
+def score_window(host: Any, round: int, check: Callable[..., None] | None = None) -> dict[str, Any]:
+    """Per-device metrics of window ``round`` (the devices ``Shard.evaluated`` names, or
+    all), each device scored with the model it holds, and a pooled score histogram.
+
+    ``check`` (prefetch only) is called once with ``reading=True`` before the device state
+    is first read and then between batches; it raises ``Cancelled`` to stop."""
+    s = host.eval_samples(round, scored=True)  # does not depend on the device state
+    check = check or (lambda reading=False: None)
+    check(reading=True)
+    scores = np.zeros(s.candidates.shape, dtype=np.float32)
+    owners = np.unique(s.owner)
+    has_own = np.array([int(i) in host.personal for i in owners], dtype=bool)
+    shared = owners[~has_own]
+    # rows with whole windows first: most batches then have no PAD step to mask
+    by_pads = np.argsort((s.windows < 0).sum(axis=1), kind="stable")
+    for vid in np.unique(host.held[shared]):
+        rows = by_pads[np.isin(s.owner[by_pads], shared[host.held[shared] == vid])]
+        params = models.shared_tables({k: torch.from_numpy(v)[None] for k, v in host.versions[int(vid)].items()})
+        for c in range(0, len(rows), EVAL_CHUNK_ROWS):
+            check()
+            r = rows[c : c + EVAL_CHUNK_ROWS]
+            out = models.forward(params, torch.from_numpy(s.windows[r])[None], torch.from_numpy(s.candidates[r])[None])
+            scores[r] = out[0].numpy()
+    own = owners[has_own]
+    for c in range(0, len(own), PERSONAL_CHUNK):
+        check()
+        group = own[c : c + PERSONAL_CHUNK]
+        rows = np.flatnonzero(np.isin(s.owner, group))
+        sub = s.take(rows)
+        win, cand, weight, _ = pad_by_owner(sub, group)
+        out = models.forward(host.held_params(group), torch.from_numpy(win), torch.from_numpy(cand)).numpy()
+        # pad_by_owner orders rows by owner then time, as the stable sort of sub.owner
+        order = np.argsort(np.searchsorted(group, sub.owner), kind="stable")
+        scores[rows[order]] = out[weight > 0]
+    check()
+    # A model that emits NaN/Inf is recorded, never scored as if it were a number: its
+    # device's metrics are NaN and flagged ``nonfinite``, its rows stay out of the pooled
+    # histogram. (A float64 row sum is non-finite iff a float32 entry is.)
+    bad_row = ~np.isfinite(scores.sum(axis=1, dtype=np.float64))
+    if bad_row.any():
+        scores[bad_row] = 0.0
+    n = len(host.device_ids)
+    per = scoring.device_metrics(scores, s.owner, n)
+    nonfinite = np.zeros(n, dtype=bool)
+    nonfinite[s.owner[bad_row]] = True
+    for k in scoring.DEVICE_METRICS:
+        per[k][nonfinite] = np.nan
+    per["nonfinite"] = nonfinite
+    active = np.flatnonzero(per["n_pos"] > 0)
+    hist = scoring.ScoreHistogram()
+    hist.add(scores[~bad_row] if bad_row.any() else scores)
+    return {"device_id": host.device_ids[active], **{k: np.asarray(v)[active] for k, v in per.items()}, "histogram": hist}
+
+
+class _Job:
+    def __init__(self, round: int) -> None:
+        self.round = round
+        self.lock = threading.Lock()
+        self.cancelled = False
+        self.reading = False  # has started reading the device state
+        self.result: dict[str, Any] | None = None
+        self.thread: threading.Thread | None = None
+
+    def check(self, reading: bool = False) -> None:
+        with self.lock:
+            if self.cancelled:
+                raise Cancelled
+            self.reading = self.reading or reading
+
+
+def _lowest_priority() -> None:
+    """Nice 19 for the calling thread only (Linux: a thread id is a valid PRIO_PROCESS
+    target); elsewhere, or if refused, the thread keeps the process's priority."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
+
+
+class Prefetch:
+    """At most one prefetched ``score_window`` of a host in flight."""
+
+    def __init__(self, host: Any) -> None:
+        self.host = host
+        self._job: _Job | None = None
+
+    def start(self, round: int) -> None:
+        """Begin scoring window ``round`` in the background (settling any earlier one)."""
+        self.settle()
+        job = _Job(round)
+        job.thread = threading.Thread(target=self._work, args=(job,), name=f"prefetch-score-{round}", daemon=True)
+        self._job = job
+        job.thread.start()
+
+    def _work(self, job: _Job) -> None:
+        _lowest_priority()
+        try:
+            with torch.no_grad():
+                job.result = score_window(self.host, job.round, job.check)
+        except Cancelled:
+            pass
+        except BaseException:  # dropped: the score is computed again in the call, which raises it
+            job.result = None
+
+    def settle(self) -> None:
+        """Cancel the prefetch in flight; wait for it if it reads the device state."""
+        job, self._job = self._job, None
+        if job is None:
+            return
+        with job.lock:
+            job.cancelled = True
+            wait = job.reading
+        if wait:
+            job.thread.join()
+
+    def take(self, round: int) -> dict[str, Any] | None:
+        """The prefetched score of window ``round`` if there is a valid one (waiting for it
+        to finish), else None; either way nothing is left in flight."""
+        job = self._job
+        if job is None or job.round != round:
+            self.settle()
+            return None
+        self._job = None
+        job.thread.join()
+        return job.result
