@@ -210,15 +210,17 @@ def sgd_train(
 
 
 @lru_cache(maxsize=16)
-def flops_per_sample(spec: ModelSpec, candidates: int, backward: bool) -> int:
-    """FLOPs of one sample (window + ``candidates`` items), forward or forward+backward.
+def flops_per_sample(spec: ModelSpec, candidates: int, backward: bool, trainable: tuple[str, ...] | None = None) -> int:
+    """FLOPs of one sample (window + ``candidates`` items), forward or forward+backward
+    (the gradients of ``trainable`` params only, if given: what ``sgd_train`` computes).
 
     Measured once per shape with ``torch.utils.flop_counter`` (matmul-type ops), so device
     compute time follows from the work actually done: flops x samples x steps.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    p = {k: v.requires_grad_(backward) for k, v in to_torch(init_params(spec, 0)).items()}
+    p = {k: v.requires_grad_(backward and (trainable is None or k in trainable))
+         for k, v in to_torch(init_params(spec, 0)).items()}
     win = torch.zeros(1, 8, spec.window, dtype=torch.long)
     cand = torch.zeros(1, 8, candidates, dtype=torch.long)
     with FlopCounterMode(display=False) as fc:

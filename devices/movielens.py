@@ -283,6 +283,9 @@ def _to_interactions(
 
 
 PROTOCOLS = ("fleet", "leave_last")  # data.protocol of MovieLens experiments
+# The leave_last protocol's settings and their allowed values, the default first.
+PAPER_SETTINGS = {"holdout": ("test", "validation"), "eval_candidates": ("uniform", "popularity", "all"),
+                  "train_negatives": ("uniform", "popularity")}
 
 
 @dataclass(frozen=True)
@@ -295,12 +298,28 @@ class MovieLensConfig:
     # "fleet": history + prequential rounds; "leave_last": the DUET paper's protocol
     # (simulator.paper; n_rounds and history_fraction are then unused)
     protocol: str = "fleet"
+    # The leave_last protocol's three settings (simulator.paper; docs/methods.md, "Paper protocol"):
+    # which interaction is held out ("test": each user's last; "validation": the one before
+    # it, the last dropped -- for choosing settings without touching the test split) ...
+    holdout: str = "test"
+    # ... what a held-out item is ranked against ("uniform": device.eval_negatives items the
+    # user never interacted with, uniformly; "popularity": the same, drawn in proportion to
+    # the items' training interactions; "all": every item the user never interacted with) ...
+    eval_candidates: str = "uniform"
+    # ... and how training negatives are drawn ("uniform" or "popularity", as above).
+    train_negatives: str = "uniform"
 
     def __post_init__(self) -> None:
         if not self.path:
             raise ConfigError("data.path", self.path, "the path of a MovieLens ratings file (u.data, ratings.dat or ratings.csv)")
         if self.protocol not in PROTOCOLS:
             raise ConfigError("data.protocol", self.protocol, " or ".join(f'"{p}"' for p in PROTOCOLS))
+        for key, allowed in PAPER_SETTINGS.items():
+            value = getattr(self, key)
+            if value not in allowed:
+                raise ConfigError(f"data.{key}", value, " or ".join(f'"{a}"' for a in allowed))
+            if value != allowed[0] and self.protocol != "leave_last":
+                raise ConfigError(f"data.{key}", value, f'"{allowed[0]}" unless data.protocol = "leave_last"')
         if self.n_rounds <= 0:
             raise ConfigError("data.n_rounds", self.n_rounds, "a positive integer")
         if not 0 < self.history_fraction < 1:

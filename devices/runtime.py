@@ -167,9 +167,11 @@ class DeviceContext:
 
     # Cost accounting -------------------------------------------------------------
 
-    def count_train(self, counts: np.ndarray, steps: int, candidates: int) -> None:
-        """Add the FLOPs of ``steps`` forward+backward passes over each device's samples."""
-        per = models.flops_per_sample(self.spec, candidates, backward=True)
+    def count_train(self, counts: np.ndarray, steps: int, candidates: int,
+                    trainable: tuple[str, ...] | None = None) -> None:
+        """Add the FLOPs of ``steps`` forward+backward passes over each device's samples
+        (gradients of the ``trainable`` params only, if given)."""
+        per = models.flops_per_sample(self.spec, candidates, backward=True, trainable=trainable)
         self.flops += np.asarray(counts, dtype=np.float64) * steps * per
 
 
@@ -253,7 +255,7 @@ def train_held_models(ctx: DeviceContext, steps: int, lr: float,
         done.append(sel)
     back = torch.from_numpy(np.argsort(np.concatenate(done), kind="stable"))  # groups -> device order
     out = {k: torch.cat([p[k] for p in parts])[back] for k in parts[0]}
-    ctx.count_train(counts, steps, cand.shape[-1])
+    ctx.count_train(counts, steps, cand.shape[-1], trainable)
     if hasattr(ctx, "mark_diverged"):
         ctx.mark_diverged(diverged_losses(torch.cat(final).numpy()[back.numpy()]))
     return out, torch.cat(losses).numpy()[back.numpy()], counts

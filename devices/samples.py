@@ -91,13 +91,31 @@ class SampleBuilder:
     on which host holds it or which other devices share its batch.
     """
 
-    def __init__(self, inter: Interactions, window: int, device_ids: np.ndarray | None = None) -> None:
+    def __init__(self, inter: Interactions, window: int, device_ids: np.ndarray | None = None,
+                 item_weights: np.ndarray | None = None) -> None:
+        """``item_weights`` (n_items,), non-negative: negatives are drawn with probability
+        proportional to them (e.g. item popularity) instead of uniformly; an item of weight 0
+        is never a negative. None: uniform over the catalogue."""
         self.inter = inter
         self.L = window
         self.user = inter.user_of()
         ids = np.arange(inter.n_users) if device_ids is None else np.asarray(device_ids)
         self.device_ids = ids.astype(np.uint64)
         self.seen = SeenPairs(self.user, inter.items, inter.n_users, inter.n_items)
+        self._cdf = None
+        if item_weights is not None:
+            w = np.asarray(item_weights, dtype=np.float64)
+            if w.shape != (inter.n_items,) or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+                raise ValueError(f"item_weights must be {inter.n_items} finite non-negative numbers, not all 0")
+            self._cdf = np.cumsum(w) / w.sum()
+
+    def _draw(self, h: np.ndarray) -> np.ndarray:
+        """Item ids from uint64 hashes: uniform (h mod n_items), or by ``item_weights``
+        (the top 53 bits as a uniform number in [0, 1), inverted through the weights' CDF)."""
+        if self._cdf is None:
+            return (h % np.uint64(self.inter.n_items)).astype(np.int64)
+        u = (h >> np.uint64(11)).astype(np.float64) * 2.0**-53
+        return np.minimum(np.searchsorted(self._cdf, u, side="right"), self.inter.n_items - 1).astype(np.int64)
 
     def windows_for(self, rows: np.ndarray) -> np.ndarray:
         """Window of the L items before each interaction row (left-padded with PAD)."""
@@ -112,14 +130,14 @@ class SampleBuilder:
         return np.where(valid, self.inter.items[np.clip(idx, 0, None)], PAD).astype(np.int64)
 
     def negatives(self, rows: np.ndarray, k: int, key: np.uint64) -> np.ndarray:
-        """k items per row that the row's user never interacted with (uniform, resampled)."""
-        n_items = self.inter.n_items
+        """k items per row that the row's user never interacted with (uniform or by
+        ``item_weights``; a draw of a seen item is redrawn)."""
         users = self.user[rows]
         pos = (rows - self.inter.indptr[users]).astype(np.uint64)
         row_key = mix64(mix64(self.device_ids[users] ^ key) + pos)
         slots = np.arange(k, dtype=np.uint64)[None, :]
         h = mix64(row_key[:, None] + slots * _GOLD)
-        out = (h % np.uint64(n_items)).astype(np.int64)
+        out = self._draw(h)
         # Redraw only the slots that hit a seen item (attempt a uses the same hash with
         # a << 32 added, so each slot's sequence of draws does not depend on the others).
         bad_r, bad_c = np.nonzero(self.seen.contains(users[:, None], out))
@@ -127,10 +145,14 @@ class SampleBuilder:
             if not bad_r.size:
                 break
             h = mix64(row_key[bad_r] + slots[0, bad_c] * _GOLD + np.uint64(attempt << 32))
-            draw = (h % np.uint64(n_items)).astype(np.int64)
+            draw = self._draw(h)
             out[bad_r, bad_c] = draw
             still = self.seen.contains(users[bad_r], draw)
             bad_r, bad_c = bad_r[still], bad_c[still]
+        if bad_r.size:  # never silently a seen item as a negative
+            u = int(self.device_ids[users[bad_r[0]]])
+            raise ValueError(f"user {u}: no unseen item drawn as a negative in 256 attempts "
+                             "(the user has seen (nearly) every item that can be drawn)")
         return out
 
     def build(self, rows: np.ndarray, negatives: int, key: np.uint64) -> Samples:

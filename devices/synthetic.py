@@ -7,6 +7,14 @@ Generative model (one user = one device):
 - A user's taste in period ``p`` (0 = history, ``1..n_rounds`` = rounds) is a vector
   ``u_p`` with ``N(0, 1)`` coordinates, so ``u_p . v_i`` has unit spread over items and
   ``taste_strength`` is the spread of the taste logit next to the popularity logit.
+- **Taste departure.** The history taste is ``u_0 = sqrt(1 - δ_u²) c + δ_u e_u``: a crowd
+  taste ``c`` shared by everyone and the user's own ``e_u`` (both ``N(0, 1)``, so ``u_0``
+  keeps ``N(0, 1)`` coordinates). ``δ_u`` is how far the user departs from the crowd
+  (0: the crowd's taste, 1: a taste of its own, uncorrelated with anyone's), linear in
+  the user's activity rank: ``taste_departure_head`` for the most active user,
+  ``taste_departure_tail`` for the least. Both default to 1 (every taste its own, the
+  fleet as before the setting existed). ``taste_departure_tail > taste_departure_head``
+  is DCCL's premise: the long tail departs from what the crowd's data teaches the cloud.
 - In period ``p`` the user makes ``Poisson(rate_u * period_days)`` interactions (at least 1
   in history), items i.i.d. from ``softmax(taste_strength * u_p . v + popularity logit)``,
   times uniform in the period. ``rate_u`` is lognormal with mean
@@ -70,6 +78,8 @@ class SyntheticConfig:
     drift_fraction: float = 0.5
     drift_period: int = 4
     start_hour: float = 0.0
+    taste_departure_head: float = 1.0  # δ of the most active user (module docstring)
+    taste_departure_tail: float = 1.0  # δ of the least active user; linear in activity rank between
 
     def __post_init__(self) -> None:
         k = "data."
@@ -91,6 +101,10 @@ class SyntheticConfig:
             raise ConfigError(k + "drift", self.drift, "one of " + "|".join(DRIFT_KINDS))
         if not _is_real(self.drift_fraction) or not 0 <= self.drift_fraction <= 1:
             raise ConfigError(k + "drift_fraction", self.drift_fraction, "a fraction in [0, 1]")
+        for name in ("taste_departure_head", "taste_departure_tail"):
+            v = getattr(self, name)
+            if not _is_real(v) or not 0 <= v <= 1:
+                raise ConfigError(k + name, v, "a number in [0, 1] (0: the crowd's taste, 1: a taste of its own)")
         if not _is_real(self.start_hour) or not 0 <= self.start_hour < 24:
             raise ConfigError(k + "start_hour", self.start_hour, "a UTC hour in [0, 24)")
         rounds = self.drift_rounds
@@ -119,12 +133,25 @@ class SyntheticFleet:
     activity_rate: np.ndarray  # float64 (n_devices,) expected interactions per day
 
 
+def taste_departure(cfg: SyntheticConfig, rate: np.ndarray) -> np.ndarray:
+    """δ_u of every user: ``taste_departure_head`` for the most active (highest ``rate``),
+    ``taste_departure_tail`` for the least, linear in activity rank (ties by user id)."""
+    n = len(rate)
+    q = np.empty(n)
+    q[np.argsort(rate, kind="stable")] = np.arange(n) / max(n - 1, 1)  # 0 least active .. 1 most
+    return cfg.taste_departure_tail + (cfg.taste_departure_head - cfg.taste_departure_tail) * q
+
+
 def _taste_schedule(
-    cfg: SyntheticConfig, rng_taste: np.random.Generator, rng_drift: np.random.Generator
+    cfg: SyntheticConfig, rng_taste: np.random.Generator, rng_drift: np.random.Generator,
+    rng_crowd: np.random.Generator, rate: np.ndarray,
 ) -> tuple[np.ndarray, tuple[DriftEvent, ...]]:
     """Tastes of every user in every period, and the drift events that changed them."""
     n, d, R = cfg.n_devices, cfg.latent_dim, cfg.n_rounds
     a = rng_taste.standard_normal((n, d))
+    if cfg.taste_departure_head < 1 or cfg.taste_departure_tail < 1:  # else exactly as before the setting
+        delta = taste_departure(cfg, rate)[:, None]
+        a = np.sqrt(1 - delta**2) * rng_crowd.standard_normal(d)[None, :] + delta * a
     out = np.empty((R + 1, n, d), dtype=np.float32)
     out[0] = a
     events: list[DriftEvent] = []
@@ -216,17 +243,18 @@ def _sample_items(
 def generate(cfg: SyntheticConfig = SyntheticConfig(), seed: int = 0) -> SyntheticFleet:
     """Generate the synthetic fleet for ``cfg``; the same ``(cfg, seed)`` gives the same fleet."""
     n, n_items, d, R = cfg.n_devices, cfg.n_items, cfg.latent_dim, cfg.n_rounds
-    streams = np.random.SeedSequence([seed, _SYNTH_TAG]).spawn(7)
-    rng_items, rng_pop, rng_taste, rng_drift, rng_count, rng_time, rng_choice = (
+    # spawn(8)'s first 7 streams are spawn(7)'s: the crowd taste's stream changes no other draw
+    streams = np.random.SeedSequence([seed, _SYNTH_TAG]).spawn(8)
+    rng_items, rng_pop, rng_taste, rng_drift, rng_count, rng_time, rng_choice, rng_crowd = (
         np.random.default_rng(s) for s in streams
     )
     item_factors = rng_items.normal(0.0, 1.0 / math.sqrt(d), (n_items, d)).astype(np.float32)
     rank = rng_pop.permutation(n_items) + 1
     pop_logit = -cfg.popularity_zipf * np.log(rank)
-    tastes, events = _taste_schedule(cfg, rng_taste, rng_drift)
-
     sigma = cfg.activity_sigma
     rate = cfg.mean_daily_interactions * np.exp(sigma * rng_count.standard_normal(n) - sigma**2 / 2)
+    tastes, events = _taste_schedule(cfg, rng_taste, rng_drift, rng_crowd, rate)
+
     history_end = cfg.history_days * 86400.0
     round_s = cfg.round_hours * 3600.0
     period_days = np.array([cfg.history_days] + [cfg.round_hours / 24.0] * R)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from devices import settings
-from devices.movielens import PROTOCOLS, MovieLensConfig  # noqa: F401 (re-exported)
+from devices.movielens import PAPER_SETTINGS, PROTOCOLS, MovieLensConfig  # noqa: F401 (re-exported)
 from devices.profiles import ProfileConfig
 from devices.runtime import DeviceSettings
 from devices.sources import BUILTIN, resolve_source
@@ -138,8 +138,9 @@ class ExperimentConfig:
             table = dataclasses.asdict(getattr(self, name))
             if name == "data":
                 table = {"source": self.source, **table}
-                if table.get("protocol") == "fleet":
-                    del table["protocol"]  # the default: keeps fleet runs' config.toml as before the key existed
+                if table.get("protocol") == "fleet":  # the defaults: fleet runs' config.toml as before the keys existed
+                    for key in ("protocol", *PAPER_SETTINGS):
+                        del table[key]
             out.append(f"[{name}]")
             out += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
             out.append("")

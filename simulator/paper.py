@@ -16,8 +16,10 @@ sample builder still knows every interaction (negatives exclude the test items t
 
 - **base**: ``train_cloud_model`` (Adam, ``[cloud]`` epochs / lr / batch_size) on the
   training samples.
-- **finetune**: each user's copy of the base model, ALL of it, trained on that user's own
-  training samples with ``device.local_steps`` full-batch SGD steps at ``device.lr``
+- **finetune**: each user's copy of the base model, ALL of it (or its head only, with
+  ``strategies.local_finetune.layers = "head"``), trained on that user's own training
+  samples with ``local_steps`` full-batch SGD steps at ``lr`` (``[strategies.local_finetune]``,
+  else ``[device]``)
   (``models.sgd_train`` on local vocabularies, users batched; ``device.recent`` is not
   used: a user trains on all its samples, as in the paper).
 - **duet**: ``train_duet`` from the base model, or from a fresh initialisation with
@@ -44,7 +46,7 @@ from sklearn.metrics import roc_auc_score
 from devices import models
 from devices.scoring import DEVICE_METRICS, POOLED_METRICS
 from devices.data import Interactions
-from devices.movielens import load_ratings_with_epoch
+from devices.movielens import PAPER_SETTINGS, load_ratings_with_epoch
 from devices.runtime import ITEM_TABLES, local_vocabulary
 from devices.samples import SampleBuilder, Samples, pad_by_owner, stream_key
 from simulator import metrics
@@ -61,50 +63,102 @@ from strategies.registry import make_strategy
 METHODS = ("base", "finetune", "duet")
 TEST_TAG, FINETUNE_TAG = 11, 12  # sample streams (cloud.py uses 3, DUET 4)
 FINETUNE_ROWS = 8192  # padded training samples per batch of users (bounds DIN's activations)
+SCORE_AT_ONCE = 1 << 20  # held-out candidates scored in one forward pass if no more (DIN: ~5 GB) ...
+SCORE_CANDIDATES = 1 << 16  # ... else per forward pass (bounds memory)
+FINETUNE_CATALOGUE_USERS = 32  # users per fine-tuning batch when each scores the whole catalogue
 
 
 @dataclass
 class LeaveLastSplit:
     """The leave-last-out split of one ratings file (row indices into ``view``)."""
 
-    view: Interactions  # the ratings with each user's last interaction at t = +inf
-    train_rows: np.ndarray  # every interaction with >= 1 earlier item, except each user's last
-    test_rows: np.ndarray  # the last interaction of each evaluated user, in user order
-    users: np.ndarray  # the evaluated users (>= 2 interactions), in the order of test_rows
+    view: Interactions  # the ratings with each user's held-out interaction (and any after it) at t = +inf
+    train_rows: np.ndarray  # every interaction with >= 1 earlier item, before each user's held-out one
+    test_rows: np.ndarray  # the held-out interaction of each evaluated user, in user order
+    users: np.ndarray  # the evaluated users (>= 1 interaction before the held-out one), in the order of test_rows
+    held_back: int = 1  # interactions per user not trained on: 1 (test) or 2 (validation: the last is dropped)
 
 
-def leave_last_split(inter: Interactions) -> LeaveLastSplit:
-    """Split each user's stream into training samples and its last interaction (the test)."""
+def leave_last_split(inter: Interactions, holdout: str = "test") -> LeaveLastSplit:
+    """Split each user's stream into training samples and one held-out interaction: its
+    last (``holdout = "test"``) or the one before it (``"validation"``; the last is then
+    not used at all, so no setting chosen on validation has seen a test item)."""
+    back = {"test": 1, "validation": 2}[holdout]
     counts = inter.counts
-    last = inter.indptr[1:] - 1
     times = inter.times.copy()
-    times[last[counts > 0]] = math.inf
+    for k in range(1, back + 1):
+        times[(inter.indptr[1:] - k)[counts >= k]] = math.inf
     view = dataclasses.replace(inter, times=times)
-    users = np.flatnonzero(counts >= 2)
-    return LeaveLastSplit(view, history_rows(view, math.inf), last[users], users)
+    users = np.flatnonzero(counts >= back + 1)
+    return LeaveLastSplit(view, history_rows(view, math.inf), inter.indptr[1:][users] - back, users, back)
+
+
+def item_popularity(split: LeaveLastSplit) -> np.ndarray:
+    """Interactions per item among the ones the methods train on (held-out ones excluded)."""
+    view = split.view
+    return np.bincount(view.items[np.isfinite(view.times)], minlength=view.n_items).astype(np.float64)
 
 
 def build_test_samples(builder: SampleBuilder, split: LeaveLastSplit, negatives: int, seed: int) -> Samples:
-    """Each evaluated user's test sample: its last item against ``negatives`` never-seen items."""
+    """Each evaluated user's held-out item against ``negatives`` never-seen items, drawn by
+    ``builder`` (uniformly, or by popularity if it has ``item_weights``)."""
     return builder.build(split.test_rows, negatives, stream_key(seed, TEST_TAG))
 
 
-def evaluate(scores: np.ndarray) -> dict[str, Any]:
-    """AUC (pooled, exact), UAUC and the mean of each pooled metric (NDCG@10, HR@10, log loss)
-    over users, of scores (n_users, C), column 0 the positive (one positive per user)."""
+def catalogue_samples(builder: SampleBuilder, split: LeaveLastSplit) -> tuple[Samples, np.ndarray]:
+    """Each evaluated user's held-out item against every item it never interacted with
+    (``eval_candidates = "all"``): each row is the whole catalogue, the held-out item
+    first, the others in id order; the mask (n, n_items) is False where the user
+    interacted with the item, so those candidates do not count."""
+    n_items, rows = builder.inter.n_items, split.test_rows
+    pos = builder.inter.items[rows]
+    others = np.arange(n_items - 1)[None, :]
+    others = others + (others >= pos[:, None])  # every item but the positive, in id order
+    cands = np.concatenate([pos[:, None], others], 1)
+    users = builder.user[rows]
+    valid = ~builder.seen.contains(np.repeat(users[:, None], n_items - 1, 1), others)
+    valid = np.concatenate([np.ones((len(rows), 1), bool), valid], 1)
+    return Samples(users, builder.windows_for(rows), cands), valid
+
+
+def user_metrics(scores: np.ndarray, valid: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], float]:
+    """Per-user metrics (``device_metrics``) and the pooled AUC (sklearn, exact) of scores
+    (n_users, C), column 0 the positive, counting only the ``valid`` candidates."""
     n, c = scores.shape
     labels = np.zeros((n, c), np.int8)
     labels[:, 0] = 1
-    m = device_metrics(scores, np.arange(n), n)
-    return {"auc": float(roc_auc_score(labels.ravel(), scores.ravel())), "uauc": float(np.nanmean(m["auc"])),
-            **{k: float(m[k].mean()) for k in POOLED_METRICS}, "n_users": int(n)}
+    if valid is None:
+        return device_metrics(scores, np.arange(n), n), float(roc_auc_score(labels.ravel(), scores.ravel()))
+    per = [device_metrics(scores[u, valid[u]][None], np.zeros(1, np.int64), 1) for u in range(n)]
+    m = {k: np.concatenate([p[k] for p in per]) for k in per[0]} if per else device_metrics(scores[:0], np.zeros(0, np.int64), 0)
+    return m, float(roc_auc_score(labels[valid], scores[valid]))
+
+
+def evaluate(scores: np.ndarray, valid: np.ndarray | None = None) -> dict[str, Any]:
+    """AUC (pooled, exact), UAUC and the mean of each pooled metric (NDCG@10, HR@10, log loss)
+    over users, of scores (n_users, C), column 0 the positive (one positive per user),
+    counting only the ``valid`` candidates (None: all)."""
+    m, auc = user_metrics(scores, valid)
+    return {"auc": auc, "uauc": float(np.nanmean(m["auc"])),
+            **{k: float(m[k].mean()) for k in POOLED_METRICS}, "n_users": int(len(scores))}
+
+
+def _row_chunks(n: int, c: int) -> list[slice]:
+    """Rows 0..n-1 in one slice if n * c <= ``SCORE_AT_ONCE`` candidates, else in slices
+    of at most ``SCORE_CANDIDATES``."""
+    if n * c <= SCORE_AT_ONCE:
+        return [slice(0, n)]
+    k = max(1, SCORE_CANDIDATES // max(c, 1))
+    return [slice(i, i + k) for i in range(0, n, k)]
 
 
 @torch.no_grad()
 def score_shared(params: dict[str, np.ndarray], test: Samples) -> np.ndarray:
     """Scores (n, C) of the test samples under one shared model."""
     p = models.to_torch(params)
-    return models.forward(p, torch.from_numpy(test.windows)[None], torch.from_numpy(test.candidates)[None])[0].numpy()
+    return np.concatenate([
+        models.forward(p, torch.from_numpy(test.windows[r])[None], torch.from_numpy(test.candidates[r])[None])[0].numpy()
+        for r in _row_chunks(*test.candidates.shape)])
 
 
 def _user_batches(counts: np.ndarray, budget: int) -> list[np.ndarray]:
@@ -119,13 +173,16 @@ def _user_batches(counts: np.ndarray, budget: int) -> list[np.ndarray]:
 
 
 def finetune_scores(base: dict[str, np.ndarray], builder: SampleBuilder, split: LeaveLastSplit, test: Samples, *,
-                    steps: int, lr: float, negatives: int, seed: int) -> np.ndarray:
-    """Scores (n, C) of each user's test sample under its own fine-tuned copy of ``base``.
+                    steps: int, lr: float, negatives: int, seed: int,
+                    trainable: tuple[str, ...] | None = None) -> np.ndarray:
+    """Scores (n, C) of each user's test sample under its own fine-tuned copy of ``base``
+    (``builder`` draws the training negatives; ``trainable``: the params trained, None: all).
 
     Users are trained together in batches, each on its local vocabulary: the items its
     training samples and its test sample touch. Plain SGD leaves the rows its training
     never touches (e.g. unseen test negatives) exactly at the base model's values, so this
-    equals fine-tuning a full copy.
+    equals fine-tuning a full copy. (With the whole catalogue as candidates the local
+    vocabulary is the catalogue: batches are then ``FINETUNE_CATALOGUE_USERS`` users.)
     """
     train = builder.build(split.train_rows, negatives, stream_key(seed, FINETUNE_TAG))
     pos = np.full(builder.inter.n_users, -1, np.int64)
@@ -134,7 +191,10 @@ def finetune_scores(base: dict[str, np.ndarray], builder: SampleBuilder, split: 
     counts = np.bincount(owner, minlength=len(split.users))
     shared = models.to_torch(base)
     out = np.zeros(test.candidates.shape, np.float32)
-    for batch in _user_batches(counts, FINETUNE_ROWS):
+    batches = _user_batches(counts, FINETUNE_ROWS)
+    if test.candidates.shape[1] * len(test) > SCORE_AT_ONCE:
+        batches = [b[i : i + FINETUNE_CATALOGUE_USERS] for b in batches for i in range(0, len(b), FINETUNE_CATALOGUE_USERS)]
+    for batch in batches:
         sel = np.flatnonzero(np.isin(owner, batch))
         win, cand, weight, _ = pad_by_owner(Samples(owner[sel], train.windows[sel], train.candidates[sel]), batch)
         b, n, c = cand.shape
@@ -146,10 +206,21 @@ def finetune_scores(base: dict[str, np.ndarray], builder: SampleBuilder, split: 
         p = {k: v[0][rows] if k in ITEM_TABLES else v.expand(b, *v.shape[1:]) for k, v in shared.items()}
         lc = torch.from_numpy(lc[:, :, 0])
         lw = torch.from_numpy(lw)
-        new, _ = models.sgd_train(p, lw[:, :n], lc[:, : n * c].reshape(b, n, c), torch.from_numpy(weight), steps, lr)
+        new, _ = models.sgd_train(p, lw[:, :n], lc[:, : n * c].reshape(b, n, c), torch.from_numpy(weight), steps, lr,
+                                  trainable)
         with torch.no_grad():
-            out[batch] = models.forward(new, lw[:, n:], lc[:, n * c :][:, None])[:, 0].numpy()
+            for r in _row_chunks(b, lc.shape[1] - n * c):
+                sub = {k: v[r] for k, v in new.items()}
+                out[batch[r]] = models.forward(sub, lw[r, n:], lc[r, n * c :][:, None])[:, 0].numpy()
     return out
+
+
+def finetune_config(cfg: ExperimentConfig, spec: models.ModelSpec) -> dict[str, Any]:
+    """Steps, lr and trained params of finetune: ``[strategies.local_finetune]`` local_steps /
+    lr / layers (validated as the fleet's), ``[device]`` local_steps / lr where unset."""
+    ft = make_strategy("local_finetune", cfg.strategies.get("local_finetune", {}))
+    return {"steps": ft.local_steps or cfg.device.local_steps, "lr": ft.lr or cfg.device.lr,
+            "trainable": spec.head_keys() if ft.layers == "head" else None, "layers": ft.layers}
 
 
 def duet_config(cfg: ExperimentConfig) -> tuple[GeneratorConfig, int, float]:
@@ -172,6 +243,7 @@ def run_leave_last(cfg: ExperimentConfig, out: str, *, log: Callable[[str], None
     run = FleetRun(cfg, out, log=log)  # fail on a bad --out before any expensive work
     try:
         gcfg, duet_epochs, duet_lr = duet_config(cfg)
+        ft = finetune_config(cfg, models.ModelSpec(n_items=1, backbone=cfg.model.backbone))
         t0 = time.perf_counter()
         inter, _ = load_ratings_with_epoch(cfg.data.path)
     except FleetsimError:
@@ -180,10 +252,19 @@ def run_leave_last(cfg: ExperimentConfig, out: str, *, log: Callable[[str], None
     seed, c, dev = cfg.experiment.seed, cfg.cloud, cfg.device
     spec = models.ModelSpec(n_items=inter.n_items, backbone=cfg.model.backbone, dim=cfg.model.dim,
                             window=cfg.model.window)
-    split = leave_last_split(inter)
-    builder = SampleBuilder(split.view, spec.window)
-    test = build_test_samples(builder, split, dev.eval_negatives, seed)
-    train_counts = np.maximum(inter.counts - 1, 0)  # a user's last interaction is its test
+    d = cfg.data
+    split = leave_last_split(inter, d.holdout)
+    builder = SampleBuilder(split.view, spec.window)  # uniform negatives
+    pop = SampleBuilder(split.view, spec.window, item_weights=item_popularity(split)) if "popularity" in (
+        d.eval_candidates, d.train_negatives) else None
+    train_builder = pop if d.train_negatives == "popularity" else builder
+    if d.eval_candidates == "all":
+        test, valid = catalogue_samples(builder, split)
+    else:
+        test, valid = build_test_samples(pop if d.eval_candidates == "popularity" else builder, split,
+                                         dev.eval_negatives, seed), None
+    protocol = {"holdout": d.holdout, "eval_candidates": d.eval_candidates, "train_negatives": d.train_negatives}
+    train_counts = np.maximum(inter.counts - split.held_back, 0)  # a user's held-out (and dropped) interactions
     buckets, thresholds = activity_buckets(train_counts)
     with run:
         run.open(METHODS, fleet=False)
@@ -193,31 +274,35 @@ def run_leave_last(cfg: ExperimentConfig, out: str, *, log: Callable[[str], None
              "bucket_thresholds": thresholds},
             {"device_id": np.arange(inter.n_users, dtype=np.int64), "history_interactions": train_counts,
              "interactions": inter.counts, "bucket": np.asarray(buckets, dtype=str)})
-        run.writer.summary.update(protocol="leave_last", backbone=spec.backbone, seed=seed, methods={})
+        run.writer.summary.update(protocol="leave_last", protocol_settings=protocol, backbone=spec.backbone, seed=seed,
+                                  methods={})
         timings = {"load_s": time.perf_counter() - t0}
         log(f"leave_last: {inter.n_users} users ({len(split.users)} evaluated), {inter.n_items} items, "
-            f"{len(split.train_rows)} training samples; backbone {spec.backbone}, seed {seed}")
+            f"{len(split.train_rows)} training samples; backbone {spec.backbone}, seed {seed}; "
+            + ", ".join(f"{k} {v}" for k, v in protocol.items()))
         losses: dict[str, list[float]] = {}
         base: dict[str, np.ndarray] = {}
 
         def method_base() -> np.ndarray:
             params, losses["base"] = train_cloud_model(split.view, math.inf, spec, epochs=c.epochs, lr=c.lr,
-                                                       batch_size=c.batch_size, negatives=c.negatives, seed=seed)
+                                                       batch_size=c.batch_size, negatives=c.negatives, seed=seed,
+                                                       builder=train_builder)
             base.update(params)
             return score_shared(base, test)
 
         def method_finetune() -> np.ndarray:
-            return finetune_scores(base, builder, split, test, steps=dev.local_steps, lr=dev.lr,
-                                   negatives=dev.negatives, seed=seed)
+            return finetune_scores(base, train_builder, split, test, steps=ft["steps"], lr=ft["lr"],
+                                   negatives=dev.negatives, seed=seed, trainable=ft["trainable"])
 
         def method_duet() -> np.ndarray:
             body, gen, losses["duet"] = train_duet(split.view, math.inf, spec, gcfg, base, epochs=duet_epochs,
                                                    lr=duet_lr, batch_size=c.batch_size, negatives=c.negatives,
-                                                   seed=seed)
+                                                   seed=seed, builder=train_builder)
+            b, g = models.to_torch(body), {k: torch.from_numpy(v) for k, v in gen.items()}
             with torch.no_grad():
-                return duet_logits(models.to_torch(body), {k: torch.from_numpy(v) for k, v in gen.items()},
-                                   torch.from_numpy(test.windows), torch.from_numpy(test.candidates), spec,
-                                   gcfg).numpy()
+                return np.concatenate([
+                    duet_logits(b, g, torch.from_numpy(test.windows[r]), torch.from_numpy(test.candidates[r]), spec,
+                                gcfg).numpy() for r in _row_chunks(*test.candidates.shape)])
 
         for name, method in zip(METHODS, (method_base, method_finetune, method_duet)):
             run.state.start(name)
@@ -225,15 +310,17 @@ def run_leave_last(cfg: ExperimentConfig, out: str, *, log: Callable[[str], None
             scores = method()
             timings[f"{name}_s"] = time.perf_counter() - t
             log(f"{name}: {timings[f'{name}_s']:.1f} s" + (f", loss {_losses(losses[name])}" if name in losses else ""))
-            run.writer.summary["methods"][name] = evaluate(scores)
-            _record(run, name, scores, split, buckets, timings[f"{name}_s"], thresholds)
+            run.writer.summary["methods"][name] = evaluate(scores, valid)
+            _record(run, name, scores, valid, split, buckets, timings[f"{name}_s"], thresholds)
         timings["total_s"] = time.perf_counter() - t0
         run.writer.summary.update(
             timings=timings,
             data={"path": cfg.data.path, "n_users": inter.n_users, "n_items": inter.n_items,
-                  "n_train_samples": len(split.train_rows), "n_test_users": len(split.users)},
+                  "n_train_samples": len(split.train_rows), "n_test_users": len(split.users),
+                  "n_candidates": int(valid.sum()) if valid is not None else int(test.candidates.size)},
             settings={"cloud": dataclasses.asdict(c),
-                      "finetune": {"steps": dev.local_steps, "lr": dev.lr, "negatives": dev.negatives},
+                      "finetune": {"steps": ft["steps"], "lr": ft["lr"], "layers": ft["layers"],
+                                   "negatives": dev.negatives},
                       "duet": {**dataclasses.asdict(gcfg), "epochs": duet_epochs, "lr": duet_lr},
                       "eval_negatives": dev.eval_negatives, "window": spec.window},
             train_losses=losses)
@@ -241,11 +328,11 @@ def run_leave_last(cfg: ExperimentConfig, out: str, *, log: Callable[[str], None
     return run.summary
 
 
-def _record(run: FleetRun, name: str, scores: np.ndarray, split: LeaveLastSplit, buckets: np.ndarray,
-            seconds: float, thresholds: dict) -> None:
+def _record(run: FleetRun, name: str, scores: np.ndarray, valid: np.ndarray | None, split: LeaveLastSplit,
+            buckets: np.ndarray, seconds: float, thresholds: dict) -> None:
     """One method's test scores as a one-round strategy of the fleet layout."""
-    n, c = scores.shape
-    m = device_metrics(scores, np.arange(n), n)
+    n = len(scores)
+    m, overall = user_metrics(scores, valid)
     users = split.users.astype(np.int64)
     devices = {
         "round": np.ones(n, np.int32), "device_id": users, "online": np.ones(n, bool), "selected": np.ones(n, bool),
@@ -258,9 +345,6 @@ def _record(run: FleetRun, name: str, scores: np.ndarray, split: LeaveLastSplit,
             "ok": n, "dropped": 0, "late": 0, "quarantined": 0, "errors": 0, "nonfinite_scores": 0,
             "host_restarts": 0}
     run.state.round_done(name, RoundResult(1, devices, info, None))
-    labels = np.zeros((n, c), np.int8)
-    labels[:, 0] = 1
-    overall = float(roc_auc_score(labels.ravel(), scores.ravel()))
     summary = metrics.run_summary(pd.DataFrame(devices), overall_auc=overall, thresholds=thresholds)
     summary.update(errors=0, quarantined=0, round_latency_s=0.0, simulated_seconds=0.0, wall_seconds=seconds)
     run.state.end(name, summary, "complete", rounds=1)
@@ -273,7 +357,9 @@ def _losses(values: list[float]) -> str:
 def format_table(summary: dict[str, Any]) -> str:
     """The table ``fleetsim run`` prints for a leave-last run."""
     head = f"{'method':<9} {'AUC':>7} {'UAUC':>7} {'NDCG@10':>8} {'HR@10':>7} {'users':>6} {'s':>7}"
-    lines = [f"leave_last, {summary['backbone']}, seed {summary['seed']}", head, "-" * len(head)]
+    ps = summary.get("protocol_settings", {})
+    lines = [f"leave_last, {summary['backbone']}, seed {summary['seed']}"
+             + "".join(f", {k} {v}" for k, v in ps.items() if v != PAPER_SETTINGS[k][0]), head, "-" * len(head)]
     for name, m in summary["methods"].items():
         secs = summary["timings"].get(f"{name}_s", math.nan)
         lines.append(f"{name:<9} {m['auc']:7.4f} {m['uauc']:7.4f} {m['ndcg10']:8.4f} {m['hr10']:7.4f} "

@@ -90,11 +90,13 @@ def fit(trainable: list[torch.Tensor], logits: Callable[[torch.Tensor, torch.Ten
 
 
 def train_cloud_model(inter: Interactions, history_end: float, spec: models.ModelSpec, *, epochs: int,
-                      lr: float, batch_size: int, negatives: int, seed: int) -> tuple[dict[str, np.ndarray], list[float]]:
-    """Adam on BCE over all devices' history samples; returns params and per-epoch loss."""
+                      lr: float, batch_size: int, negatives: int, seed: int, builder: SampleBuilder | None = None,
+                      ) -> tuple[dict[str, np.ndarray], list[float]]:
+    """Adam on BCE over all devices' history samples; returns params and per-epoch loss.
+    ``builder`` draws the training negatives (default: uniform, ``SampleBuilder(inter, ...)``)."""
     p = {k: v.clone().requires_grad_(True) for k, v in models.to_torch(models.init_params(spec, seed)).items()}
     losses = fit(list(p.values()), lambda w, c: models.forward(p, w[None], c[None])[0],
-                 SampleBuilder(inter, spec.window), history_rows(inter, history_end), epochs=epochs, lr=lr,
+                 builder or SampleBuilder(inter, spec.window), history_rows(inter, history_end), epochs=epochs, lr=lr,
                  batch_size=batch_size, negatives=negatives, seed=seed, tag=CLOUD_TAG)
     out = {k: v.detach()[0].numpy().copy() for k, v in p.items()}
     check_params(out, "cloud model", "cloud.lr")

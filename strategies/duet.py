@@ -73,7 +73,8 @@ class Duet(FleetStrategy, short_name="duet", colour="#2ca02c"):
 
     def __init__(self, fraction_train: float = 0.5, m: int = 5, tau: float = 1.0, stabilizer: bool = True,
                  frozen_bases: bool = False, epochs: int = 3, lr: float = 0.005, retrain_every: int = 0,
-                 retrain_epochs: int = 1, retrain_history: float = 1.0, from_scratch: bool = False) -> None:
+                 retrain_epochs: int = 1, retrain_history: float = 1.0, from_scratch: bool = False,
+                 z_dim: int = 32, e_dim: int = 32) -> None:
         self.fraction_train = check_fraction("fraction_train", fraction_train)
         self.epochs = int(check_positive("epochs", epochs, integer=True))
         self.lr = float(check_positive("lr", lr))
@@ -86,8 +87,9 @@ class Duet(FleetStrategy, short_name="duet", colour="#2ca02c"):
                                                         meaning="history samples per window sample"))
         if not isinstance(from_scratch, bool):
             raise ConfigError("from_scratch", from_scratch, "true or false")
-        self.gcfg = GeneratorConfig(m=m, tau=float(check_positive("tau", tau)), stabilizer=bool(stabilizer),
-                                    frozen_bases=bool(frozen_bases), from_scratch=from_scratch)
+        self.gcfg = GeneratorConfig(z_dim=z_dim, e_dim=e_dim, m=m, tau=float(check_positive("tau", tau)),
+                                    stabilizer=bool(stabilizer), frozen_bases=bool(frozen_bases),
+                                    from_scratch=from_scratch)
         self.body: dict[str, np.ndarray] | None = None
         self.gen: dict[str, np.ndarray] | None = None
         self.body_version = 0  # bumped by every retraining

@@ -37,7 +37,8 @@ RETRAIN_TAG = 5  # sample streams and shuffling of the retrainings (with the rou
 
 def train_duet(inter: Interactions, history_end: float, spec: models.ModelSpec, gcfg: GeneratorConfig,
                body_init: dict[str, np.ndarray], *, epochs: int, lr: float, batch_size: int, negatives: int,
-               seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[float]]:
+               seed: int, builder: SampleBuilder | None = None,
+               ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[float]]:
     """Joint Adam on body (non-head params, from ``body_init``) + generator over history samples.
 
     Mirrors ``strategies.cloud.train_cloud_model``. Returns (body params with the universal
@@ -46,6 +47,7 @@ def train_duet(inter: Interactions, history_end: float, spec: models.ModelSpec, 
     body and the decoder offsets start from ``models.init_params(spec, seed)`` (the fresh
     init the universal model itself starts from) instead of ``body_init``: the paper's fully
     joint training; the returned body still carries ``body_init``'s (unused) head.
+    ``builder`` draws the training negatives (default: uniform, ``SampleBuilder(inter, ...)``).
     """
     torch.manual_seed(seed)
     torch.set_num_threads(1)  # as train_cloud_model: small batches run faster on one thread
@@ -56,7 +58,8 @@ def train_duet(inter: Interactions, history_end: float, spec: models.ModelSpec, 
     g0 = init_generator(spec, gcfg, seed, head_init={k: start[k] for k in heads})
     gen = {k: torch.from_numpy(v).requires_grad_(not (gcfg.frozen_bases and is_basis(k))) for k, v in g0.items()}
     trainable = [v for v in (*body.values(), *gen.values()) if v.requires_grad]
-    losses = fit(trainable, lambda w, c: duet_logits(body, gen, w, c, spec, gcfg), SampleBuilder(inter, spec.window),
+    losses = fit(trainable, lambda w, c: duet_logits(body, gen, w, c, spec, gcfg),
+                 builder or SampleBuilder(inter, spec.window),
                  history_rows(inter, history_end), epochs=epochs, lr=lr, batch_size=batch_size, negatives=negatives,
                  seed=seed, tag=DUET_TAG, stage="DUET generator", setting="strategies.duet.lr")
     return ({k: v.detach()[0].numpy().copy() for k, v in body.items()},

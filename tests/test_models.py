@@ -287,7 +287,7 @@ class _Ctx:
     def held_params(self):
         return self._held
 
-    def count_train(self, counts, steps, candidates):
+    def count_train(self, counts, steps, candidates, trainable=None):
         pass
 
 

@@ -212,3 +212,32 @@ def test_config_validation_names_key(kwargs, key):
 def test_drift_rounds_only_checked_for_sudden_and_lists_accepted():
     assert SyntheticConfig(drift="none", n_rounds=3).drift_rounds == (5,)
     assert SyntheticConfig(drift="sudden", drift_rounds=[2, 4]).drift_rounds == (2, 4)
+
+
+# Taste departure (DCCL's premise) ------------------------------------------------------
+
+
+def test_taste_departure_is_linear_in_activity_rank():
+    from devices.synthetic import taste_departure
+
+    cfg = SyntheticConfig(taste_departure_head=0.2, taste_departure_tail=1.0)
+    np.testing.assert_allclose(taste_departure(cfg, np.array([3.0, 1.0, 2.0, 0.5])), [0.2, 0.7333333, 0.4666667, 1.0])
+
+
+def test_taste_departure_zero_is_the_crowd_and_tail_departs_more():
+    crowd = generate(SyntheticConfig(n_devices=50, drift="none", taste_departure_head=0.0, taste_departure_tail=0.0), 1)
+    assert np.allclose(crowd.tastes[0], crowd.tastes[0][0])  # everyone holds the crowd's taste
+    f = generate(SyntheticConfig(n_devices=2000, drift="none", taste_departure_head=0.2, taste_departure_tail=1.0), 1)
+    t = f.tastes[0] / np.linalg.norm(f.tastes[0], axis=1, keepdims=True)
+    order = np.argsort(f.activity_rate)
+    light, heavy = t[order[:100]], t[order[-100:]]
+
+    def mean_pair_cos(x):
+        c = x @ x.T
+        return (c.sum() - np.trace(c)) / (len(x) * (len(x) - 1))
+
+    # two users' tastes share the crowd part: E cos ~ sqrt(1 - δ1²) sqrt(1 - δ2²)
+    assert mean_pair_cos(heavy) == pytest.approx(0.93, abs=0.04)  # δ ~ 0.2..0.24
+    assert abs(mean_pair_cos(light)) < 0.1  # δ ~ 0.96..1: own tastes
+    with pytest.raises(ConfigError, match="taste_departure_tail"):
+        SyntheticConfig(taste_departure_tail=1.5)
