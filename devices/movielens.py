@@ -90,6 +90,22 @@ def load_ratings_with_epoch(path: str | Path) -> tuple[Interactions, float]:
     return _to_interactions(users, items, times)
 
 
+def filter_min_ratings(inter: Interactions, min_item: int, min_user: int) -> Interactions:
+    """Only items with >= ``min_item`` ratings, then only users with >= ``min_user`` of the
+    ratings left (one pass each), re-indexed densely; original ids and the time order are kept."""
+    user = inter.user_of()
+    keep = np.bincount(inter.items, minlength=inter.n_items)[inter.items] >= min_item
+    keep &= np.bincount(user[keep], minlength=inter.n_users)[user] >= min_user
+    if keep.all():
+        return inter
+    if not keep.any():
+        raise DataError(f"no ratings left with data.min_item_ratings = {min_item} and data.min_user_ratings = {min_user}")
+    users = inter.user_ids[user[keep]] if inter.user_ids is not None else user[keep]
+    items = inter.item_ids[inter.items[keep]] if inter.item_ids is not None else inter.items[keep]
+    out, _ = _to_interactions(users, items, inter.times[keep])  # times from the first kept rating
+    return out
+
+
 def movielens_timeline(
     inter: Interactions, epoch: float, n_rounds: int, history_fraction: float = 0.8
 ) -> Timeline:
@@ -283,6 +299,8 @@ def _to_interactions(
 
 
 PROTOCOLS = ("fleet", "leave_last")  # data.protocol of MovieLens experiments
+# The strategies a leave_last run can report, as the paper's methods: base, finetune, duet.
+PAPER_STRATEGIES = ("cloud_only", "local_finetune", "duet")
 # The leave_last protocol's settings and their allowed values, the default first.
 PAPER_SETTINGS = {"holdout": ("test", "validation"), "eval_candidates": ("uniform", "popularity", "all"),
                   "train_negatives": ("uniform", "popularity")}
@@ -308,6 +326,11 @@ class MovieLensConfig:
     eval_candidates: str = "uniform"
     # ... and how training negatives are drawn ("uniform" or "popularity", as above).
     train_negatives: str = "uniform"
+    # leave_last: keep only items with at least this many ratings, then only users with at
+    # least this many of the ratings left (one pass each; 0 = keep all). The DUET authors'
+    # data folders are named "..._30u30i" (docs/methods.md, section 1.6).
+    min_item_ratings: int = 0
+    min_user_ratings: int = 0
 
     def __post_init__(self) -> None:
         if not self.path:
@@ -320,6 +343,12 @@ class MovieLensConfig:
                 raise ConfigError(f"data.{key}", value, " or ".join(f'"{a}"' for a in allowed))
             if value != allowed[0] and self.protocol != "leave_last":
                 raise ConfigError(f"data.{key}", value, f'"{allowed[0]}" unless data.protocol = "leave_last"')
+        for key in ("min_item_ratings", "min_user_ratings"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"data.{key}", value, "an integer >= 0 (0: keep all)")
+            if value and self.protocol != "leave_last":
+                raise ConfigError(f"data.{key}", value, '0 unless data.protocol = "leave_last"')
         if self.n_rounds <= 0:
             raise ConfigError("data.n_rounds", self.n_rounds, "a positive integer")
         if not 0 < self.history_fraction < 1:

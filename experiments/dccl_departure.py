@@ -21,12 +21,11 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from study import ROOT, finish, fleetsim_run, seed_list
+
 EXPERIMENT = ROOT / "experiments" / "dccl.toml"
 
 # name -> (δ of the most active user, δ of the least active user); docs: devices/synthetic.py
@@ -51,20 +50,14 @@ def run_one(setting: str, variant: str, seed: int, strategies: list[str], out_ro
         head, tail = SETTINGS[setting]
         sets = [f"data.taste_departure_head={head}", f"data.taste_departure_tail={tail}",
                 f"experiment.strategies={json.dumps(strategies)}", *VARIANTS[variant]]
-        cmd = [sys.executable, "-m", "simulator.cli", "run", str(EXPERIMENT), "--seed", str(seed), "--out", str(out),
-               "--no-progress"]
-        for s in sets:
-            cmd += ["--set", s]
-        done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"},
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SystemExit(f"{out.name} failed (exit {done.returncode}): {done.stderr.strip()[-500:]}")
+        fleetsim_run(EXPERIMENT, out, seed, sets, "--no-progress")
     return out
 
 
 def read_buckets(run: Path) -> dict[tuple[str, str], dict[str, float]]:
     with open(run / "buckets.csv") as f:
-        return {(r["strategy"], r["bucket"]): {k: float(v) for k, v in r.items() if k not in ("strategy", "bucket")}
+        return {(r["strategy"], r["bucket"]): {k: float(v) if v else float("nan") for k, v in r.items()
+                                           if k not in ("strategy", "bucket")}
                 for r in csv.DictReader(f)}
 
 
@@ -91,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--settings", default=",".join(SETTINGS))
     ap.add_argument("--variants", default="encoder8")
     ap.add_argument("--strategies", default="cloud_only,metapatch")
-    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--seeds", type=seed_list, default="0,1,2")
     args = ap.parse_args(argv)
     settings = [s for s in args.settings.split(",") if s]
     variants = [v for v in args.variants.split(",") if v]
@@ -101,11 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dccl_departure: unknown {bad}, or cloud_only missing; settings: {', '.join(SETTINGS)}; "
               f"variants: {', '.join(VARIANTS)}", file=sys.stderr)
         return 2
-    try:
-        seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        print(f"dccl_departure: --seeds must be comma-separated integers, not {args.seeds!r}", file=sys.stderr)
-        return 2
+    seeds = args.seeds
     out_root = ROOT / "runs" / "dccl_departure"
     rows: dict[tuple[str, str], dict[int, dict]] = {}
     for setting in settings:
@@ -113,11 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             for seed in seeds:
                 rows.setdefault((setting, variant), {})[seed] = read_buckets(
                     run_one(setting, variant, seed, strategies, out_root))
-    text = table(rows, strategies, seeds)
-    out_root.mkdir(parents=True, exist_ok=True)
-    (out_root / "table.md").write_text(text + "\n")
-    print(text)
-    return 0
+    return finish(out_root, table(rows, strategies, seeds))
 
 
 if __name__ == "__main__":

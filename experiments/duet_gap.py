@@ -18,16 +18,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from study import ROOT, finish, fleetsim_run, seed_list
+
 EXPERIMENT = ROOT / "experiments" / "duet_movielens.toml"
 
 # name -> (the change, --set overrides). The first is the reference: the shipped protocol.
+# A variant that changes only finetune (ft_*) runs base and finetune, and takes DUET from the
+# reference run of the same seed; one that changes only DUET (gen_*, duet_*) takes finetune
+# from it (base is always run: both start from it; its numbers equal the reference's).
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "base_protocol": ("the shipped paper protocol (uniform candidates and negatives)", []),
     # the protocol (issue 16, point 1)
@@ -35,6 +37,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "pop_both": ("candidates and training negatives by popularity",
                  ["data.eval_candidates=popularity", "data.train_negatives=popularity"]),
     "eval_all": ("every never-seen item a candidate", ["data.eval_candidates=all"]),
+    "filter_30u30i": ("only items, then users, with >= 30 ratings (the authors' folder name)",
+                      ["data.min_item_ratings=30", "data.min_user_ratings=30"]),
     # the finetune baseline's own tuning
     "ft_lr_0.02": ("finetune lr 0.02 (5 steps)", ["strategies.local_finetune.lr=0.02"]),
     "ft_lr_0.5": ("finetune lr 0.5 (5 steps)", ["strategies.local_finetune.lr=0.5"]),
@@ -49,26 +53,33 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "duet_4_epochs": ("DUET 4 epochs", ["strategies.duet.epochs=4"]),
     "duet_6_epochs": ("DUET 6 epochs", ["strategies.duet.epochs=6"]),
     "duet_lr_0.002": ("DUET lr 0.002, 8 epochs", ["strategies.duet.lr=0.002", "strategies.duet.epochs=8"]),
+    # what validation chose (docs/duet_table1.md), all three methods in one run: for --holdout test
+    "chosen": ("validation's choice: generator z_dim = e_dim = 16", ["strategies.duet.z_dim=16",
+                                                                     "strategies.duet.e_dim=16"]),
 }
 METHODS = ("base", "finetune", "duet")
+REFERENCE = "base_protocol"
+
+
+def strategies_of(name: str) -> list[str]:
+    if name.startswith("ft_"):
+        return ["cloud_only", "local_finetune"]
+    if name.startswith(("gen_", "duet_")):
+        return ["cloud_only", "duet"]
+    return ["cloud_only", "local_finetune", "duet"]
 
 
 def run_one(name: str, seed: int, data: str, holdout: str, out_root: Path) -> dict:
     out = out_root / f"{name}-seed{seed}"
     summary = out / "summary.json"
     if not summary.exists():
-        sets = [f"data.path={json.dumps(data)}", f"data.holdout={holdout}", *VARIANTS[name][1]]
-        cmd = [sys.executable, "-m", "simulator.cli", "run", str(EXPERIMENT), "--seed", str(seed), "--out", str(out)]
-        for s in sets:
-            cmd += ["--set", s]
-        env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
-        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SystemExit(f"{name} seed {seed} failed (exit {done.returncode}): {done.stderr.strip()[-500:]}")
+        sets = [f"data.path={json.dumps(data)}", f"data.holdout={holdout}", *VARIANTS[name][1],
+                f"experiment.strategies={json.dumps(strategies_of(name))}"]
+        fleetsim_run(EXPERIMENT, out, seed, sets)
     s = json.loads(summary.read_text())
     if s.get("protocol_settings", {}).get("holdout") != holdout:
         raise SystemExit(f"{summary}: not a {holdout} run")
-    return {m: s["methods"][m]["auc"] for m in METHODS}
+    return {m: s["methods"][m]["auc"] for m in METHODS if m in s["methods"]}
 
 
 def table(results: dict[str, dict[int, dict]]) -> str:
@@ -86,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", required=True, help="a MovieLens ratings file")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: " + ", ".join(VARIANTS))
-    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--seeds", type=seed_list, default="0,1,2")
     ap.add_argument("--jobs", type=int, default=2, help="runs at once (each trains on one core)")
     ap.add_argument("--holdout", choices=("validation", "test"), default="validation")
     args = ap.parse_args(argv)
@@ -95,26 +106,31 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not names:
         print(f"duet_gap: unknown variants {unknown}; known: {', '.join(VARIANTS)}", file=sys.stderr)
         return 2
-    try:
-        seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        print(f"duet_gap: --seeds must be comma-separated integers, not {args.seeds!r}", file=sys.stderr)
-        return 2
+    seeds = args.seeds
     if not Path(args.data).is_file():
         print(f"duet_gap: --data {args.data}: no such file", file=sys.stderr)
         return 2
     out_root = ROOT / "runs" / ("duet_gap" if args.holdout == "validation" else "duet_gap_test")
+    if any(strategies_of(n) != strategies_of(REFERENCE) for n in names) and REFERENCE not in names and \
+            args.holdout == "validation":
+        names = [REFERENCE, *names]  # the methods a variant does not change come from the reference
     jobs = [(n, s) for n in names for s in seeds]
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
         got = list(pool.map(lambda j: run_one(j[0], j[1], str(Path(args.data).resolve()), args.holdout, out_root), jobs))
     results: dict[str, dict[int, dict]] = {}
     for (n, s), r in zip(jobs, got):
         results.setdefault(n, {})[s] = r
-    text = table(results)
-    out_root.mkdir(parents=True, exist_ok=True)
-    (out_root / "table.md").write_text(text + "\n")
-    print(text)
-    return 0
+    for n, per_seed in results.items():
+        for s, r in per_seed.items():
+            if n != REFERENCE and set(r) != set(METHODS):
+                if REFERENCE not in results:
+                    raise SystemExit(f"{n} seed {s}: runs only {sorted(r)}; run {REFERENCE} beside it")
+                base = results[REFERENCE][s]
+                if abs(r["base"] - base["base"]) > 1e-12 and set(r) != set(METHODS):
+                    raise SystemExit(f"{n} seed {s}: base differs from the reference's, so it cannot borrow its methods")
+                for m in METHODS:
+                    r.setdefault(m, base[m])
+    return finish(out_root, table(results))
 
 
 if __name__ == "__main__":

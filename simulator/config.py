@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from devices import settings
-from devices.movielens import PAPER_SETTINGS, PROTOCOLS, MovieLensConfig  # noqa: F401 (re-exported)
+from devices.movielens import PAPER_SETTINGS, PAPER_STRATEGIES, PROTOCOLS, MovieLensConfig  # noqa: F401 (re-exported)
 from devices.profiles import ProfileConfig
 from devices.runtime import DeviceSettings
 from devices.sources import BUILTIN, resolve_source
@@ -139,7 +139,7 @@ class ExperimentConfig:
             if name == "data":
                 table = {"source": self.source, **table}
                 if table.get("protocol") == "fleet":  # the defaults: fleet runs' config.toml as before the keys existed
-                    for key in ("protocol", *PAPER_SETTINGS):
+                    for key in ("protocol", *PAPER_SETTINGS, "min_item_ratings", "min_user_ratings"):
                         del table[key]
             out.append(f"[{name}]")
             out += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
@@ -186,6 +186,9 @@ def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
             raise ConfigError(f"strategies.{sname}", "...", f"parameters for a strategy not in experiment.strategies {list(exp.strategies)}")
     for sname in dict.fromkeys([*exp.strategies, *strategies]):  # every strategy's parameters, checked once
         make_strategy(sname, strategies.get(sname, {}))
+    if getattr(data_cfg, "protocol", "fleet") == "leave_last" and not set(exp.strategies) <= set(PAPER_STRATEGIES):
+        raise ConfigError("experiment.strategies", list(exp.strategies),
+                          f'with data.protocol = "leave_last", some of {list(PAPER_STRATEGIES)} (base, finetune, duet)')
     return ExperimentConfig(
         experiment=exp,
         data=data_cfg,

@@ -46,7 +46,7 @@ from sklearn.metrics import roc_auc_score
 from devices import models
 from devices.scoring import DEVICE_METRICS, POOLED_METRICS
 from devices.data import Interactions
-from devices.movielens import PAPER_SETTINGS, load_ratings_with_epoch
+from devices.movielens import PAPER_SETTINGS, PAPER_STRATEGIES, filter_min_ratings, load_ratings_with_epoch
 from devices.runtime import ITEM_TABLES, local_vocabulary
 from devices.samples import SampleBuilder, Samples, pad_by_owner, stream_key
 from simulator import metrics
@@ -232,7 +232,9 @@ def duet_config(cfg: ExperimentConfig) -> tuple[GeneratorConfig, int, float]:
 
 def run_leave_last(cfg: ExperimentConfig, out: str, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run base, finetune and DUET under the leave-last protocol, on a ``FleetRun`` (its
-    folder and status steps only: no host pool, no rounds); return the summary.
+    folder and status steps only: no host pool, no rounds); return the summary. Finetune
+    and DUET run if ``experiment.strategies`` names ``local_finetune`` / ``duet``; base
+    always does (both start from it).
 
     The run folder has a fleet run's layout, so ``load_run`` and ``fleetsim report`` read
     it: each method is a strategy with one round whose records are its evaluated users
@@ -246,6 +248,8 @@ def run_leave_last(cfg: ExperimentConfig, out: str, *, log: Callable[[str], None
         ft = finetune_config(cfg, models.ModelSpec(n_items=1, backbone=cfg.model.backbone))
         t0 = time.perf_counter()
         inter, _ = load_ratings_with_epoch(cfg.data.path)
+        if cfg.data.min_item_ratings or cfg.data.min_user_ratings:
+            inter = filter_min_ratings(inter, cfg.data.min_item_ratings, cfg.data.min_user_ratings)
     except FleetsimError:
         run.writer.discard_if_empty()  # leave no empty run folder behind for bad input
         raise
@@ -263,11 +267,14 @@ def run_leave_last(cfg: ExperimentConfig, out: str, *, log: Callable[[str], None
     else:
         test, valid = build_test_samples(pop if d.eval_candidates == "popularity" else builder, split,
                                          dev.eval_negatives, seed), None
-    protocol = {"holdout": d.holdout, "eval_candidates": d.eval_candidates, "train_negatives": d.train_negatives}
+    protocol = {"holdout": d.holdout, "eval_candidates": d.eval_candidates, "train_negatives": d.train_negatives,
+                "min_item_ratings": d.min_item_ratings, "min_user_ratings": d.min_user_ratings}
     train_counts = np.maximum(inter.counts - split.held_back, 0)  # a user's held-out (and dropped) interactions
     buckets, thresholds = activity_buckets(train_counts)
     with run:
-        run.open(METHODS, fleet=False)
+        # base always: finetune starts from it and DUET takes its head's initialisation
+        methods = ["base"] + [m for m, sname in zip(METHODS[1:], PAPER_STRATEGIES[1:]) if sname in cfg.experiment.strategies]
+        run.open(methods, fleet=False)
         run.writer.write_fleet_files(
             {"source": "movielens", "protocol": "leave_last", "n_devices": inter.n_users, "n_items": inter.n_items,
              "history_end_s": None, "round_seconds": None, "n_rounds": 1, "drift_events": [],
@@ -305,6 +312,8 @@ def run_leave_last(cfg: ExperimentConfig, out: str, *, log: Callable[[str], None
                                 gcfg).numpy() for r in _row_chunks(*test.candidates.shape)])
 
         for name, method in zip(METHODS, (method_base, method_finetune, method_duet)):
+            if name not in methods:
+                continue
             run.state.start(name)
             t = time.perf_counter()
             scores = method()
@@ -359,7 +368,7 @@ def format_table(summary: dict[str, Any]) -> str:
     head = f"{'method':<9} {'AUC':>7} {'UAUC':>7} {'NDCG@10':>8} {'HR@10':>7} {'users':>6} {'s':>7}"
     ps = summary.get("protocol_settings", {})
     lines = [f"leave_last, {summary['backbone']}, seed {summary['seed']}"
-             + "".join(f", {k} {v}" for k, v in ps.items() if v != PAPER_SETTINGS[k][0]), head, "-" * len(head)]
+             + "".join(f", {k} {v}" for k, v in ps.items() if v != PAPER_SETTINGS.get(k, (0,))[0]), head, "-" * len(head)]
     for name, m in summary["methods"].items():
         secs = summary["timings"].get(f"{name}_s", math.nan)
         lines.append(f"{name:<9} {m['auc']:7.4f} {m['uauc']:7.4f} {m['ndcg10']:8.4f} {m['hr10']:7.4f} "

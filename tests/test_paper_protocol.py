@@ -4,6 +4,7 @@
 test_paper."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -124,7 +125,8 @@ def test_settings_are_validated_and_need_the_paper_protocol(ratings):  # noqa: F
 def test_settings_end_to_end(ratings, tmp_path):  # noqa: F811
     quiet = dict(log=lambda _: None)
     base = paper.run_leave_last(make_config(ratings), str(tmp_path / "uniform"), **quiet)
-    assert base["protocol_settings"] == {"holdout": "test", "eval_candidates": "uniform", "train_negatives": "uniform"}
+    assert base["protocol_settings"] == {"holdout": "test", "eval_candidates": "uniform", "train_negatives": "uniform",
+                                        "min_item_ratings": 0, "min_user_ratings": 0}
     assert base["data"]["n_candidates"] == N_USERS * 100
     val = paper.run_leave_last(make_config(ratings, **{"data.holdout": "validation"}), str(tmp_path / "val"), **quiet)
     assert val["data"]["n_train_samples"] == base["data"]["n_train_samples"] - N_USERS
@@ -204,3 +206,38 @@ def test_fleet_local_finetune_head_only(tmp_path):
     assert h["selected_device_rounds"] == a["selected_device_rounds"] > 0
     assert 0 < h["device_flops"] < a["device_flops"]  # no gradient through the body
     assert h["overall_auc"] != a["overall_auc"] and h["bytes_down"] > a["bytes_down"]  # + the "layers" key
+
+
+def test_methods_follow_experiment_strategies(ratings, tmp_path):  # noqa: F811
+    cfg = make_config(ratings, **{"experiment.strategies": ["cloud_only", "local_finetune"]})
+    s = paper.run_leave_last(cfg, str(tmp_path / "ft"), log=lambda _: None)
+    full = paper.run_leave_last(make_config(ratings), str(tmp_path / "all"), log=lambda _: None)
+    assert list(s["methods"]) == ["base", "finetune"]
+    assert s["methods"]["finetune"] == full["methods"]["finetune"]  # the same numbers without DUET beside it
+    with pytest.raises(ConfigError, match="experiment.strategies"):
+        make_config(ratings, **{"experiment.strategies": ["cloud_only", "fedavg"]})
+
+
+def test_min_ratings_filter_items_then_users():
+    from devices.movielens import filter_min_ratings
+
+    # item 0 rated by 3 users, item 1 by 2, item 2 by 1; user 2 has only item 1 and item 2 left after the item cut
+    inter = stream([[0, 1, 2], [0, 1], [0], [1]], 3)
+    inter = dataclasses.replace(inter, user_ids=np.array([10, 20, 30, 40]), item_ids=np.array([100, 200, 300]))
+    f = filter_min_ratings(inter, 2, 2)  # item 2 goes; then users with < 2 left: 30 (item 0), 40 (item 1)
+    assert f.user_ids.tolist() == [10, 20] and f.item_ids.tolist() == [100, 200]
+    assert f.items.tolist() == [0, 1, 0, 1] and f.indptr.tolist() == [0, 2, 4]
+    assert np.all(np.diff(f.times[:2]) >= 0)
+    assert filter_min_ratings(inter, 0, 0) is inter
+    with pytest.raises(Exception, match="no ratings left"):
+        filter_min_ratings(inter, 5, 0)
+
+
+def test_min_ratings_end_to_end(ratings, tmp_path):  # noqa: F811
+    s = paper.run_leave_last(make_config(ratings, **{"data.min_user_ratings": 10}), str(tmp_path / "f"),
+                             log=lambda _: None)
+    from devices.movielens import load_ratings
+    counts = load_ratings(ratings).counts
+    assert s["data"]["n_users"] == int((counts >= 10).sum())
+    with pytest.raises(ConfigError, match="min_item_ratings"):
+        make_config(ratings, **{"data.protocol": "fleet", "data.min_item_ratings": 5})
