@@ -304,6 +304,8 @@ PAPER_STRATEGIES = ("cloud_only", "local_finetune", "duet")
 # The leave_last protocol's settings and their allowed values, the default first.
 PAPER_SETTINGS = {"holdout": ("test", "validation"), "eval_candidates": ("uniform", "popularity", "all"),
                   "train_negatives": ("uniform", "popularity")}
+# Every [data] key only the leave_last protocol uses (recorded in its summary as protocol_settings).
+LEAVE_LAST_KEYS = (*PAPER_SETTINGS, "min_item_ratings", "min_user_ratings")
 
 
 @dataclass(frozen=True)

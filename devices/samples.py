@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from devices.data import Interactions
+from devices.errors import DataError
 from devices.models import PAD
 
 
@@ -151,7 +152,7 @@ class SampleBuilder:
             bad_r, bad_c = bad_r[still], bad_c[still]
         if bad_r.size:  # never silently a seen item as a negative
             u = int(self.device_ids[users[bad_r[0]]])
-            raise ValueError(f"user {u}: no unseen item drawn as a negative in 256 attempts "
+            raise DataError(f"user {u}: no unseen item drawn as a negative in 256 attempts "
                              "(the user has seen (nearly) every item that can be drawn)")
         return out
 

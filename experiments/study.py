@@ -2,6 +2,7 @@
 run`` of an experiment file with ``--set`` overrides, and the table they end with."""
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -32,8 +33,6 @@ def finish(out_root: Path, text: str) -> int:
 
 def seed_list(text: str) -> list[int]:
     """``--seeds 0,1,2`` (an argparse type: a bad value ends with one line and exit 2)."""
-    import argparse
-
     try:
         return [int(s) for s in text.split(",")]
     except ValueError:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from devices import settings
-from devices.movielens import PAPER_SETTINGS, PAPER_STRATEGIES, PROTOCOLS, MovieLensConfig  # noqa: F401 (re-exported)
+from devices.movielens import LEAVE_LAST_KEYS, PAPER_STRATEGIES, PROTOCOLS, MovieLensConfig  # noqa: F401 (re-exported)
 from devices.profiles import ProfileConfig
 from devices.runtime import DeviceSettings
 from devices.sources import BUILTIN, resolve_source
@@ -139,7 +139,7 @@ class ExperimentConfig:
             if name == "data":
                 table = {"source": self.source, **table}
                 if table.get("protocol") == "fleet":  # the defaults: fleet runs' config.toml as before the keys existed
-                    for key in ("protocol", *PAPER_SETTINGS, "min_item_ratings", "min_user_ratings"):
+                    for key in ("protocol", *LEAVE_LAST_KEYS):
                         del table[key]
             out.append(f"[{name}]")
             out += [f"{k} = {_toml_value(v)}" for k, v in table.items()]

@@ -46,7 +46,7 @@ from sklearn.metrics import roc_auc_score
 from devices import models
 from devices.scoring import DEVICE_METRICS, POOLED_METRICS
 from devices.data import Interactions
-from devices.movielens import PAPER_SETTINGS, PAPER_STRATEGIES, filter_min_ratings, load_ratings_with_epoch
+from devices.movielens import LEAVE_LAST_KEYS, PAPER_STRATEGIES, MovieLensConfig, filter_min_ratings, load_ratings_with_epoch
 from devices.runtime import ITEM_TABLES, local_vocabulary
 from devices.samples import SampleBuilder, Samples, pad_by_owner, stream_key
 from simulator import metrics
@@ -138,9 +138,12 @@ def evaluate(scores: np.ndarray, valid: np.ndarray | None = None) -> dict[str, A
     """AUC (pooled, exact), UAUC and the mean of each pooled metric (NDCG@10, HR@10, log loss)
     over users, of scores (n_users, C), column 0 the positive (one positive per user),
     counting only the ``valid`` candidates (None: all)."""
-    m, auc = user_metrics(scores, valid)
+    return _table_row(*user_metrics(scores, valid))
+
+
+def _table_row(m: dict[str, np.ndarray], auc: float) -> dict[str, Any]:
     return {"auc": auc, "uauc": float(np.nanmean(m["auc"])),
-            **{k: float(m[k].mean()) for k in POOLED_METRICS}, "n_users": int(len(scores))}
+            **{k: float(m[k].mean()) for k in POOLED_METRICS}, "n_users": int(len(m["auc"]))}
 
 
 def _row_chunks(n: int, c: int) -> list[slice]:
@@ -267,8 +270,7 @@ def run_leave_last(cfg: ExperimentConfig, out: str, *, log: Callable[[str], None
     else:
         test, valid = build_test_samples(pop if d.eval_candidates == "popularity" else builder, split,
                                          dev.eval_negatives, seed), None
-    protocol = {"holdout": d.holdout, "eval_candidates": d.eval_candidates, "train_negatives": d.train_negatives,
-                "min_item_ratings": d.min_item_ratings, "min_user_ratings": d.min_user_ratings}
+    protocol = {k: getattr(d, k) for k in LEAVE_LAST_KEYS}
     train_counts = np.maximum(inter.counts - split.held_back, 0)  # a user's held-out (and dropped) interactions
     buckets, thresholds = activity_buckets(train_counts)
     with run:
@@ -319,8 +321,9 @@ def run_leave_last(cfg: ExperimentConfig, out: str, *, log: Callable[[str], None
             scores = method()
             timings[f"{name}_s"] = time.perf_counter() - t
             log(f"{name}: {timings[f'{name}_s']:.1f} s" + (f", loss {_losses(losses[name])}" if name in losses else ""))
-            run.writer.summary["methods"][name] = evaluate(scores, valid)
-            _record(run, name, scores, valid, split, buckets, timings[f"{name}_s"], thresholds)
+            m, auc = user_metrics(scores, valid)  # once: the table row and the records
+            run.writer.summary["methods"][name] = _table_row(m, auc)
+            _record(run, name, m, auc, split, buckets, timings[f"{name}_s"], thresholds)
         timings["total_s"] = time.perf_counter() - t0
         run.writer.summary.update(
             timings=timings,
@@ -337,11 +340,10 @@ def run_leave_last(cfg: ExperimentConfig, out: str, *, log: Callable[[str], None
     return run.summary
 
 
-def _record(run: FleetRun, name: str, scores: np.ndarray, valid: np.ndarray | None, split: LeaveLastSplit,
+def _record(run: FleetRun, name: str, m: dict[str, np.ndarray], overall: float, split: LeaveLastSplit,
             buckets: np.ndarray, seconds: float, thresholds: dict) -> None:
-    """One method's test scores as a one-round strategy of the fleet layout."""
-    n = len(scores)
-    m, overall = user_metrics(scores, valid)
+    """One method's per-user metrics (``user_metrics``) as a one-round strategy of the fleet layout."""
+    n = len(m["auc"])
     users = split.users.astype(np.int64)
     devices = {
         "round": np.ones(n, np.int32), "device_id": users, "online": np.ones(n, bool), "selected": np.ones(n, bool),
@@ -363,12 +365,15 @@ def _losses(values: list[float]) -> str:
     return f"{values[0]:.4f} -> {values[-1]:.4f}" if values else "(untrained)"
 
 
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(MovieLensConfig)}
+
+
 def format_table(summary: dict[str, Any]) -> str:
     """The table ``fleetsim run`` prints for a leave-last run."""
     head = f"{'method':<9} {'AUC':>7} {'UAUC':>7} {'NDCG@10':>8} {'HR@10':>7} {'users':>6} {'s':>7}"
     ps = summary.get("protocol_settings", {})
     lines = [f"leave_last, {summary['backbone']}, seed {summary['seed']}"
-             + "".join(f", {k} {v}" for k, v in ps.items() if v != PAPER_SETTINGS.get(k, (0,))[0]), head, "-" * len(head)]
+             + "".join(f", {k} {v}" for k, v in ps.items() if v != _DEFAULTS.get(k)), head, "-" * len(head)]
     for name, m in summary["methods"].items():
         secs = summary["timings"].get(f"{name}_s", math.nan)
         lines.append(f"{name:<9} {m['auc']:7.4f} {m['uauc']:7.4f} {m['ndcg10']:8.4f} {m['hr10']:7.4f} "

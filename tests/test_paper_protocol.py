@@ -12,6 +12,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from devices.data import Interactions
+from devices.errors import DataError
 from devices.samples import SampleBuilder, stream_key
 from simulator import paper
 from simulator.errors import ConfigError
@@ -72,7 +73,7 @@ def test_popularity_negatives_follow_the_weights_and_skip_seen_items():
 def test_a_negative_that_cannot_be_drawn_is_an_error_not_a_seen_item():
     inter = stream([[0, 1], [2, 3]], 4)
     b = SampleBuilder(inter, 2, item_weights=np.array([1.0, 1.0, 0.0, 0.0]))  # user 0 saw every drawable item
-    with pytest.raises(ValueError, match="user 0: no unseen item"):
+    with pytest.raises(DataError, match="user 0: no unseen item"):
         b.negatives(np.array([1]), 2, stream_key(1))
 
 
