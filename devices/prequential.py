@@ -26,7 +26,8 @@ import torch
 from devices import models, scoring
 from devices.samples import pad_by_owner
 
-EVAL_CHUNK_ROWS = 8192  # rows scored per forward pass of a shared model (bounds memory)
+EVAL_CHUNK_ROWS = 2048  # rows scored per forward pass of a shared model: its work arrays stay in
+# cache (4.5 us a row with GRU4Rec, d = 32, against 5.9 at 8192 rows; 9.4 at 16384)
 PERSONAL_CHUNK = 64  # personalised models stacked per forward pass
 
 
@@ -55,7 +56,8 @@ def score_window(host: Any, round: int, check: Callable[..., None] | None = None
         for c in range(0, len(rows), EVAL_CHUNK_ROWS):
             check()
             r = rows[c : c + EVAL_CHUNK_ROWS]
-            out = models.forward(params, torch.from_numpy(s.windows[r])[None], torch.from_numpy(s.candidates[r])[None])
+            win, cand = (torch.from_numpy(a[r].astype(np.int64)) for a in (s.windows, s.candidates))
+            out = models.forward(params, win[None], cand[None])
             scores[r] = out[0].numpy()
     own = owners[has_own]
     for c in range(0, len(own), PERSONAL_CHUNK):
@@ -116,8 +118,10 @@ def _lowest_priority() -> None:
 class Prefetch:
     """At most one prefetched ``score_window`` of a host in flight."""
 
-    def __init__(self, host: Any) -> None:
+    def __init__(self, host: Any, on_done: Callable[[], None] | None = None) -> None:
+        """``on_done``: called in the background thread when a prefetch ends (any way)."""
         self.host = host
+        self.on_done = on_done
         self._job: _Job | None = None
 
     def start(self, round: int) -> None:
@@ -137,6 +141,9 @@ class Prefetch:
             pass
         except BaseException:  # dropped: the score is computed again in the call, which raises it
             job.result = None
+        finally:
+            if self.on_done is not None:
+                self.on_done()
 
     def settle(self) -> None:
         """Cancel the prefetch in flight; wait for it if it reads the device state."""

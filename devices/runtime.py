@@ -230,7 +230,10 @@ def train_held_models(ctx: DeviceContext, steps: int, lr: float,
     held = ctx.held_params()
     b = len(ctx)
     chunk = max(1, int(256e6 // (4 * ctx.spec.n_params())))
-    parts, losses, final, done = [], [], [], []
+    # every group writes its devices' rows of one (B, ...) result: no per-group parts to
+    # concatenate and reorder (that held three copies of all B models at once)
+    out = {k: torch.empty((b, *v.shape[1:]), dtype=v.dtype) for k, v in held.items()}
+    losses, final = torch.zeros(b), torch.zeros(b)
     for sel in count_buckets(counts, chunk):
         idx, n, rows_n = torch.from_numpy(sel), len(sel), max(int(counts[sel].max()), 1)
         sw, sc, sweight = win[idx, :rows_n], cand[idx, :rows_n], weight[idx, :rows_n]
@@ -243,22 +246,20 @@ def train_held_models(ctx: DeviceContext, steps: int, lr: float,
         with torch.no_grad():  # where the last step left each model (the reported loss is from before it),
             # on each device's first sample: a diverged model is off on every sample, and one
             # row per device keeps this check at a few % of the training's cost
-            final.append(models.bce_loss(models.forward(new, torch.from_numpy(lw[:, :1]), torch.from_numpy(lc[:, :1])),
-                                         sweight[:, :1]))
-        valid = torch.from_numpy(items >= 0)
-        for k in ITEM_TABLES:
-            full = mine[k].clone()
-            full[dev[valid], rows[valid]] = new[k][valid]
-            new[k] = full
-        parts.append(new)
-        losses.append(loss)
-        done.append(sel)
-    back = torch.from_numpy(np.argsort(np.concatenate(done), kind="stable"))  # groups -> device order
-    out = {k: torch.cat([p[k] for p in parts])[back] for k in parts[0]}
+            final[idx] = models.bce_loss(models.forward(new, torch.from_numpy(lw[:, :1]), torch.from_numpy(lc[:, :1])),
+                                         sweight[:, :1])
+            valid = torch.from_numpy(items >= 0)
+            for k, v in new.items():
+                if k in ITEM_TABLES:  # the held table, with the rows this group trained
+                    out[k][idx] = mine[k]
+                    out[k][idx[dev[valid]], rows[valid]] = v[valid]
+                else:
+                    out[k][idx] = v
+        losses[idx] = loss
     ctx.count_train(counts, steps, cand.shape[-1], trainable)
     if hasattr(ctx, "mark_diverged"):
-        ctx.mark_diverged(diverged_losses(torch.cat(final).numpy()[back.numpy()]))
-    return out, torch.cat(losses).numpy()[back.numpy()], counts
+        ctx.mark_diverged(diverged_losses(final.numpy()))
+    return out, losses.numpy(), counts
 
 
 def diverged_losses(losses: np.ndarray) -> np.ndarray:
