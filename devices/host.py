@@ -28,9 +28,11 @@ from devices import prequential
 
 EVAL_TAG, TRAIN_TAG = 1, 2
 # Evaluation samples are cached so every strategy is scored on the same samples without
-# building them again; a window's samples of a million-device fleet take ~150 MB per host,
-# so the oldest are dropped beyond this (rebuilt identically if asked again).
-EVAL_CACHE_BYTES = 1 << 28
+# building them again; the oldest are dropped beyond this (rebuilt identically if asked
+# again). A window of a million-device fleet takes ~75 MB per host, so there the cache
+# holds one window: a run's strategies replay all its windows, so anything between one
+# and all of them would be evicted before it is asked for again.
+EVAL_CACHE_BYTES = 1 << 27
 
 
 def _libc_trim():

@@ -115,7 +115,7 @@ def catalogue_samples(builder: SampleBuilder, split: LeaveLastSplit) -> tuple[Sa
     others = np.arange(n_items - 1)[None, :]
     others = others + (others >= pos[:, None])  # every item but the positive, in id order
     cands = np.concatenate([pos[:, None], others], 1)
-    users = builder.user[rows]
+    users = builder.user[rows].astype(np.int64)
     valid = ~builder.seen.contains(np.repeat(users[:, None], n_items - 1, 1), others)
     valid = np.concatenate([np.ones((len(rows), 1), bool), valid], 1)
     return Samples(users, builder.windows_for(rows), cands), valid

@@ -102,7 +102,7 @@ class UploadedSamples:
         self.builder, self.hist_rows = builder, hist_rows
         self.n_items = builder.inter.n_items
         self.n_history = min(int(round(history * len(self.positives))), len(hist_rows))
-        hist_keys = builder.user[hist_rows] * self.n_items + builder.inter.items[hist_rows].astype(np.int64)
+        hist_keys = builder.user[hist_rows].astype(np.int64) * self.n_items + builder.inter.items[hist_rows].astype(np.int64)
         up = np.asarray(windows, np.int64)
         up_keys = (np.repeat(np.asarray(owners, np.int64), up.shape[1]) * self.n_items + up.ravel())[up.ravel() >= 0]
         self.known = np.unique(np.concatenate([hist_keys, up_keys]))
