@@ -1,9 +1,13 @@
-"""Pieces the baseline strategies share: reproducible node sampling and reply metrics."""
+"""Pieces the baseline strategies share: reproducible node sampling, reply metrics and a
+fast reader of Flower ``Array`` bytes for weighted averages."""
 from __future__ import annotations
 
+import io
+import math
 from collections.abc import Iterable
 
-from flwr.app import Message, MetricRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
@@ -37,3 +41,65 @@ def mean_metrics(replies: Iterable[Message], weight_key: str = "num-examples") -
     if total <= 0:
         return None
     return MetricRecord({**{k: v / total for k, v in sums.items()}, weight_key: int(total)})
+
+
+# .npy header bytes -> (dtype, shape, offset of the data), or None where np.load must read it
+_NPY_LAYOUTS: dict[bytes, tuple[np.dtype, tuple[int, ...], int] | None] = {}
+_NPY_LAYOUTS_MAX = 4096
+
+
+def array_view(a: Array) -> np.ndarray:
+    """The value of ``a.numpy()`` as a read-only view of ``a.data``.
+
+    Flower's ``Array.numpy()`` is ``np.load`` of the .npy bytes, which parses the header
+    text (``ast.literal_eval``) on every call: ~60 us, 0.6 s a round for the 10,000 arrays
+    of 1,000 FedAvg replies. Replies share a few headers, so each distinct header is
+    parsed once (by numpy's own reader) and the data is viewed in place. Anything but a
+    plain C-order numeric .npy array of the right length goes to ``a.numpy()``.
+    """
+    data = a.data
+    if a.stype != "numpy.ndarray" or data[:6] != b"\x93NUMPY" or len(data) < 12:
+        return a.numpy()
+    end = 10 + int.from_bytes(data[8:10], "little") if data[6] == 1 else 12 + int.from_bytes(data[8:12], "little")
+    head = bytes(data[:end])
+    if head not in _NPY_LAYOUTS:
+        f = io.BytesIO(head)
+        major, _ = np.lib.format.read_magic(f)
+        try:
+            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+        except ValueError:
+            layout = None  # np.load raises its own error
+        else:
+            layout = None if fortran or dtype.hasobject else (dtype, tuple(shape), end)
+        if len(_NPY_LAYOUTS) >= _NPY_LAYOUTS_MAX:
+            _NPY_LAYOUTS.clear()
+        _NPY_LAYOUTS[head] = layout
+    layout = _NPY_LAYOUTS[head]
+    if layout is None:
+        return a.numpy()
+    dtype, shape, offset = layout
+    count = math.prod(shape)
+    if len(data) - offset != count * dtype.itemsize:
+        return a.numpy()
+    return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+
+def weighted_mean_arrays(contents: list[RecordDict], weight_key: str) -> ArrayRecord:
+    """Flower's ``aggregate_arrayrecords`` (FedAvg's weighted mean), value for value: the
+    same weights, the same float32 products summed in the same order; only the arrays
+    are read with ``array_view`` instead of ``np.load``, and each product reuses one buffer."""
+    weights = [float(next(iter(c.metric_records.values()))[weight_key]) for c in contents]
+    total = sum(weights)
+    out: dict[str, np.ndarray] = {}
+    scratch: dict[str, np.ndarray] = {}
+    for content, w in zip(contents, (w / total for w in weights), strict=True):
+        for record in content.array_records.values():
+            for key, value in record.items():
+                x = array_view(value)
+                if key not in out:
+                    out[key] = x * w
+                    scratch[key] = np.empty_like(out[key])
+                else:
+                    out[key] += np.multiply(x, w, out=scratch[key])
+    return ArrayRecord({k: Array(np.asarray(v)) for k, v in out.items()})

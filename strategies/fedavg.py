@@ -12,7 +12,7 @@ from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
 from devices.runtime import DeviceApp, DeviceContext, Payload, evaluate_received, train_held_models
 from strategies.base import FleetMixin
-from strategies.common import check_fraction, check_non_negative
+from strategies.common import check_fraction, check_non_negative, weighted_mean_arrays
 
 
 def train(ctx: DeviceContext, payload: Payload) -> list[Payload]:
@@ -54,4 +54,9 @@ class FedAvg(FleetMixin, FlowerFedAvg, short_name="fedavg", colour="#ff7f0e"):
                      for r in replies if not r.has_error())
         if weight <= 0:
             return None, None
-        return super().aggregate_train(server_round, replies)
+        # Flower's FedAvg.aggregate_train, with its array average read without np.load
+        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        if not valid:
+            return None, None
+        contents = [m.content for m in valid]
+        return weighted_mean_arrays(contents, self.weighted_by_key), self.train_metrics_aggr_fn(contents, self.weighted_by_key)

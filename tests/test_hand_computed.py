@@ -122,6 +122,34 @@ def test_fedavg_is_the_example_weighted_mean_of_three_devices(flower):
     assert metrics["train_loss"] == pytest.approx((0.9 + 1.5 + 0.4) / 8, rel=1e-12)  # 0.35
 
 
+def test_fedavg_average_equals_flowers_own_bit_for_bit(flower):
+    """Our FedAvg reads reply arrays without np.load; the average must be Flower's exactly."""
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    rng = np.random.default_rng(3)
+    replies = [reply(i, {"arrays": {"w": rng.normal(size=(7, 5)).astype(np.float32),
+                                    "b": rng.normal(size=5).astype(np.float32)}},
+                     {"num-examples": int(rng.integers(1, 40)), "train_loss": 0.5}) for i in range(1, 30)]
+    ours, _ = FedAvg().aggregate_train(1, replies)
+    theirs = aggregate_arrayrecords([r.content for r in replies], "num-examples")
+    for k in ("w", "b"):
+        assert ours[k].numpy().dtype == theirs[k].numpy().dtype == np.float32
+        assert ours[k].numpy().tobytes() == theirs[k].numpy().tobytes()
+
+
+@pytest.mark.parametrize("a", [np.arange(6, dtype=np.float32).reshape(2, 3), np.array(2.5),
+                               np.zeros((0, 4), np.int32), np.asfortranarray(np.arange(6.0).reshape(2, 3)),
+                               np.arange(4, dtype=">i4")])
+def test_array_view_reads_what_flowers_numpy_reads(a):
+    from flwr.app import Array
+
+    from strategies.common import array_view
+
+    arr = Array(a)
+    got, want = array_view(arr), arr.numpy()
+    assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want)
+
+
 def test_fedavg_keeps_the_global_model_when_no_valid_reply_trained_on_an_example(flower):
     s = FedAvg()
     replies = [reply(1, {"arrays": {"w": np.ones(2, np.float32)}}, {"num-examples": 0, "train_loss": 0.7}), failed(2)]
