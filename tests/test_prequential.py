@@ -116,3 +116,32 @@ def test_a_failing_prefetch_is_not_silent(world, monkeypatch):
     with pytest.raises(RuntimeError, match="boom in the metrics"):
         ahead.score(2)
     assert len(calls) == 2  # once in the prefetch, once in the call
+
+
+@pytest.mark.parametrize("ending", ["finished", "cancelled", "failed"])
+def test_on_done_runs_however_the_prefetch_ends(world, monkeypatch, ending):
+    """A host returns freed memory when its prefetch ends (``free_heap``): the callback
+    runs once whether the prefetch finished, was cancelled or raised."""
+    import threading
+
+    ids, _, host = _hosts(world)
+    host.score(1)
+    gate, done = threading.Event(), []
+    real = prequential.score_window
+
+    def scored(h, r, check=None):
+        gate.wait(5)
+        if ending == "failed":
+            raise RuntimeError("boom")
+        return real(h, r, check)
+
+    monkeypatch.setattr(prequential, "score_window", scored)
+    pf = prequential.Prefetch(host, on_done=lambda: done.append(threading.current_thread().name))
+    pf.start(2)
+    job = pf._job
+    if ending == "cancelled":
+        pf.settle()  # before it reads the device state: cancelled without waiting
+    gate.set()
+    job.thread.join(5)
+    assert done == ["prefetch-score-2"]
+    assert (job.result is not None) == (ending == "finished")
