@@ -226,7 +226,10 @@ class HostPool(Recovery):
     def reset(self, initial: dict[str, np.ndarray]) -> None:
         """Every device holds ``initial``; this is the new restore point, and the
         per-round restart counts start over (a new strategy)."""
+        between = self._round_restarts.get(0, 0)  # not in a record yet: the next round's counts them
         self._round_restarts.clear()
+        if between:
+            self._round_restarts[0] = between
         self._deaths.clear()
         if self.use_ray:
             import ray

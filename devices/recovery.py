@@ -115,5 +115,13 @@ class Recovery:
         return self._actor.options(scheduling_strategy=strategy).remote(self._shards[h], *self._args)
 
     def restarts_in(self, round: int) -> int:
-        """Host processes restarted during round ``round`` of the current strategy."""
+        """Host processes restarted during round ``round`` of the current strategy (0:
+        between rounds, not yet taken by ``take_restarts``)."""
         return self._round_restarts.get(round, 0)
+
+    def take_restarts(self, round: int) -> int:
+        """The restarts a record of round ``round`` counts: those during the round plus
+        those between rounds since the last record (a reset, a checkpoint, a strategy's
+        preparation, the gap between two strategies), so every restart is in exactly one
+        round's record. Both counts are consumed."""
+        return self._round_restarts.pop(round, 0) + (self._round_restarts.pop(0, 0) if round else 0)

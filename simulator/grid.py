@@ -218,7 +218,7 @@ class FleetGrid(Grid):
             "selected": int(self.selected.sum()), "exchanges": self.exchange,
             **{name: int((st == code).sum()) for code, name in STATUS_COUNTS.items()},
             "nonfinite_scores": int(sc["nonfinite"].sum()),
-            "host_restarts": int(self.pool.restarts_in(self.round)),
+            "host_restarts": int(self.pool.take_restarts(self.round)),
         }
         result = RoundResult(self.round, cols, info, self.histogram)
         self.results.append(result)
