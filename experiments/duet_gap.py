@@ -50,6 +50,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "window_5": ("window L = 5", ["model.window=5"]),
     "gen_64": ("generator z_dim = e_dim = 64", ["strategies.duet.z_dim=64", "strategies.duet.e_dim=64"]),
     "gen_16": ("generator z_dim = e_dim = 16", ["strategies.duet.z_dim=16", "strategies.duet.e_dim=16"]),
+    # which layers DUET generates (all three methods run: needs no reference run)
+    "layers_head_attention": ("DUET generates DIN's attention unit too (generate = head+attention)",
+                              ["strategies.duet.generate=head+attention"]),
     "duet_4_epochs": ("DUET 4 epochs", ["strategies.duet.epochs=4"]),
     "duet_6_epochs": ("DUET 6 epochs", ["strategies.duet.epochs=6"]),
     "duet_lr_0.002": ("DUET lr 0.002, 8 epochs", ["strategies.duet.lr=0.002", "strategies.duet.epochs=8"]),

@@ -88,9 +88,13 @@ class ModelConfig:
     window: int = 10
 
     def __post_init__(self) -> None:
+        self.spec()  # one set of rules: ModelSpec's
+
+    def spec(self, n_items: int = 1):
+        """The ``devices.models.ModelSpec`` of this section (for ``n_items`` items)."""
         from devices.models import ModelSpec
 
-        ModelSpec(n_items=1, backbone=self.backbone, dim=self.dim, window=self.window)  # one set of rules
+        return ModelSpec(n_items=n_items, backbone=self.backbone, dim=self.dim, window=self.window)
 
 
 @dataclass(frozen=True)
@@ -184,8 +188,11 @@ def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
         # --set experiment.strategies=[...] must not fail); any other name is a typo.
         if sname not in exp.strategies and sname not in SHORT_NAMES:
             raise ConfigError(f"strategies.{sname}", "...", f"parameters for a strategy not in experiment.strategies {list(exp.strategies)}")
+    model = settings.build(ModelConfig, raw.get("model", {}), "model")
     for sname in dict.fromkeys([*exp.strategies, *strategies]):  # every strategy's parameters, checked once
-        make_strategy(sname, strategies.get(sname, {}))
+        strategy = make_strategy(sname, strategies.get(sname, {}))
+        if hasattr(strategy, "check_model"):  # and what it needs of the model (FleetMixin.check_model)
+            strategy.check_model(model.spec())
     if getattr(data_cfg, "protocol", "fleet") == "leave_last" and not set(exp.strategies) <= set(PAPER_STRATEGIES):
         raise ConfigError("experiment.strategies", list(exp.strategies),
                           f'with data.protocol = "leave_last", some of {list(PAPER_STRATEGIES)} (base, finetune, duet)')
@@ -193,7 +200,7 @@ def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
         experiment=exp,
         data=data_cfg,
         profiles=settings.build(ProfileConfig, raw.get("profiles", {}), "profiles"),
-        model=settings.build(ModelConfig, raw.get("model", {}), "model"),
+        model=model,
         cloud=settings.build(CloudConfig, raw.get("cloud", {}), "cloud"),
         device=settings.build(DeviceSettings, raw.get("device", {}), "device"),
         strategies={k: dict(v) for k, v in strategies.items()},

@@ -110,7 +110,7 @@ class FleetRun:
     def build_fleet(self) -> Fleet:
         self.fleet = build_fleet(self.cfg)
         m = self.cfg.model
-        self.spec = ModelSpec(n_items=self.fleet.interactions.n_items, backbone=m.backbone, dim=m.dim, window=m.window)
+        self.spec = m.spec(self.fleet.interactions.n_items)
         return self.fleet
 
     def open(self, names: list[str], *, fleet: bool = True, mark_running: bool = True) -> None:

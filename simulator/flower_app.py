@@ -18,7 +18,6 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from devices.host import DeviceHost
-from devices.models import ModelSpec
 from devices.pool import shard_of
 from devices.runtime import DeviceApp
 from simulator.records import array_record, to_payload, to_recorddict
@@ -31,7 +30,7 @@ def _host(cfg, initial: dict[str, np.ndarray], key: int) -> DeviceHost:
         from simulator.fleet import build_fleet
 
         fleet = build_fleet(cfg)
-        spec = ModelSpec(n_items=fleet.interactions.n_items, backbone=cfg.model.backbone, dim=cfg.model.dim, window=cfg.model.window)
+        spec = cfg.model.spec(fleet.interactions.n_items)
         shard = shard_of(fleet.interactions, fleet.timeline, np.arange(fleet.n_devices))
         host = DeviceHost(shard, spec, cfg.device, cfg.experiment.seed)
         host.reset(initial)

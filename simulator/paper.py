@@ -257,8 +257,7 @@ def run_leave_last(cfg: ExperimentConfig, out: str, *, log: Callable[[str], None
         run.writer.discard_if_empty()  # leave no empty run folder behind for bad input
         raise
     seed, c, dev = cfg.experiment.seed, cfg.cloud, cfg.device
-    spec = models.ModelSpec(n_items=inter.n_items, backbone=cfg.model.backbone, dim=cfg.model.dim,
-                            window=cfg.model.window)
+    spec = cfg.model.spec(inter.n_items)
     d = cfg.data
     split = leave_last_split(inter, d.holdout)
     builder = SampleBuilder(split.view, spec.window)  # uniform negatives

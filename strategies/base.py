@@ -41,6 +41,9 @@ strategies, as ``strategies.fedavg`` does) gives it the parts every strategy sha
    ``Result`` so that a checkpoint holds the metrics of the rounds before it. A strategy
    that overrides ``start`` (DUET) accepts both keywords; a plain Flower strategy without
    ``FleetMixin`` still runs, but a resumed run plays it again from round 1.
+9. **Model check.** ``check_model(spec)`` is called when the config is validated, before
+   anything is written; a strategy that needs something of the model (DUET generating
+   DIN's attention) raises ``ConfigError`` there. The default accepts every model.
 
 Evaluation halves are no-ops by default (every device is scored prequentially by the
 grid); a strategy that wants Flower's federated evaluation overrides them.
@@ -81,6 +84,9 @@ class FleetMixin:
 
     def prepare(self, cloud: Any) -> None:
         """Cloud-side work before round 1 (nothing by default)."""
+
+    def check_model(self, spec: Any) -> None:
+        """Raise ``ConfigError`` if the strategy cannot run on ``spec`` (a ``ModelSpec``)."""
 
     # -- checkpoints: the state contract ------------------------------------------------
 

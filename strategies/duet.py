@@ -45,7 +45,8 @@ from devices.samples import SampleBuilder
 from strategies.cloud import history_rows
 from strategies.base import FleetStrategy
 from strategies.common import check_fraction, check_non_negative, check_positive, mean_metrics, sample_fraction
-from strategies.duet_generator import GeneratorConfig, UploadedSamples, generate_heads, retrain_duet, train_duet
+from strategies.duet_generator import (GeneratorConfig, UploadedSamples, dynamic_keys, generate_heads, retrain_duet,
+                                       train_duet)
 
 WINDOW, INSTALL = "query.window", "query.install"
 
@@ -74,7 +75,7 @@ class Duet(FleetStrategy, short_name="duet", colour="#2ca02c"):
     def __init__(self, fraction_train: float = 0.5, m: int = 5, tau: float = 1.0, stabilizer: bool = True,
                  frozen_bases: bool = False, epochs: int = 3, lr: float = 0.005, retrain_every: int = 0,
                  retrain_epochs: int = 1, retrain_history: float = 1.0, from_scratch: bool = False,
-                 z_dim: int = 32, e_dim: int = 32) -> None:
+                 z_dim: int = 32, e_dim: int = 32, generate: str = "head") -> None:
         self.fraction_train = check_fraction("fraction_train", fraction_train)
         self.epochs = int(check_positive("epochs", epochs, integer=True))
         self.lr = float(check_positive("lr", lr))
@@ -89,12 +90,16 @@ class Duet(FleetStrategy, short_name="duet", colour="#2ca02c"):
             raise ConfigError("from_scratch", from_scratch, "true or false")
         self.gcfg = GeneratorConfig(z_dim=z_dim, e_dim=e_dim, m=m, tau=float(check_positive("tau", tau)),
                                     stabilizer=bool(stabilizer), frozen_bases=bool(frozen_bases),
-                                    from_scratch=from_scratch)
+                                    from_scratch=from_scratch, generate=generate)
         self.body: dict[str, np.ndarray] | None = None
         self.gen: dict[str, np.ndarray] | None = None
         self.body_version = 0  # bumped by every retraining
         self._device_body: dict[int, int] = {}  # node id -> body version it holds
         self._uploads: list[tuple[np.ndarray, np.ndarray]] = []  # (node ids, windows) since the last retrain
+
+    def check_model(self, spec) -> None:
+        """The layers ``generate`` names must exist in the backbone."""
+        dynamic_keys(spec, self.gcfg)
 
     def prepare(self, cloud) -> None:
         """Joint cloud training of body + encoder + generator on the history data."""

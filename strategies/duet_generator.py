@@ -28,8 +28,8 @@ from devices.data import Interactions
 from devices.samples import SampleBuilder, Samples, stream_key
 from strategies.cloud import fit, history_rows
 from strategies.duet_model import (  # noqa: F401 (the model; names re-exported)
-    BASES, GEN_TAG, NOISE, SPREAD, GeneratorConfig, duet_logits, encode_windows, generate_heads, head_layers,
-    head_nbytes, init_generator, is_basis)
+    BASES, GEN_TAG, NOISE, SPREAD, GeneratorConfig, duet_logits, dynamic_keys, encode_windows, generate_heads,
+    head_layers, head_nbytes, init_generator, is_basis)
 
 DUET_TAG = 4  # sample stream and shuffling of the joint training (cloud.py uses 3)
 RETRAIN_TAG = 5  # sample streams and shuffling of the retrainings (with the round)
@@ -51,7 +51,7 @@ def train_duet(inter: Interactions, history_end: float, spec: models.ModelSpec, 
     """
     torch.manual_seed(seed)
     torch.set_num_threads(1)  # as train_cloud_model: small batches run faster on one thread
-    heads = set(spec.head_keys())
+    heads = set(dynamic_keys(spec, gcfg))
     start = models.init_params(spec, seed) if gcfg.from_scratch else body_init
     body = {k: v.clone().requires_grad_(k not in heads)
             for k, v in models.to_torch({**start, **{k: body_init[k] for k in heads}}).items()}
@@ -143,7 +143,7 @@ def retrain_duet(body: dict[str, np.ndarray], gen: dict[str, np.ndarray], sample
     streams and shuffling keyed by (seed, ``RETRAIN_TAG``, round ``rnd``). Returns (body,
     generator, per-epoch mean loss); ``frozen_bases`` still leaves the bases untouched.
     """
-    heads = set(spec.head_keys())
+    heads = set(dynamic_keys(spec, gcfg))
     b = {k: v.clone().requires_grad_(k not in heads) for k, v in models.to_torch(body).items()}
     g = {k: torch.from_numpy(np.array(v)).requires_grad_(not (gcfg.frozen_bases and is_basis(k))) for k, v in gen.items()}
     trainable = [v for v in (*b.values(), *g.values()) if v.requires_grad]

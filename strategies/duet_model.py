@@ -21,6 +21,10 @@ Paper -> code (DUET, Lv et al., WWW'23: the parameter generator and its stabilis
   m averaged linear decoders would be one linear decoder anyway.
 - ``frozen_bases=True`` (ablation reproducing the authors' code): D, d, C, c keep their
   initial values; A_n, the encoder and the body still train.
+- ``generate``: which layers are dynamic. ``"head"`` (default): the backbone's head
+  (``ModelSpec.head_keys``; DIN's whole classifier). ``"head+attention"`` (DIN only): DIN's
+  activation unit (``din.att.w1/b1/w2/b2``) is generated too, each window getting its own
+  attention over its items; those layers then leave the body, as the head does.
 
 Initialisation (our choice): d_n^(i), c_n^(i) = the universal model's head (``head_init``)
 plus noise of 1 % of the layer's 1/sqrt(in) scale, D and C small (their product with e_n
@@ -41,6 +45,8 @@ import torch
 from devices import models
 from devices.errors import ConfigError
 
+# ``generate`` -> the layers generated beside the head (weight, bias keys of each)
+GENERATE: dict[str, tuple[str, ...]] = {"head": (), "head+attention": ("din.att.w1", "din.att.b1", "din.att.w2", "din.att.b2")}
 GEN_TAG = int.from_bytes(b"duetgen", "big")  # initialisation of the generator
 BASES = ("D", "d0", "C", "c0")  # decoder bases: frozen by ``frozen_bases``
 SPREAD = 0.1  # std of D, C entries x sqrt(e_dim), relative to the layer scale 1/sqrt(in)
@@ -58,6 +64,7 @@ class GeneratorConfig:
     stabilizer: bool = True
     frozen_bases: bool = False
     from_scratch: bool = False  # joint training from a fresh init instead of the universal model
+    generate: str = "head"  # the dynamic layers: a key of GENERATE
 
     def __post_init__(self) -> None:
         for key in ("z_dim", "e_dim", "m"):
@@ -67,6 +74,8 @@ class GeneratorConfig:
         t = self.tau
         if isinstance(t, bool) or not isinstance(t, (int, float, np.floating)) or not 0 < t < math.inf:
             raise ConfigError("strategies.duet.tau", t, "a finite number > 0")
+        if self.generate not in GENERATE:
+            raise ConfigError("strategies.duet.generate", self.generate, f"one of {list(GENERATE)}")
         for key in ("stabilizer", "frozen_bases", "from_scratch"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"strategies.duet.{key}", getattr(self, key), "true or false")
@@ -77,16 +86,27 @@ class GeneratorConfig:
         return self.m if self.stabilizer else 1
 
 
-def head_layers(spec: models.ModelSpec) -> list[tuple[str, str, int, int]]:
-    """(weight key, bias key, in, out) of each dynamic layer, in ``spec.head_keys()`` order."""
-    keys, shapes = spec.head_keys(), spec.shapes()
+def dynamic_keys(spec: models.ModelSpec, gcfg: GeneratorConfig | None = None) -> tuple[str, ...]:
+    """The generated parameters' keys (weight, bias pairs): the head, plus the layers
+    ``gcfg.generate`` adds (``ConfigError`` if the backbone has none of them)."""
+    extra = GENERATE[gcfg.generate if gcfg is not None else "head"]
+    missing = [k for k in extra if k not in spec.shapes()]
+    if missing:
+        raise ConfigError("strategies.duet.generate", gcfg.generate,
+                          f"layers the {spec.backbone} backbone has (it has no {missing[0]}): 'head'")
+    return (*spec.head_keys(), *extra)
+
+
+def head_layers(spec: models.ModelSpec, gcfg: GeneratorConfig | None = None) -> list[tuple[str, str, int, int]]:
+    """(weight key, bias key, in, out) of each dynamic layer, in ``dynamic_keys`` order."""
+    keys, shapes = dynamic_keys(spec, gcfg), spec.shapes()
     return [(w, b, *shapes[w]) for w, b in zip(keys[::2], keys[1::2])]
 
 
-def head_nbytes(spec: models.ModelSpec) -> int:
+def head_nbytes(spec: models.ModelSpec, gcfg: GeneratorConfig | None = None) -> int:
     """Bytes of one generated head in fp32 (what the cloud sends a device per request)."""
     shapes = spec.shapes()
-    return int(sum(4 * math.prod(shapes[k]) for k in spec.head_keys()))
+    return int(sum(4 * math.prod(shapes[k]) for k in dynamic_keys(spec, gcfg)))
 
 
 def is_basis(name: str) -> bool:
@@ -106,7 +126,7 @@ def init_generator(spec: models.ModelSpec, gcfg: GeneratorConfig, seed: int,
     g = {"gen.enc.gru.w_ih": normal((d, 3 * d), d**-0.5), "gen.enc.gru.w_hh": normal((d, 3 * d), d**-0.5),
          "gen.enc.gru.b": np.zeros(3 * d, np.float32), "gen.enc.w1": normal((d, d), d**-0.5),
          "gen.enc.b1": np.zeros(d, np.float32), "gen.enc.w2": normal((d, Z), d**-0.5), "gen.enc.b2": np.zeros(Z, np.float32)}
-    for wk, bk, i, o in head_layers(spec):
+    for wk, bk, i, o in head_layers(spec, gcfg):
         scale = i**-0.5
         w0 = np.asarray(head_init[wk], np.float32) if head_init else normal((i, o), scale)
         b0 = np.asarray(head_init[bk], np.float32) if head_init else np.zeros(o, np.float32)
@@ -152,12 +172,12 @@ def generate_heads(gen: dict[str, torch.Tensor], body: dict[str, torch.Tensor], 
     """
     z = encode_windows(gen, body, windows)
     out, weights = {}, {}
-    for wk, bk, i, o in head_layers(spec):
+    for wk, bk, i, o in head_layers(spec, gcfg):
         e = z @ gen[f"gen.{wk}.A"].T
         w, weights[wk] = _decode(e, gen[f"gen.{wk}.D"], gen[f"gen.{wk}.d0"], gcfg.tau)
         out[bk], weights[bk] = _decode(e, gen[f"gen.{bk}.C"], gen[f"gen.{bk}.c0"], gcfg.tau)
         out[wk] = w.reshape(-1, i, o)
-    out = {k: out[k] for k in spec.head_keys()}
+    out = {k: out[k] for k in dynamic_keys(spec, gcfg)}
     if return_weights:
         out["stabilizer_weights"] = weights
     return out

@@ -150,6 +150,8 @@ def test_unknown_config_key(fleetsim, tmp_path, extra, needles):
     ("experiment.hosts=true", ["experiment.hosts = True", "an integer"]),
     ("cloud.lr=fast", ["cloud.lr = 'fast'", "a number"]),
     ("profiles.tier_gflops=[1, 2]", ["profiles.tier_gflops"]),
+    # a value the strategy accepts, but not with this backbone (GRU4Rec has no attention unit)
+    ("strategies.duet.generate=head+attention", ["strategies.duet.generate = 'head+attention'", "din.att.w1"]),
 ])
 def test_wrong_type(fleetsim, tmp_path, setting, needles):
     out = tmp_path / "out"

@@ -80,6 +80,38 @@ def test_head_layers_and_nbytes():
         assert models.num_bytes({k: v[0].numpy() for k, v in heads.items()}) == 8_448
 
 
+ATT = ("din.att.w1", "din.att.b1", "din.att.w2", "din.att.b2")
+
+
+def test_din_attention_generated_too_is_each_samples_own_and_sized_by_hand():
+    # generate = "head+attention": DIN's activation unit is generated per window beside the
+    # head. Bytes by hand (d = 32, 36 attention units): the head's 66,564 plus
+    # 4 x (128 x 36 + 36 + 36 x 1 + 1) = 18,724.
+    gcfg = GeneratorConfig(generate="head+attention")
+    spec, body, gen = setup("din", gcfg)
+    assert [layer[:2] for layer in head_layers(spec, gcfg)][-2:] == [ATT[:2], ATT[2:]]
+    assert head_nbytes(spec, gcfg) == 66_564 + 18_724 == 85_288
+    w = random_windows(5)
+    heads = generate_heads(gen, body, w, spec, gcfg)
+    assert list(heads) == [*spec.head_keys(), *ATT]
+    assert not torch.equal(heads["din.att.w1"][1], heads["din.att.w1"][2])  # a function of the window
+    cands = torch.randint(0, N_ITEMS, (5, 7), generator=torch.Generator().manual_seed(3))
+    logits = duet_logits(body, gen, w, cands, spec, gcfg)
+    for j in range(5):  # sample j is scored by the body with ITS generated layers, attention included
+        own = {**body, **{k: v[j : j + 1] for k, v in heads.items()}}
+        torch.testing.assert_close(logits[j], models.forward(own, w[j : j + 1][None], cands[j : j + 1][None])[0, 0])
+    with_body_attention = {**body, **{k: v for k, v in heads.items() if k not in ATT}}
+    assert not torch.allclose(logits, models.forward(with_body_attention, w[:, None], cands[:, None])[:, 0])
+
+
+def test_attention_generation_needs_din():
+    with pytest.raises(ConfigError, match="generate"):
+        GeneratorConfig(generate="everything")
+    for bb in ("gru4rec", "sasrec"):
+        with pytest.raises(ConfigError, match=r"strategies\.duet\.generate.*no din\.att\.w1"):
+            head_layers(models.ModelSpec(n_items=N_ITEMS, backbone=bb), GeneratorConfig(generate="head+attention"))
+
+
 @pytest.mark.parametrize("backbone", ["gru4rec", "din"])
 def test_gradients_reach_every_basis_decoder_and_encoder(backbone):
     spec, body, gen = setup(backbone)
