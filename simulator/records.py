@@ -9,23 +9,26 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from devices.runtime import Payload
 
 
-_NPY_HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}
+# (dtype, shape) -> (.npy header, dtype name, shape as ints)
+_NPY_HEADERS: dict[tuple[str, tuple[int, ...]], tuple[bytes, str, tuple[int, ...]]] = {}
 
 
 def to_array(a: np.ndarray) -> Array:
-    """numpy -> Flower ``Array``, byte-identical to ``Array(a)`` but without ``np.save``
-    per call: the .npy header is built once per dtype and shape (replies are thousands of
-    same-shaped arrays per round)."""
-    a = np.ascontiguousarray(a)
+    """numpy -> Flower ``Array``, byte-identical to ``Array(a)`` (for an array in C order;
+    any other is written in C order: the same values) but without ``np.save`` per call:
+    the .npy header (and the dtype's name) is made once per dtype and shape (replies are
+    thousands of same-shaped arrays per round), and the data is copied once, straight
+    from the array's buffer after the header."""
+    a = np.asarray(a, order="C")  # not ascontiguousarray: it makes a 0-d array 1-d
     key = (a.dtype.str, a.shape)
-    header = _NPY_HEADERS.get(key)
-    if header is None:
+    known = _NPY_HEADERS.get(key)
+    if known is None:
         buf = io.BytesIO()
         np.lib.format.write_array_header_1_0(
             buf, {"descr": np.lib.format.dtype_to_descr(a.dtype), "fortran_order": False, "shape": a.shape})
-        header = _NPY_HEADERS[key] = buf.getvalue()
-    return Array(dtype=str(a.dtype), shape=tuple(int(d) for d in a.shape), stype="numpy.ndarray",
-                 data=header + a.tobytes())
+        known = _NPY_HEADERS[key] = (buf.getvalue(), str(a.dtype), tuple(int(d) for d in a.shape))
+    header, dtype, shape = known
+    return Array(dtype=dtype, shape=shape, stype="numpy.ndarray", data=b"".join((header, a.data)))
 
 
 def to_payload(content: RecordDict, cache: dict[int, dict[str, np.ndarray]] | None = None) -> Payload:
@@ -54,7 +57,7 @@ def to_recorddict(payload: Payload) -> RecordDict:
     """``Payload`` -> Flower ``RecordDict``."""
     rd = RecordDict()
     for name, arrays in payload.arrays.items():
-        rd[name] = ArrayRecord({k: to_array(v) for k, v in arrays.items()})
+        rd[name] = array_record(arrays)
     for name, rec in payload.metrics.items():
         rd[name] = MetricRecord(dict(rec))
     for name, rec in payload.configs.items():
@@ -67,4 +70,12 @@ def arrays_of(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: to_array(v) for k, v in arrays.items()})
+    """numpy dict -> ``ArrayRecord``, equal to ``ArrayRecord({k: to_array(v) ...})``.
+
+    Filled item by item: ``ArrayRecord(dict_of_arrays)`` builds every ``Array`` a second
+    time (a copy per array), which was a third of the driver's time in a round of 1,000
+    replies."""
+    record = ArrayRecord()
+    for k, v in arrays.items():
+        record[k] = to_array(v)
+    return record

@@ -146,9 +146,19 @@ def test_fast_flower_arrays_are_byte_identical_to_flowers_own():
 
     from simulator.records import to_array
 
+    from flwr.app import ArrayRecord
+
+    from simulator.records import array_record
+
     rng = np.random.default_rng(0)
     for a in (rng.random((3, 4), dtype=np.float32), rng.random(7), np.arange(5, dtype=np.int32),
-              np.float32(2.5) * np.ones(()), rng.random((4, 3)).T):
-        ours, theirs = to_array(a), Array(np.ascontiguousarray(a))
+              np.float32(2.5) * np.ones(()), rng.random((4, 3)).T, rng.random((5, 2))[::2], np.zeros((0, 3)),
+              np.array([True, False])):
+        # Flower's own writes a transposed (Fortran-ordered) array as such; ours is always C order
+        ours, theirs = to_array(a), Array(np.asarray(a, order="C"))
         assert (ours.data, ours.dtype, ours.shape, ours.stype) == (theirs.data, theirs.dtype, theirs.shape, theirs.stype)
+        assert ours.shape == a.shape  # a 0-d array stays 0-d
         np.testing.assert_array_equal(ours.numpy(), a)
+    arrays = {"w": rng.random((2, 3), dtype=np.float32), "b": np.zeros(3, np.float32)}
+    ours, theirs = array_record(arrays), ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    assert list(ours) == list(theirs) and ours.object_id == theirs.object_id  # the same record, key order too
