@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from devices import settings
+from devices.models import ModelSpec
 from devices.movielens import LEAVE_LAST_KEYS, PAPER_STRATEGIES, PROTOCOLS, MovieLensConfig  # noqa: F401 (re-exported)
 from devices.profiles import ProfileConfig
 from devices.runtime import DeviceSettings
@@ -90,10 +91,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         self.spec()  # one set of rules: ModelSpec's
 
-    def spec(self, n_items: int = 1):
+    def spec(self, n_items: int = 1) -> ModelSpec:
         """The ``devices.models.ModelSpec`` of this section (for ``n_items`` items)."""
-        from devices.models import ModelSpec
-
         return ModelSpec(n_items=n_items, backbone=self.backbone, dim=self.dim, window=self.window)
 
 
