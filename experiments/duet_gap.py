@@ -61,6 +61,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                                                                      "strategies.duet.e_dim=16"]),
 }
 METHODS = ("base", "finetune", "duet")
+STRATEGIES = ("cloud_only", "local_finetune", "duet")  # the fleet strategy each method runs as
 REFERENCE = "base_protocol"
 
 
@@ -82,6 +83,13 @@ def run_one(name: str, seed: int, data: str, holdout: str, out_root: Path) -> di
     s = json.loads(summary.read_text())
     if s.get("protocol_settings", {}).get("holdout") != holdout:
         raise SystemExit(f"{summary}: not a {holdout} run")
+    # summary.json is written as the run goes: an interrupted run has one too. Its missing
+    # methods must not be borrowed from the reference as if this run had them.
+    expected = [METHODS[STRATEGIES.index(x)] for x in strategies_of(name)]
+    unfinished = [m for m in expected if s.get("strategies", {}).get(m, {}).get("status") != "complete"]
+    if unfinished:
+        raise SystemExit(f"{out}: an unfinished run ({', '.join(unfinished)} not complete); "
+                         "remove the folder to run it again")
     return {m: s["methods"][m]["auc"] for m in METHODS if m in s["methods"]}
 
 
