@@ -15,13 +15,16 @@ run's processes together (the driver and every Ray process it starts), sampled f
 the sum of PSS (proportional set size: a shared page counts once, split among its
 sharers); the sum of RSS, which counts shared pages in every process, is printed beside it.
 
-The last line is ``scale ratio 1M/10k per-round: X`` (the target of issue 15 is <= 1.5).
+The last line is ``scale ratio 1M/10k per-round: X`` (the target of issue 15 is <= 1.5);
+with ``--repeats N`` every size is measured N times, sizes interleaved, and X is the median
+of the N ratios.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -167,6 +170,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warm", type=int, default=3, help="warm rounds measured (after one warm-up round)")
     ap.add_argument("--hosts", type=int, default=0, help="Ray device hosts (0 = as many as the CPUs)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="measure every size this many times, sizes interleaved; the ratio is then the "
+                         "median of the repeats' ratios (on a shared machine one run's ratio says little)")
     ap.add_argument("--json", metavar="PATH", help="also write all results here")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: run one size in this process
     args = ap.parse_args(argv)
@@ -177,13 +183,13 @@ def main(argv: list[str] | None = None) -> None:
         sizes = [int(s) for s in args.sizes.split(",")]
     except ValueError:
         ap.error(f"--sizes {args.sizes!r}: expected comma-separated integers")
-    if args.per_round < 1 or any(s < args.per_round for s in sizes) or args.warm < 1:
-        ap.error("--per-round must be >= 1, every size >= --per-round, and --warm >= 1")
+    if args.per_round < 1 or any(s < args.per_round for s in sizes) or args.warm < 1 or args.repeats < 1:
+        ap.error("--per-round must be >= 1, every size >= --per-round, and --warm and --repeats >= 1")
     gb = 1 << 30
     results = []
     print(f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; {args.per_round} devices per round, "
           f"{args.warm} warm rounds", flush=True)
-    for n in sizes:
+    for n in [n for _ in range(args.repeats) for n in sizes]:
         r = measure(n, args)
         results.append(r)
         print(f"{n:>9,} devices ({r['hosts']} hosts): build {r['build_s']:6.1f} s, pool start {r['pool_start_s']:5.1f} s, "
@@ -193,12 +199,14 @@ def main(argv: list[str] | None = None) -> None:
               f"({r['peak_rss'] / gb:.2f} GB RSS)", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results) + "\n")
-    by = {r["devices"]: r for r in results}
-    if 10_000 in by and 1_000_000 in by:
-        print(f"scale ratio 1M/10k per-round: {by[1_000_000]['median_round_s'] / by[10_000]['median_round_s']:.2f}")
-    else:
-        lo, hi = results[0], results[-1]
-        print(f"scale ratio {hi['devices']}/{lo['devices']} per-round: {hi['median_round_s'] / lo['median_round_s']:.2f}")
+    lo, hi = (10_000, 1_000_000) if {10_000, 1_000_000} <= set(sizes) else (sizes[0], sizes[-1])
+    reps = [results[i : i + len(sizes)] for i in range(0, len(results), len(sizes))]
+    ratios = [{r["devices"]: r["median_round_s"] for r in rep}[hi] / {r["devices"]: r["median_round_s"] for r in rep}[lo]
+              for rep in reps]
+    if len(ratios) > 1:
+        print(f"ratios of the {len(ratios)} repeats: {', '.join(f'{x:.2f}' for x in ratios)}")
+    name = "1M/10k" if (lo, hi) == (10_000, 1_000_000) else f"{hi}/{lo}"
+    print(f"scale ratio {name} per-round: {statistics.median(ratios):.2f}")
 
 
 if __name__ == "__main__":
