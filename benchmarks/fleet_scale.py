@@ -200,9 +200,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(results) + "\n")
     lo, hi = (10_000, 1_000_000) if {10_000, 1_000_000} <= set(sizes) else (sizes[0], sizes[-1])
-    reps = [results[i : i + len(sizes)] for i in range(0, len(results), len(sizes))]
-    ratios = [{r["devices"]: r["median_round_s"] for r in rep}[hi] / {r["devices"]: r["median_round_s"] for r in rep}[lo]
-              for rep in reps]
+    ratios = []
+    for i in range(0, len(results), len(sizes)):  # one repeat: every size once
+        round_s = {r["devices"]: r["median_round_s"] for r in results[i : i + len(sizes)]}
+        ratios.append(round_s[hi] / round_s[lo])
     if len(ratios) > 1:
         print(f"ratios of the {len(ratios)} repeats: {', '.join(f'{x:.2f}' for x in ratios)}")
     name = "1M/10k" if (lo, hi) == (10_000, 1_000_000) else f"{hi}/{lo}"

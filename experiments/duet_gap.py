@@ -22,6 +22,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from devices.movielens import PAPER_STRATEGIES  # the strategy each of METHODS runs as
 from study import ROOT, finish, fleetsim_run, seed_list
 
 EXPERIMENT = ROOT / "experiments" / "duet_movielens.toml"
@@ -61,7 +62,6 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                                                                      "strategies.duet.e_dim=16"]),
 }
 METHODS = ("base", "finetune", "duet")
-STRATEGIES = ("cloud_only", "local_finetune", "duet")  # the fleet strategy each method runs as
 REFERENCE = "base_protocol"
 
 
@@ -85,7 +85,7 @@ def run_one(name: str, seed: int, data: str, holdout: str, out_root: Path) -> di
         raise SystemExit(f"{summary}: not a {holdout} run")
     # summary.json is written as the run goes: an interrupted run has one too. Its missing
     # methods must not be borrowed from the reference as if this run had them.
-    expected = [METHODS[STRATEGIES.index(x)] for x in strategies_of(name)]
+    expected = [METHODS[PAPER_STRATEGIES.index(x)] for x in strategies_of(name)]
     unfinished = [m for m in expected if s.get("strategies", {}).get(m, {}).get("status") != "complete"]
     if unfinished:
         raise SystemExit(f"{out}: an unfinished run ({', '.join(unfinished)} not complete); "

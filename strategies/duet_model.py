@@ -175,9 +175,8 @@ def generate_heads(gen: dict[str, torch.Tensor], body: dict[str, torch.Tensor], 
     for wk, bk, i, o in head_layers(spec, gcfg):
         e = z @ gen[f"gen.{wk}.A"].T
         w, weights[wk] = _decode(e, gen[f"gen.{wk}.D"], gen[f"gen.{wk}.d0"], gcfg.tau)
+        out[wk] = w.reshape(-1, i, o)  # weight, then bias: the order of ``dynamic_keys``
         out[bk], weights[bk] = _decode(e, gen[f"gen.{bk}.C"], gen[f"gen.{bk}.c0"], gcfg.tau)
-        out[wk] = w.reshape(-1, i, o)
-    out = {k: out[k] for k in dynamic_keys(spec, gcfg)}
     if return_weights:
         out["stabilizer_weights"] = weights
     return out
