@@ -30,6 +30,7 @@ from devices.backbones import REGISTRY
 from devices.backbones.registry import get as get_backbone
 from devices.backbones.din import DIN_ATTENTION, DIN_CHUNK, DIN_HEAD_KEYS, DIN_HIDDEN, din_logits  # noqa: F401
 from devices.backbones.gru4rec import HEAD_KEYS, encode  # noqa: F401
+from devices.backbones.layers import training_shortcuts
 from devices.backbones.layers import MASKED, _gather, _layer_norm, _linear, apply_patch, head, score, shared_tables  # noqa: F401
 from devices.backbones.sasrec import SAS_FFN, SAS_HEADS, sas_encode  # noqa: F401
 from devices.errors import ConfigError
@@ -200,12 +201,13 @@ def sgd_train(
     names = trainable or tuple(params)
     p = {k: (v.detach().clone().requires_grad_(True) if k in names else v) for k, v in params.items()}
     losses = torch.zeros(windows.shape[0])
-    for _ in range(steps):
-        losses = bce_loss(forward(p, windows, candidates), weight)
-        grads = torch.autograd.grad(losses.sum(), [p[k] for k in names])
-        with torch.no_grad():
-            for k, g in zip(names, grads):
-                p[k] -= lr * g
+    with training_shortcuts():
+        for _ in range(steps):
+            losses = bce_loss(forward(p, windows, candidates), weight)
+            grads = torch.autograd.grad(losses.sum(), [p[k] for k in names])
+            with torch.no_grad():
+                for k, g in zip(names, grads):
+                    p[k] -= lr * g
     return {k: v.detach() for k, v in p.items()}, losses.detach()
 
 
@@ -214,8 +216,11 @@ def flops_per_sample(spec: ModelSpec, candidates: int, backward: bool, trainable
     """FLOPs of one sample (window + ``candidates`` items), forward or forward+backward
     (the gradients of ``trainable`` params only, if given: what ``sgd_train`` computes).
 
-    Measured once per shape with ``torch.utils.flop_counter`` (matmul-type ops), so device
-    compute time follows from the work actually done: flops x samples x steps.
+    Measured once per shape with ``torch.utils.flop_counter`` (matmul-type ops) on the
+    model as written (one ``W_t e`` per candidate, one GRU input projection per window
+    position: no ``training_shortcuts``), so a device's compute time follows from the samples
+    it trains on: flops x samples x steps, whatever shortcuts the host takes to the same
+    values.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -223,7 +228,7 @@ def flops_per_sample(spec: ModelSpec, candidates: int, backward: bool, trainable
          for k, v in to_torch(init_params(spec, 0)).items()}
     win = torch.zeros(1, 8, spec.window, dtype=torch.long)
     cand = torch.zeros(1, 8, candidates, dtype=torch.long)
-    with FlopCounterMode(display=False) as fc:
+    with FlopCounterMode(display=False) as fc, training_shortcuts(False):
         out = forward(p, win, cand, spec.backbone)
         if backward:
             bce_loss(out, torch.ones(1, 8)).sum().backward()

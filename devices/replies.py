@@ -51,15 +51,42 @@ def nonfinite_replies(replies: list[Payload]) -> np.ndarray:
                     floats.setdefault((rec, k), []).append((j, float(np.sum(v, dtype=np.float64))))
     for members in groups.values():
         idx = np.fromiter((j for j, _ in members), dtype=np.int64, count=len(members))
-        stacked = np.stack([a for _, a in members]).reshape(len(members), -1)
+        arrays = [a for _, a in members]
+        cut = rows_of_one_array(arrays)
+        if cut is None:
+            stacked = np.stack(arrays).reshape(len(members), -1)
+        else:  # replies cut from one stacked result: reduce it in place, no copy
+            base, rows = cut
+            stacked = base.reshape(len(base), -1)
         with np.errstate(over="ignore", invalid="ignore"):
             sums = stacked.sum(axis=1, dtype=np.float64)
+        if cut is not None:
+            sums = sums[rows]
         suspect = ~np.isfinite(sums)
         if suspect.any():
-            suspect[suspect] = ~np.isfinite(stacked[suspect]).all(axis=1)
+            suspect[suspect] = ~np.isfinite(stacked[suspect if cut is None else rows[suspect]]).all(axis=1)
             bad[idx[suspect]] = True
     for members in floats.values():
         vals = np.fromiter((v for _, v in members), dtype=np.float64, count=len(members))
         idx = np.fromiter((j for j, _ in members), dtype=np.int64, count=len(members))
         bad[idx[~np.isfinite(vals)]] = True
     return bad
+
+
+def rows_of_one_array(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray] | None:
+    """If every array is a whole row of one C-contiguous array (replies cut from one
+    stacked result, ``v[j]``), that array and each one's row index; else None."""
+    base = arrays[0].base
+    if not isinstance(base, np.ndarray) or base.ndim == 0 or base.shape[1:] != arrays[0].shape \
+            or base.dtype != arrays[0].dtype or not base.flags.c_contiguous:
+        return None
+    row_bytes = max(arrays[0].nbytes, 1)
+    start = base.__array_interface__["data"][0]
+    rows = np.empty(len(arrays), dtype=np.int64)
+    for i, a in enumerate(arrays):
+        if a.base is not base or a.shape != base.shape[1:] or not a.flags.c_contiguous:
+            return None
+        rows[i], rest = divmod(a.__array_interface__["data"][0] - start, row_bytes)
+        if rest or not 0 <= rows[i] < len(base):
+            return None
+    return base, rows

@@ -21,6 +21,7 @@ import pytest
 
 import simulator.run as run_mod
 from devices.host import nonfinite_replies
+from devices.replies import rows_of_one_array
 from devices.pool import HostPool
 from devices.reaper import descendants
 from devices.runtime import Payload
@@ -255,6 +256,24 @@ def test_nonfinite_replies_flags_nan_inf_in_arrays_and_metrics():
     ints = Payload(arrays={"ids": {"items": np.array([1, 2], np.int64)}})
     assert nonfinite_replies([ok, nan_array, inf_metric, huge, ints]).tolist() == [False, True, True, False, False]
     assert nonfinite_replies([]).tolist() == []
+
+
+def test_nonfinite_replies_cut_from_one_stacked_result():
+    """Replies that are rows of one array (how the built-in device functions cut theirs)
+    are checked on that array in place: the same answer as for separate copies, for rows
+    given out of order and for a subset, with a huge finite float64 row not flagged."""
+    stacked = np.ones((6, 4, 3), np.float32)
+    stacked[1, 2, 0], stacked[4, 0, 2] = np.nan, -np.inf
+    wide = np.full((6, 2), 1e308)  # float64 sums overflow, elements finite
+    wide[3, 1] = np.nan
+    order = [5, 4, 3, 1, 0]
+    views = [Payload(arrays={"a": {"w": stacked[j], "x": wide[j]}}) for j in order]
+    copies = [Payload(arrays={"a": {"w": stacked[j].copy(), "x": wide[j].copy()}}) for j in order]
+    assert nonfinite_replies(views).tolist() == nonfinite_replies(copies).tolist() == [False, True, True, True, False]
+    assert rows_of_one_array([stacked[j] for j in order])[1].tolist() == order
+    assert rows_of_one_array([stacked[2], stacked[3, :2]]) is None  # not whole rows
+    assert rows_of_one_array([stacked[2], stacked[3].copy()]) is None  # not all from one array
+    assert rows_of_one_array([stacked[:, 0][2]]) is None  # rows of a strided view
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "local_finetune"])

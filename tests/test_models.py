@@ -1,12 +1,15 @@
 """Backbones (GRU4Rec, DIN, SASRec): shapes, batching over models, heads, training, FLOPs."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
 
 from conftest import small_config
 from devices import models
+from devices.backbones import layers
 from devices.pool import HostPool
 from devices.runtime import DeviceContext, train_held_models
 from strategies.cloud import train_cloud_model
@@ -333,6 +336,59 @@ def test_flops_per_sample(backbone):
         bwd = models.flops_per_sample(spec, c, backward=True)
         assert 0 < fwd < bwd
     assert models.flops_per_sample(spec, 100, False) > models.flops_per_sample(spec, 5, False)
+
+
+def test_flops_per_sample_count_the_model_as_written():
+    """GRU4Rec forward, by hand: input projection and recurrence 2 x L x d x 3d each, the
+    user tower 2 x 2 x d x d, W_t e 2 x d x d per candidate (the dot products and gates
+    are not matmuls). ``training_shortcuts`` (what the hosts run) leave the count alone."""
+    spec, d, c = spec_for("gru4rec"), 32, 5
+    by_hand = 2 * (2 * L * d * 3 * d) + 2 * 2 * d * d + c * 2 * d * d
+    models.flops_per_sample.cache_clear()
+    with layers.training_shortcuts():
+        assert models.flops_per_sample(spec, c, backward=False) == by_hand
+    assert models.flops_per_sample(spec, c, backward=True) > 2 * by_hand
+
+
+@pytest.mark.parametrize("n_items,m", [(N_ITEMS, 3), (5000, 3), (N_ITEMS, 1)])
+def test_training_shortcuts_give_the_gradients_of_the_model_as_written(n_items, m):
+    """Under ``training_shortcuts`` GRU4Rec trains with its recurrence's backward written
+    out, its item table projected once (fewer rows than window positions: N_ITEMS) or
+    per position (5000), and W_t applied to the user vector: the same loss and gradients
+    as autograd through the model as written, to 1e-12 in float64 and float32 rounding."""
+    spec = spec_for("gru4rec", n_items)
+    win, cand = samples(m, 9, 7, seed=4)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-6)):
+        p = {k: (v + 0.3 * torch.randn(v.shape, generator=torch.Generator().manual_seed(5))).to(dtype)
+             for k, v in batched(spec, m).items()}
+        weight = torch.ones(m, 9, dtype=dtype)
+
+        def loss_and_grads():
+            q = {k: v.clone().requires_grad_(True) for k, v in p.items()}
+            loss = models.bce_loss(models.forward(q, win, cand), weight).sum()
+            return loss, torch.autograd.grad(loss, list(q.values()))
+
+        plain_loss, plain = loss_and_grads()
+        with layers.training_shortcuts():
+            fast_loss, fast = loss_and_grads()
+        torch.testing.assert_close(fast_loss, plain_loss, rtol=tol, atol=tol)
+        for k, a, b in zip(p, fast, plain):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=k)
+            assert a.abs().sum() > 0 or k == "item_emb" and n_items > N_ITEMS  # every layer has a gradient
+
+
+def test_sgd_train_takes_the_shortcuts_and_lands_where_plain_sgd_does(monkeypatch):
+    spec = spec_for("gru4rec")
+    p = batched(spec, 4)
+    win, cand = samples(4, 12, 5, seed=6)
+    weight = torch.ones(4, 12)
+    fast, fast_loss = models.sgd_train(p, win, cand, weight, steps=5, lr=0.5)
+    monkeypatch.setattr(models, "training_shortcuts", contextlib.nullcontext)
+    plain, plain_loss = models.sgd_train(p, win, cand, weight, steps=5, lr=0.5)
+    assert not all(torch.equal(fast[k], plain[k]) for k in p)  # another summation order ...
+    torch.testing.assert_close(fast_loss, plain_loss, rtol=1e-5, atol=1e-6)  # ... the same training
+    for k in p:
+        torch.testing.assert_close(fast[k], plain[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
 @backbones

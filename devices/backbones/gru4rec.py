@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from devices.backbones.registry import Backbone, register
-from devices.backbones.layers import SHARED_GRU_IN, _gather, head, score
+from devices.backbones.layers import SHARED_GRU_IN, _gather, head, score, shortcuts
 
 HEAD_KEYS = ("head.w1", "head.b1", "head.w2", "head.b2")  # user tower of GRU4Rec and SASRec
 
@@ -20,6 +20,8 @@ def encode(params: dict[str, torch.Tensor], windows: torch.Tensor) -> torch.Tens
     """GRU4Rec body: windows (M, N, L) item ids (PAD on the left) -> hidden state (M, N, d)."""
     _, n, L = windows.shape
     w_ih, w_hh, b = params["gru.w_ih"], params["gru.w_hh"], params["gru.b"].unsqueeze(1)
+    if shortcuts() and torch.is_grad_enabled() and SHARED_GRU_IN not in params and _Recurrence.fits(params, windows):
+        return _Recurrence.encode(params, windows)  # training: the backward written out
     if SHARED_GRU_IN in params:  # every item's input projection, computed once (``shared_tables``)
         gi_all = _gather(params[SHARED_GRU_IN], windows)  # the bias is in the table
         m, d = gi_all.shape[0], w_hh.shape[1]
@@ -43,6 +45,102 @@ def encode(params: dict[str, torch.Tensor], windows: torch.Tensor) -> torch.Tens
         # a PAD step leaves h as it was (only the first steps of short windows have one)
         h = torch.where(masks[t], h_new, h) if padded[t] else h_new
     return h
+
+
+class _Recurrence(torch.autograd.Function):
+    """``encode`` for training: the same function, with the recurrence's backward written out.
+
+    Autograd's backward of the loop in ``encode`` runs a dozen small kernels per step
+    (split/chunk gradients are concatenated, the broadcast bias is summed, w_hh's gradient
+    is one small batched matmul per step). Here each step's gate gradients are written
+    straight into step-major buffers and w_hh's gradient is one batched matmul over all
+    steps: the same FLOPs, in fewer passes over memory. The input projections are looked
+    up step-major too ((L, M, N, 3d): every step reads one contiguous block), and with
+    per-device (local) item tables of fewer rows than window positions the table is
+    projected once and its rows looked up. Outputs and gradients agree with autograd
+    through ``encode``'s loop to float32 rounding (``tests/test_models.py``). Used under
+    ``layers.training_shortcuts`` only (device training, ``models.sgd_train``).
+    """
+
+    @staticmethod
+    def fits(params: dict[str, torch.Tensor], windows: torch.Tensor) -> bool:
+        """One model per window batch (M equal everywhere) and w_hh trained."""
+        m = windows.shape[0]
+        return (params["gru.w_hh"].requires_grad and params["gru.w_hh"].shape[0] == m
+                and params["gru.w_ih"].shape[0] == m and params["item_emb"].shape[0] == m)
+
+    @staticmethod
+    def encode(params: dict[str, torch.Tensor], windows: torch.Tensor) -> torch.Tensor:
+        m, n, L = windows.shape
+        emb, w_ih, b = params["item_emb"], params["gru.w_ih"], params["gru.b"].unsqueeze(1)
+        v = emb.shape[1]
+        steps = windows.permute(2, 0, 1)  # (L, M, N)
+        if v < n * L:  # project the table once, then look its rows up
+            table = (torch.matmul(emb, w_ih) + b).reshape(m * v, -1)
+        else:  # project each looked-up row
+            table = emb.reshape(m * v, -1)
+        rows = (steps.clamp(min=0) + torch.arange(m).reshape(1, m, 1) * v).reshape(-1)
+        gi = table.index_select(0, rows).reshape(L, m, n, -1)
+        if v >= n * L:
+            gi = torch.matmul(gi.reshape(L, m, n, -1).transpose(0, 1).reshape(m, L * n, -1), w_ih)
+            gi = (gi + b).reshape(m, L, n, -1).transpose(0, 1)
+        valid = steps >= 0
+        padded = valid.logical_not().flatten(1).any(1).tolist()
+        return _Recurrence.apply(gi, params["gru.w_hh"], valid.unsqueeze(-1), padded)
+
+    @staticmethod
+    def forward(ctx, gi, w_hh, masks, padded):
+        L, m, n, d3 = gi.shape
+        d = d3 // 3
+        h = gi.new_zeros(m, n, d)
+        hs, rzs, cs, hns = [], [], [], []
+        w = w_hh.transpose(1, 2).contiguous().transpose(1, 2)  # MKL's faster layout here
+        for t in range(L):
+            hs.append(h)
+            i_rz, i_n = gi[t].split([2 * d, d], -1)
+            h_rz, h_n = torch.matmul(h, w).split([2 * d, d], -1)
+            rz = torch.sigmoid(i_rz + h_rz)
+            r, z = rz.chunk(2, -1)
+            c = torch.tanh(i_n + r * h_n)
+            h_new = (1 - z) * c + z * h
+            h = torch.where(masks[t], h_new, h) if padded[t] else h_new
+            rzs.append(rz), cs.append(c), hns.append(h_n)
+        ctx.save_for_backward(w_hh, masks)
+        ctx.steps, ctx.padded = (hs, rzs, cs, hns), padded
+        return h
+
+    @staticmethod
+    def backward(ctx, dh):
+        w_hh, masks = ctx.saved_tensors
+        hs, rzs, cs, hns = ctx.steps
+        L, (m, n, d) = len(hs), hs[0].shape
+        dgi = dh.new_empty(L, m, n, 3 * d)  # d(loss)/d(gi): step-major, like gi
+        dgh = dh.new_empty(m, L, n, 3 * d)  # d(loss)/d(h @ w_hh): model-major, for dw
+        w_t = w_hh.transpose(1, 2)
+        for t in reversed(range(L)):
+            rz, c, h, h_n = rzs[t], cs[t], hs[t], hns[t]
+            r, z = rz.chunk(2, -1)
+            if padded := ctx.padded[t]:  # a PAD step passed h through unchanged
+                d_new = torch.where(masks[t], dh, 0.0)
+            else:
+                d_new = dh
+            d_pre_n = d_new * (1 - z) * (1 - c * c)  # through c = tanh(i_n + r h_n)
+            g, gh = dgi[t], dgh[:, t]
+            torch.mul(d_pre_n, h_n, out=g[..., :d])  # d/dr
+            torch.mul(d_new, h - c, out=g[..., d:2 * d])  # d/dz
+            g[..., :2 * d].mul_(rz * (1 - rz))  # through the sigmoids (mul_: `*=` would copy back)
+            g[..., 2 * d:] = d_pre_n
+            gh[..., :2 * d] = g[..., :2 * d]
+            torch.mul(d_pre_n, r, out=gh[..., 2 * d:])
+            if t == 0:
+                break  # h_0 is the zero state: nothing to pass on
+            dh_prev = d_new * z + torch.matmul(gh, w_t)
+            dh = dh_prev + (dh - d_new) if padded else dh_prev
+        dw = None
+        if ctx.needs_input_grad[1]:  # sum over steps of h_t^T dgh_t: one batched matmul
+            h_all = torch.stack(hs, 1).reshape(m, L * n, d)
+            dw = torch.matmul(h_all.transpose(1, 2), dgh.reshape(m, L * n, 3 * d))
+        return (dgi if ctx.needs_input_grad[0] else None), dw, None, None
 
 
 def logits(params: dict[str, torch.Tensor], windows: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:

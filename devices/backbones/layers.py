@@ -3,9 +3,36 @@
 and the user tower + dot-product scoring of GRU4Rec and SASRec."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import torch
 
 MASKED = -1e9  # additive attention bias of padding keys: finite, so an all-PAD window has no NaN
+
+
+_SHORTCUTS = contextvars.ContextVar("training_shortcuts", default=False)  # per thread
+
+
+@contextlib.contextmanager
+def training_shortcuts(on: bool = True) -> Iterator[None]:
+    """Within it, training takes shortcuts to the same values as the models' formulas as
+    written: ``user W_t^T`` once per sample instead of ``W_t e`` per candidate, and the
+    GRU's recurrence with its backward written out (``gru4rec._Recurrence``). Values and
+    gradients agree to float32 rounding. ``models.sgd_train`` (device training, batched
+    over devices) runs under it; cloud-side training and ``models.flops_per_sample`` (a
+    device's FLOPs are those of the model as written) do not: ``training_shortcuts(False)``."""
+    token = _SHORTCUTS.set(on)
+    try:
+        yield
+    finally:
+        _SHORTCUTS.reset(token)
+
+
+def shortcuts() -> bool:
+    """Whether ``training_shortcuts`` is on in this thread."""
+    return _SHORTCUTS.get()
 
 
 def _gather(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -60,6 +87,11 @@ def score(params: dict[str, torch.Tensor], user: torch.Tensor, candidates: torch
             picked = torch.gather(every, 1, candidates.reshape(every.shape[0], -1))
             return picked.reshape(candidates.shape) + _gather(params["item_bias"], candidates)
         t = _gather(items, candidates)
+    elif shortcuts() and torch.is_grad_enabled():
+        # training: (W_t e) . user = e . (user W_t^T), one d x d product per sample instead
+        # of one per candidate (scoring keeps W_t e: bit for bit the shared tables' logits)
+        t = _gather(params["item_emb"], candidates)  # (M, N, C, d)
+        user = _linear(user, params["target.w"].transpose(1, 2))
     else:
         e = _gather(params["item_emb"], candidates)  # (M, N, C, d)
         t = torch.matmul(e, params["target.w"].unsqueeze(1))
