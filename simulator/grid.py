@@ -20,7 +20,6 @@ then the strategy's exchanges of round r run. The round advances when the strate
 """
 from __future__ import annotations
 
-import gc
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -133,10 +132,7 @@ class FleetGrid(Grid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         msgs = [self._pending.pop(i) for i in message_ids if i in self._pending]
-        if not msgs:
-            return []
-        with no_cyclic_gc():
-            return self._exchange(msgs)
+        return self._exchange(msgs) if msgs else []
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         # ``timeout`` is wall time in Flower; here time is simulated and the round
@@ -379,23 +375,6 @@ def _server_round(m: Message) -> int | None:
         if "server-round" in rec:
             return int(rec["server-round"])
     return None
-
-
-@contextmanager
-def no_cyclic_gc() -> Iterator[None]:
-    """Python's cycle collector paused while an exchange decodes and wraps a round's
-    replies: tens of thousands of small objects (Flower ``Array``s, records, messages)
-    are made at once, each burst of allocations triggers a collection, and the older
-    generations it scans hold the whole run's objects (~0.1-0.3 s of a 10k-fleet round,
-    every other round). Nothing is freed later than with the collector on: reference
-    counting frees the replies; cycles made meanwhile wait for the next collection."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 @contextmanager

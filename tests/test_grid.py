@@ -53,41 +53,6 @@ def test_ok_replies_come_from_the_right_devices(always_online_world):
     assert all(int(r.content["m"]["round"]) == 1 for r in replies)
 
 
-def test_the_cycle_collector_pauses_during_an_exchange_only(always_online_world, monkeypatch):
-    """Paused while the replies are made (``no_cyclic_gc``), on again after, also when the
-    exchange raises; left off if it was off."""
-    import gc
-
-    w = always_online_world
-    grid = make_grid(w)
-    seen = []
-    run = w.pool.run
-
-    def spy(*args):
-        seen.append(gc.isenabled())
-        if len(seen) == 2:
-            raise RuntimeError("host lost")
-        return run(*args)
-
-    monkeypatch.setattr(w.pool, "run", spy)
-    with flower_patched(grid, 0):
-        nodes = list(grid.get_node_ids())[:3]
-        assert gc.isenabled() and len(send(grid, nodes)) == 3
-        assert gc.isenabled()
-        try:
-            send(grid, nodes)
-        except RuntimeError:
-            pass
-        assert gc.isenabled()
-        gc.disable()
-        try:
-            send(grid, nodes)
-            assert not gc.isenabled()
-        finally:
-            gc.enable()
-    assert seen == [False, False, False]
-
-
 def test_late_devices_get_error_replies_and_status(always_online_world):
     w = always_online_world
     grid = make_grid(w, deadline_s=1e-3)  # any network round trip exceeds a millisecond

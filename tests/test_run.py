@@ -186,3 +186,44 @@ def test_flower_federated_evaluation_round_is_served(always_online_world):
     assert set(ev) == {1, 2}
     assert 0.6 < ev[2]["auc"] <= 1.0  # the trained cloud model ranks well above chance
     assert all(r.info["errors"] == 0 for r in grid.results)
+
+
+def test_a_strategys_rounds_run_on_a_frozen_heap_that_thaws_after(world):
+    """``frozen_heap``: while the rounds run, the objects alive at their start are out of
+    the cycle collector's reach (``gc.freeze``); after the strategy, complete or failed,
+    nothing is frozen and a cycle made inside is collected."""
+    import gc
+    import weakref
+
+    from simulator.fleetrun import frozen_heap
+    from strategies.fedavg import FedAvg
+
+    seen = []
+
+    class Watched(FedAvg):
+        def configure_train(self, server_round, arrays, config, grid):
+            seen.append(gc.get_freeze_count())
+            if server_round == 2 and self.fail:
+                raise RuntimeError("boom")
+            return super().configure_train(server_round, arrays, config, grid)
+
+    for fail in (False, True):
+        s = Watched(fraction_train=0.2)
+        s.fail = fail
+        played = world.run.play("watched", s, num_rounds=2)
+        assert played.status == ("failed" if fail else "complete")
+        assert gc.get_freeze_count() == 0
+    assert len(seen) == 4 and min(seen) > 1000  # the whole heap, not a handful
+
+    class Node:
+        pass
+
+    a, b = Node(), Node()
+    a.other, b.other = b, a
+    gone = weakref.ref(a)
+    with frozen_heap():
+        del a, b  # a cycle that was alive when the heap froze: garbage now, but frozen
+        gc.collect()
+        assert gone() is not None
+    gc.collect()
+    assert gone() is None and gc.get_freeze_count() == 0
