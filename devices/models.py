@@ -30,8 +30,8 @@ from devices.backbones import REGISTRY
 from devices.backbones.registry import get as get_backbone
 from devices.backbones.din import DIN_ATTENTION, DIN_CHUNK, DIN_HEAD_KEYS, DIN_HIDDEN, din_logits  # noqa: F401
 from devices.backbones.gru4rec import HEAD_KEYS, encode  # noqa: F401
-from devices.backbones.layers import training_shortcuts
 from devices.backbones.layers import MASKED, _gather, _layer_norm, _linear, apply_patch, head, score, shared_tables  # noqa: F401
+from devices.backbones.layers import training_shortcuts
 from devices.backbones.sasrec import SAS_FFN, SAS_HEADS, sas_encode  # noqa: F401
 from devices.errors import ConfigError
 

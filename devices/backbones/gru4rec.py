@@ -75,15 +75,11 @@ class _Recurrence(torch.autograd.Function):
         emb, w_ih, b = params["item_emb"], params["gru.w_ih"], params["gru.b"].unsqueeze(1)
         v = emb.shape[1]
         steps = windows.permute(2, 0, 1)  # (L, M, N)
-        if v < n * L:  # project the table once, then look its rows up
-            table = (torch.matmul(emb, w_ih) + b).reshape(m * v, -1)
-        else:  # project each looked-up row
-            table = emb.reshape(m * v, -1)
         rows = (steps.clamp(min=0) + torch.arange(m).reshape(1, m, 1) * v).reshape(-1)
-        gi = table.index_select(0, rows).reshape(L, m, n, -1)
-        if v >= n * L:
-            gi = torch.matmul(gi.reshape(L, m, n, -1).transpose(0, 1).reshape(m, L * n, -1), w_ih)
-            gi = (gi + b).reshape(m, L, n, -1).transpose(0, 1)
+        if v < n * L:  # project the table once, then look its rows up
+            gi = (torch.matmul(emb, w_ih) + b).reshape(m * v, -1).index_select(0, rows).reshape(L, m, n, -1)
+        else:  # project each looked-up row
+            gi = torch.matmul(emb.reshape(m * v, -1).index_select(0, rows).reshape(L, m, n, -1), w_ih) + b
         valid = steps >= 0
         padded = valid.logical_not().flatten(1).any(1).tolist()
         return _Recurrence.apply(gi, params["gru.w_hh"], valid.unsqueeze(-1), padded)
