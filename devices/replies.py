@@ -52,19 +52,14 @@ def nonfinite_replies(replies: list[Payload]) -> np.ndarray:
     for members in groups.values():
         idx = np.fromiter((j for j, _ in members), dtype=np.int64, count=len(members))
         arrays = [a for _, a in members]
-        cut = rows_of_one_array(arrays)
-        if cut is None:
-            stacked = np.stack(arrays).reshape(len(members), -1)
-        else:  # replies cut from one stacked result: reduce it in place, no copy
-            base, rows = cut
-            stacked = base.reshape(len(base), -1)
+        # replies cut from one stacked result are reduced on it in place; others are stacked
+        base, rows = rows_of_one_array(arrays) or (np.stack(arrays), np.arange(len(arrays)))
+        stacked = base.reshape(len(base), -1)
         with np.errstate(over="ignore", invalid="ignore"):
-            sums = stacked.sum(axis=1, dtype=np.float64)
-        if cut is not None:
-            sums = sums[rows]
+            sums = stacked.sum(axis=1, dtype=np.float64)[rows]
         suspect = ~np.isfinite(sums)
         if suspect.any():
-            suspect[suspect] = ~np.isfinite(stacked[suspect if cut is None else rows[suspect]]).all(axis=1)
+            suspect[suspect] = ~np.isfinite(stacked[rows[suspect]]).all(axis=1)
             bad[idx[suspect]] = True
     for members in floats.values():
         vals = np.fromiter((v for _, v in members), dtype=np.float64, count=len(members))
