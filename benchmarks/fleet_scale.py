@@ -8,11 +8,13 @@ history training is not what is measured), 1,000 devices per round, one warm-up 
 ``--warm`` warm rounds. Every round ends with the prequential scoring of *every* device
 with interactions in the next window (``experiment.eval_users = "all"``).
 
-Printed per size: fleet build seconds, pool start seconds (hosts started, shards shipped,
-cloud model installed), the median warm round in seconds, and the peak memory of all the
-run's processes together (the driver and every Ray process it starts), sampled from
-``/proc`` every 0.2 s, once up to the started pool and once over the whole run. Memory is
-the sum of PSS (proportional set size: a shared page counts once, split among its
+Printed per size: start-up seconds, from ``FleetRun.connect`` (which starts Ray and the host
+processes in the background) to a pool whose hosts hold their shards and the cloud model;
+within it, the fleet build's seconds and the pool start's after the build (waiting for the
+hosts, shards shipped, cloud model installed). Then the median warm round in seconds, and
+the peak memory of all the run's processes together (the driver and every Ray process it
+starts), sampled from ``/proc`` every 0.2 s, once up to the started pool and once over the
+whole run. Memory is the sum of PSS (proportional set size: a shared page counts once, split among its
 sharers); the sum of RSS, which counts shared pages in every process, is printed beside it.
 
 The last line is ``scale ratio 1M/10k per-round: X`` (the target of issue 15 is <= 1.5);
@@ -115,6 +117,8 @@ def one_size(n_devices: int, per_round: int, warm: int, hosts: int, seed: int) -
                                   "min_available_nodes": per_round}},
     })
     run = FleetRun(cfg)
+    t_start = time.perf_counter()
+    run.connect()  # Ray and the hosts start in the background, beside the build
     t0 = time.perf_counter()
     run.build_fleet()
     build_s = time.perf_counter() - t0
@@ -123,6 +127,7 @@ def one_size(n_devices: int, per_round: int, warm: int, hosts: int, seed: int) -
     pool = run.start_pool()
     pool.reset(run.initial)
     pool_s = time.perf_counter() - t0
+    startup_s = time.perf_counter() - t_start
     print("POOL-STARTED", flush=True)
     strategy = make_strategy("fedavg", cfg.strategies["fedavg"])
     timer = RoundTimer(strategy)
@@ -134,7 +139,7 @@ def one_size(n_devices: int, per_round: int, warm: int, hosts: int, seed: int) -
     finally:
         run.close()
     s = summary(timer.rounds())
-    return {"devices": n_devices, "hosts": hosts_used, "build_s": build_s, "pool_start_s": pool_s,
+    return {"devices": n_devices, "hosts": hosts_used, "build_s": build_s, "pool_start_s": pool_s, "startup_s": startup_s,
             "first_round_s": s["first_round_s"], "median_round_s": s["median_round_s"],
             "rounds_s": [r["round_s"] for r in s["rounds"]]}
 
@@ -192,7 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     for n in [n for _ in range(args.repeats) for n in sizes]:
         r = measure(n, args)
         results.append(r)
-        print(f"{n:>9,} devices ({r['hosts']} hosts): build {r['build_s']:6.1f} s, pool start {r['pool_start_s']:5.1f} s, "
+        print(f"{n:>9,} devices ({r['hosts']} hosts): start-up {r['startup_s']:5.1f} s (build {r['build_s']:5.1f} s, "
+              f"then pool start {r['pool_start_s']:4.1f} s), "
               f"warm round median {r['median_round_s']:6.2f} s (rounds {', '.join(f'{x:.2f}' for x in r['rounds_s'])}); "
               f"peak memory up to the started pool {r['peak_start_pss'] / gb:.2f} GB PSS "
               f"({r['peak_start_rss'] / gb:.2f} GB RSS), whole run {r['peak_pss'] / gb:.2f} GB PSS "

@@ -103,10 +103,18 @@ class JobResult:
 class DeviceHost:
     """Holds a shard of devices and runs device functions for many of them per call."""
 
-    def __init__(self, shard: Shard, spec: models.ModelSpec, settings: DeviceSettings, seed: int,
-                 prefetch: bool = False) -> None:
+    def __init__(self, shard: Shard | None, spec: models.ModelSpec | None = None,
+                 settings: DeviceSettings | None = None, seed: int = 0, prefetch: bool = False) -> None:
         """``prefetch``: score the next window in the background after each exchange
-        (``devices.prequential``); for hosts in their own process, as a Ray pool's are."""
+        (``devices.prequential``); for hosts in their own process, as a Ray pool's are.
+        ``shard=None`` makes a host process that is up before its devices exist; ``load``
+        gives it them (``devices.pool.HostProcesses``)."""
+        if shard is not None:
+            self.load(shard, spec, settings, seed, prefetch)
+
+    def load(self, shard: Shard, spec: models.ModelSpec, settings: DeviceSettings, seed: int,
+             prefetch: bool = False) -> None:
+        """Hold ``shard``'s devices (the constructor's arguments), every one without state."""
         torch.set_num_threads(1)  # hosts are one per core; intra-op threads would oversubscribe
         self.device_ids = np.asarray(shard.device_ids, dtype=np.int64)
         self.inter = shard.interactions

@@ -7,6 +7,7 @@ engine use.
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
@@ -21,7 +22,7 @@ import numpy as np
 from devices.data import Interactions, Timeline
 from devices.host import DeviceHost, JobResult, Shard
 from devices.models import ModelSpec
-from devices.recovery import Recovery, hush_worker_death_notes
+from devices.recovery import Recovery, hush_worker_death_notes, placement
 from devices.runtime import DeviceSettings
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -142,6 +143,76 @@ def init_ray(address: str | None, timeout: float = RAY_CONNECT_TIMEOUT_S) -> Non
         raise RayUnreachable(f"--ray-address {address}: could not join the Ray cluster ({first})")
 
 
+class _NotMainThread(logging.Filter):
+    """Drops Ray's note that ``ray.init`` outside the main thread sets no SIGTERM handler
+    (the run sets its own: ``simulator.run``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "SIGTERM handler is not set" not in record.getMessage()
+
+
+class HostProcesses:
+    """Ray and the hosts' processes, started in a background thread before the fleet exists.
+
+    A host's process takes seconds to come up, nearly all of them outside the driver:
+    Ray's own start (its GCS and raylet), then the host process importing torch. Begun
+    before the fleet is built, they run beside the build, whose single-threaded parts
+    leave a core idle. ``HostPool(..., processes=...)`` then gives each started host its
+    shard (``DeviceHost.load``). Hosts beyond the fleet's size are stopped there.
+
+    Args:
+        n_hosts: host count (0: one per CPU of the cluster).
+        ray_address: the cluster to join (None: an embedded Ray, started here).
+    """
+
+    def __init__(self, n_hosts: int = 0, ray_address: str | None = None) -> None:
+        self.n_hosts, self.ray_address = n_hosts, ray_address
+        self.actors: list[Any] = []
+        self.node_of: list[str | None] = []
+        self._error: BaseException | None = None
+        self._taken = False
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._start, name="fleetsim-host-processes", daemon=True)
+        self._thread.start()
+
+    def _start(self) -> None:
+        try:
+            import ray
+
+            logging.getLogger("ray._private.worker").addFilter(_NotMainThread())
+            init_ray(self.ray_address)
+            n = self.n_hosts if self.n_hosts > 0 else max(1, int(ray.available_resources().get("CPU", 1)))
+            actor = ray.remote(num_cpus=0)(DeviceHost)
+            for h in range(n):
+                self.actors.append(actor.options(scheduling_strategy=placement(h, self.node_of)).remote(None))
+        except BaseException as exc:  # noqa: BLE001 -- raised in the caller's thread by take()
+            self._error = exc
+        finally:
+            self._done.set()
+        # Ray starts its processes with PR_SET_PDEATHSIG, which fires when the *thread* that
+        # forked them ends: this thread stays (parked, a daemon) as long as the driver.
+        threading.Event().wait()
+
+    def take(self) -> tuple[list[Any], list[str | None]]:
+        """The started actors and their nodes (waits for the start; raises what it raised)."""
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        self._taken = True
+        return self.actors, self.node_of
+
+    def close(self) -> None:
+        """Stop the started actors unless a pool took them (a run that ended before its pool)."""
+        self._done.wait()
+        if self._taken or not self.actors:
+            return
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+
+
 def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
@@ -168,10 +239,16 @@ class HostPool(Recovery):
         ray_address: str | None = None,
         log: Callable[[str], None] | None = None,
         evaluated: np.ndarray | None = None,
+        processes: HostProcesses | None = None,
     ) -> None:
+        """``processes``: hosts started beforehand (Ray only); they set the host count."""
         self.use_ray = use_ray
         self.log = log or _stderr
-        if use_ray:
+        started: list[Any] = []
+        if use_ray and processes is not None:
+            started, node_of = processes.take()
+            n_hosts = len(started)
+        elif use_ray:
             import ray
 
             init_ray(ray_address)
@@ -195,7 +272,13 @@ class HostPool(Recovery):
             self._shards = [ray.put(s) for s in shards]  # kept: a replacement is built from them
             self._args = (spec, settings, seed, True)  # own processes: prefetch the next window's scores
             self._node_of: list[str | None] = []
-            self.hosts = [self._new_actor(h) for h in range(n_hosts)]
+            if not started:
+                self.hosts = [self._new_actor(h) for h in range(n_hosts)]
+            else:
+                for extra in started[n_hosts:]:  # a fleet smaller than the hosts started
+                    ray.kill(extra)
+                self.hosts, self._node_of = started[:n_hosts], node_of[:n_hosts]
+                self._call("load", [(self._shards[h], *self._args) for h in range(n_hosts)])
         else:
             self.hosts = [DeviceHost(s, spec, settings, seed) for s in shards]
 

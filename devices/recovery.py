@@ -45,6 +45,29 @@ def pick_node(h: int, node_of: list, cpus: dict[str, float]) -> str | None:
     return min(nodes, key=lambda n: ((others.count(n) + 1) / cpus[n], (nodes.index(n) - h) % len(nodes)), default=None)
 
 
+def placement(h: int, node_of: list[str | None]) -> Any:
+    """The scheduling strategy of host ``h``'s actor: the live node with the fewest hosts
+    per CPU (``pick_node``), recorded in ``node_of[h]``; on one node, or if nodes cannot be
+    listed, Ray's SPREAD strategy. (SPREAD, and soft node affinity, were both seen to put
+    the two hosts of a two-node cluster on one node.) A node that dies before the actor
+    starts fails it like a host death."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    try:
+        cpus = {n["NodeID"]: float(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive")}
+    except Exception:  # noqa: BLE001 -- placement is best effort
+        cpus = {}
+    node = pick_node(h, node_of, cpus)
+    if h < len(node_of):
+        node_of[h] = node
+    else:
+        node_of.append(node)
+    if len([n for n, c in cpus.items() if c > 0]) > 1:
+        return NodeAffinitySchedulingStrategy(node, soft=False)
+    return "SPREAD"
+
+
 class Recovery:
     """The recovery half of ``HostPool`` (its state is set up by ``HostPool.__init__``)."""
 
@@ -92,27 +115,8 @@ class Recovery:
         ray.get(calls)
 
     def _new_actor(self, h: int) -> Any:
-        """An actor for host ``h`` on the live node with the fewest hosts per CPU; on one
-        node, or if nodes cannot be listed, Ray's SPREAD strategy. (SPREAD, and soft node
-        affinity, were both seen to put the two hosts of a two-node cluster on one node.)
-        A node that dies before the actor starts fails it like a host death."""
-        import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        strategy: Any = "SPREAD"
-        try:
-            cpus = {n["NodeID"]: float(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive")}
-        except Exception:  # noqa: BLE001 -- placement is best effort
-            cpus = {}
-        node = pick_node(h, self._node_of, cpus)
-        nodes = [n for n, c in cpus.items() if c > 0]
-        if len(nodes) > 1:
-            strategy = NodeAffinitySchedulingStrategy(node, soft=False)
-        if h < len(self._node_of):
-            self._node_of[h] = node
-        else:
-            self._node_of.append(node)
-        return self._actor.options(scheduling_strategy=strategy).remote(self._shards[h], *self._args)
+        """A new actor for host ``h``, built from its shard, placed by ``placement``."""
+        return self._actor.options(scheduling_strategy=placement(h, self._node_of)).remote(self._shards[h], *self._args)
 
     def restarts_in(self, round: int) -> int:
         """Host processes restarted during round ``round`` of the current strategy (0:

@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from devices.data import DataSource, DriftEvent, Interactions, Timeline
 from devices.errors import ConfigError
@@ -228,15 +229,20 @@ def _sample_items(
         items[a:b] = np.minimum(left, n_items - 1)
 
     # Chunks write disjoint slices and numpy releases the GIL in their heavy loops: on a
-    # few threads the draws are the same, sooner.
+    # few threads the draws are the same, sooner. Each chunk's matrix product runs in its
+    # own thread (threadpoolctl holds BLAS to one thread): a BLAS thread pool under every
+    # chunk would oversubscribe the cores, and OpenBLAS stops its pool before any fork,
+    # which hangs a product in flight when another thread forks (Ray starting beside the
+    # build: ``devices.pool.HostProcesses``).
     chunks = range(0, len(row_counts), chunk)
     workers = min(len(chunks), os.cpu_count() or 1, _SAMPLER_THREADS)
-    if workers <= 1:
-        for lo in chunks:
-            draw(lo)
-    else:
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(draw, chunks))
+    with threadpool_limits(1, user_api="blas"):
+        if workers <= 1:
+            for lo in chunks:
+                draw(lo)
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(draw, chunks))
     return items
 
 

@@ -3,7 +3,8 @@
 A run goes through these steps, each a method, each done once::
 
     run = FleetRun(cfg, out)         # checks --out (writes nothing yet)
-    run.connect()                    # joins a Ray cluster given by ray_address
+    run.connect()                    # joins a Ray cluster given by ray_address; starts the
+                                     # host processes in the background, beside the next steps
     run.build_fleet()                # the devices: interactions, timeline, profiles
     run.open(names)                  # the run folder: config.toml, fleet files, pending strategies
     run.train_cloud()                # the cloud model every strategy starts from
@@ -37,7 +38,7 @@ import torch
 from flwr.serverapp.strategy import Result, Strategy
 
 from devices.models import ModelSpec
-from devices.pool import HostPool, RayUnreachable, init_ray
+from devices.pool import HostPool, HostProcesses, RayUnreachable, init_ray
 from simulator import checkpoint
 from strategies.base import FleetMixin
 from strategies.cloud import CloudContext, train_cloud_model
@@ -112,18 +113,24 @@ class FleetRun:
         self.cloud_losses: list[float] = []
         self.cloud: CloudContext | None = None
         self.pool: HostPool | None = None
+        self.processes: HostProcesses | None = None  # started by connect(), taken by start_pool()
         self._opened = False
 
     # -- the run's life, in order --------------------------------------------------------
 
     def connect(self) -> None:
         """Join the Ray cluster at ``ray_address`` (an unreachable one fails here, before
-        anything is written)."""
-        if self.use_ray and self.ray_address:
+        anything is written), then start Ray (embedded) and the host processes in a
+        background thread: they come up while the fleet is built and the cloud trained
+        (``devices.pool.HostProcesses``; a 1M-device fleet starts ~5 s sooner)."""
+        if not self.use_ray:
+            return
+        if self.ray_address:
             try:
                 init_ray(self.ray_address)
             except RayUnreachable as exc:
                 raise RayAddressError(str(exc)) from None
+        self.processes = HostProcesses(self.n_hosts, self.ray_address)
 
     def build_fleet(self) -> Fleet:
         self.fleet = build_fleet(self.cfg)
@@ -165,7 +172,7 @@ class FleetRun:
     def start_pool(self) -> HostPool:
         self.pool = HostPool(self.fleet.interactions, self.fleet.timeline, self.spec, self.cfg.device, self.seed,
                              n_hosts=self.n_hosts, use_ray=self.use_ray, ray_address=self.ray_address,
-                             log=self.log, evaluated=self.fleet.evaluated)
+                             log=self.log, evaluated=self.fleet.evaluated, processes=self.processes)
         return self.pool
 
     def new_grid(self, strategy: Strategy, on_round: Callable[[RoundResult], None] | None = None,
@@ -279,6 +286,9 @@ class FleetRun:
         """Shut the hosts down and drop the run's in-progress mark (idempotent). When every
         strategy has finished, the checkpoints go too (unless ``keep_checkpoints``)."""
         try:
+            if self.processes is not None:  # hosts started for a pool that never came
+                self.processes.close()
+                self.processes = None
             if self.pool is not None:
                 self.pool.shutdown()
                 self.pool = None

@@ -50,3 +50,12 @@ def world() -> SmallWorld:
 
 def numbers_equal(a: dict, b: dict) -> bool:
     return all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def hosts_in_process(monkeypatch) -> None:
+    """Runs through ``run_experiment`` / the CLI with in-process hosts: Ray is never started
+    (neither the pool's hosts nor the processes ``FleetRun.connect`` starts ahead)."""
+    from devices.pool import HostPool
+
+    monkeypatch.setattr("simulator.fleetrun.HostPool", lambda *a, **k: HostPool(*a, **{**k, "use_ray": False}))
+    monkeypatch.setattr("simulator.fleetrun.HostProcesses", lambda *a, **k: None)

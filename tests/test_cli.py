@@ -20,7 +20,7 @@ import pytest
 
 
 import simulator.run as run_mod  # imports Flower now, so its log handler exists before capture
-from devices.pool import HostPool
+from conftest import hosts_in_process
 from simulator import cli, config
 from simulator.results import read_rounds
 
@@ -99,6 +99,7 @@ def fleetsim(monkeypatch, capsys, caplog):
 
     monkeypatch.setattr("simulator.fleetrun.train_cloud_model", reached("cloud training"))
     monkeypatch.setattr("simulator.fleetrun.HostPool", reached("the host pool (Ray)"))
+    monkeypatch.setattr("simulator.fleetrun.HostProcesses", lambda *a, **k: None)  # started before the fleet: no Ray here
     caplog.set_level(logging.WARNING)
 
     def call(*argv: str) -> tuple[int, str, str]:
@@ -327,7 +328,7 @@ def test_error_after_results_keeps_them(monkeypatch, capsys, tmp_path):
     """A strategy that asks the fleet for the impossible fails alone: one line, exit 1, the
     earlier strategy's results intact, and the folder refuses a second run (in-process
     hosts instead of Ray)."""
-    monkeypatch.setattr("simulator.fleetrun.HostPool", lambda *a, **k: HostPool(*a, **{**k, "use_ray": False}))
+    hosts_in_process(monkeypatch)
     out = tmp_path / "out"
     code = cli.main(["run", write_experiment(tmp_path), "--out", str(out), "--no-progress",
                      "--set", "strategies.fedavg.min_available_nodes=1000"])

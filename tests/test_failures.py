@@ -22,7 +22,6 @@ import pytest
 import simulator.run as run_mod
 from devices.host import nonfinite_replies
 from devices.replies import rows_of_one_array
-from devices.pool import HostPool
 from devices.reaper import descendants
 from devices.runtime import Payload
 from simulator import config
@@ -30,7 +29,7 @@ from strategies.cloud import check_losses
 from simulator.errors import NonFiniteError
 from simulator.results import load_run, read_devices, read_rounds
 from simulator.run import run_experiment
-from conftest import SmallWorld, small_config
+from conftest import SmallWorld, hosts_in_process, small_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -209,7 +208,7 @@ def test_open_port_that_is_not_ray_is_one_line(tmp_path):
 
 
 def in_process(monkeypatch):
-    monkeypatch.setattr("simulator.fleetrun.HostPool", lambda *a, **k: HostPool(*a, **{**k, "use_ray": False}))
+    hosts_in_process(monkeypatch)
 
 
 AGG_BUG = '''\

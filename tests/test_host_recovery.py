@@ -253,6 +253,74 @@ def test_host_dying_three_times_in_a_round_stops_only_that_strategy(local_ray, t
         run.close()
 
 
+# Hosts started ahead of the fleet --------------------------------------------------------
+
+STARTED_AHEAD = """
+import json, os, pickle
+import ray
+from devices.pool import HostPool
+from simulator import config
+from simulator.fleetrun import FleetRun
+
+cfg = config.from_dict({"experiment": {"seed": 3, "strategies": ["fedavg"]},
+                        "data": {"n_devices": 2, "n_items": 30, "n_rounds": 2, "mean_daily_interactions": 24.0,
+                                 "history_days": 5.0}, "cloud": {"epochs": 1}})
+
+def dead(actor):
+    try:
+        ray.get(actor.pid.remote(), timeout=60)
+        return False
+    except ray.exceptions.RayActorError:
+        return True
+
+out = {}
+early = FleetRun(cfg, n_hosts=2)
+early.connect()  # starts Ray (in a thread) and 2 hosts; the run ends before its pool
+early.processes._done.wait()
+started = list(early.processes.actors)
+early.close()
+out["ended_before_pool"] = [dead(a) for a in started]
+
+run = FleetRun(cfg, n_hosts=3)  # 3 hosts started for a fleet of 2 devices
+run.connect()
+run.build_fleet()
+run.train_cloud()
+run.processes._done.wait()
+third = run.processes.actors[2]
+pool = run.start_pool()
+pool.reset(run.initial)
+out["pool_hosts"] = pool.n_hosts
+out["third_stopped"] = dead(third)
+out["pids_differ"] = len({ray.get(h.pid.remote()) for h in pool.hosts}) == 2
+fresh = HostPool(run.fleet.interactions, run.fleet.timeline, run.spec, cfg.device, run.seed, n_hosts=2)
+fresh.reset(run.initial)
+scores = [(pool.score(r), fresh.score(r)) for r in (1, 2)]
+out["scores_equal"] = [pickle.dumps(a) == pickle.dumps(b) for a, b in scores]
+out["scored"] = sorted(int(d) for a, _ in scores for host in a for d in host["device_id"])
+fresh.shutdown()
+run.close()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_hosts_started_before_the_fleet_serve_it_and_are_stopped_if_unused():
+    """``FleetRun.connect`` starts Ray and the hosts in a thread while the fleet is built
+    (a fresh process: Ray not yet started). The hosts a pool takes score exactly as hosts
+    started after the fleet; a host beyond the fleet's size, and the hosts of a run that
+    ends before its pool, are stopped. Ray outlives the thread that started it."""
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    res = subprocess.run([sys.executable, "-c", STARTED_AHEAD], capture_output=True, text=True, timeout=300,
+                         cwd=ROOT, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out == {"ended_before_pool": [True, True], "pool_hosts": 2, "third_stopped": True, "pids_differ": True,
+                   "scores_equal": [True, True], "scored": [0, 0, 1, 1]}  # both devices, both windows
+    assert "SIGTERM handler is not set" not in res.stderr
+
+
 # Two nodes ------------------------------------------------------------------------------
 
 

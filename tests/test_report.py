@@ -16,11 +16,10 @@ import pandas as pd
 import pytest
 
 import simulator.run as run_mod
-from devices.pool import HostPool
 from simulator import cli, report
 from simulator.errors import FleetsimError
 from simulator.results import LAYOUT_VERSION, load_run, read_devices, read_rounds
-from conftest import small_config
+from conftest import hosts_in_process, small_config
 
 STRATEGIES = ["cloud_only", "local_finetune", "fedavg"]
 
@@ -328,7 +327,7 @@ def test_cli_report_combines_runs(capsys, run_dir, tmp_path):
 
 
 def test_run_writes_its_report_unless_told_not_to(monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr("simulator.fleetrun.HostPool", lambda *a, **k: HostPool(*a, **{**k, "use_ray": False}))
+    hosts_in_process(monkeypatch)
     exp = tmp_path / "tiny.toml"
     exp.write_text('[experiment]\nstrategies = ["cloud_only", "fedavg"]\n[data]\nn_devices = 30\nn_items = 40\n'
                    "n_rounds = 2\nhistory_days = 3.0\nmean_daily_interactions = 4.0\n[cloud]\nepochs = 1\n")

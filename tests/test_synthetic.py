@@ -1,4 +1,6 @@
 """Tests for devices.synthetic: the drifting synthetic fleet and its ground-truth tastes."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -241,3 +243,35 @@ def test_taste_departure_zero_is_the_crowd_and_tail_departs_more():
     assert abs(mean_pair_cos(light)) < 0.1  # δ ~ 0.96..1: own tastes
     with pytest.raises(ConfigError, match="taste_departure_tail"):
         SyntheticConfig(taste_departure_tail=1.5)
+
+
+FORKING_BUILD = """
+import hashlib, subprocess, threading
+from devices.synthetic import SyntheticConfig, generate
+
+stop = threading.Event()
+def fork_in_a_loop():  # as Ray starting its processes beside the build does
+    while not stop.is_set():
+        subprocess.Popen(["true"], preexec_fn=lambda: None).wait()
+forker = threading.Thread(target=fork_in_a_loop, daemon=True)
+forker.start()
+fleet = generate(SyntheticConfig(n_devices=60_000, n_rounds=3), seed=0)
+stop.set()
+print(hashlib.sha256(fleet.interactions.items.tobytes()).hexdigest())
+"""
+
+
+def test_build_completes_while_another_thread_forks():
+    """``FleetRun.connect`` starts Ray in a thread while the fleet is built. OpenBLAS stops
+    its thread pool before every fork, which hung the sampler's matrix products in flight;
+    they now run single-threaded in the sampler's own threads. (A child process: a hang
+    fails the test at its timeout instead of stopping the suite.)"""
+    import hashlib
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", FORKING_BUILD], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert res.returncode == 0, res.stderr[-2000:]
+    expected = generate(SyntheticConfig(n_devices=60_000, n_rounds=3), seed=0)
+    assert res.stdout.split()[-1] == hashlib.sha256(expected.interactions.items.tobytes()).hexdigest()
