@@ -97,8 +97,12 @@ class DataSource:
             ``devices.settings.build``; rules raise ``ConfigError``).
         load: ``load(config, seed) -> (Interactions, Timeline)``; bad data files raise
             ``DataError`` naming the file.
+        reads_files: whether ``load`` reads input that may be bad (files). A run starts
+            Ray and its hosts beside the load only if not (a generated fleet, whose input
+            is the validated config); else after it, so bad data fails at once.
     """
 
     name: str
     config: type
     load: Callable[[Any, int], tuple[Interactions, Timeline]]
+    reads_files: bool = True

@@ -26,6 +26,9 @@ from devices.recovery import Recovery, hush_worker_death_notes, placement
 from devices.runtime import DeviceSettings
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+# Ray 2.55 warns on every start about a future change of GPU env handling (no GPU is used):
+# set here, where Ray is started, so every user of the pool (CLI, benchmarks, tests) is quiet
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
 def assign_hosts(work: np.ndarray, n_hosts: int) -> np.ndarray:

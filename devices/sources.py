@@ -25,4 +25,4 @@ def resolve_source(name: object) -> DataSource:
     source = load_object(name, "data.source", "a DataSource")
     if not isinstance(source, DataSource):
         raise ConfigError("data.source", name, f"{name} is not a devices.data.DataSource")
-    return DataSource(name, source.config, source.load)  # named as the experiment names it
+    return DataSource(name, source.config, source.load, source.reads_files)  # named as the experiment names it

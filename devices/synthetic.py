@@ -324,4 +324,4 @@ def load_source(cfg: SyntheticConfig, seed: int) -> tuple[Interactions, Timeline
     return fleet.interactions, fleet.timeline
 
 
-SOURCE = DataSource("synthetic", SyntheticConfig, load_source)
+SOURCE = DataSource("synthetic", SyntheticConfig, load_source, reads_files=False)

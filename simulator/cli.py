@@ -18,8 +18,6 @@ import time
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-# Ray 2.55 warns on every start about a future change of GPU env handling (no GPU is used)
-os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 from simulator.errors import FleetsimError  # noqa: E402
 

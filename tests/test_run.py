@@ -227,3 +227,49 @@ def test_a_strategys_rounds_run_on_a_frozen_heap_that_thaws_after(world):
         assert gone() is not None
     gc.collect()
     assert gone() is None and gc.get_freeze_count() == 0
+
+
+def test_host_processes_start_before_a_generated_fleet_and_after_one_read_from_files(monkeypatch, tmp_path):
+    """A synthetic fleet's input is its validated config: Ray and the hosts start at
+    ``connect``, beside the build. A fleet read from files starts them once it is read, so
+    a bad file fails at once, having started nothing; without Ray nothing starts."""
+    from devices.errors import DataError
+    from simulator import fleetrun
+
+    events: list[str] = []
+
+    class Started:
+        def __init__(self, n_hosts, address):
+            events.append(f"hosts({n_hosts})")
+
+        def close(self):
+            events.append("closed")
+
+    real_build = fleetrun.build_fleet
+    monkeypatch.setattr(fleetrun, "HostProcesses", Started)
+    monkeypatch.setattr(fleetrun, "build_fleet", lambda cfg: events.append("build") or real_build(cfg))
+
+    def steps(cfg, use_ray=True):
+        events.clear()
+        run = fleetrun.FleetRun(cfg, use_ray=use_ray, n_hosts=3)
+        try:
+            run.connect()
+            run.build_fleet()
+        finally:
+            run.close()
+        return list(events)
+
+    assert steps(small_config()) == ["hosts(3)", "build", "closed"]
+    rows = ["userId,movieId,rating,timestamp"] + [f"{u},{i},4.0,{1000 + 10 * u + i}" for u in range(1, 5)
+                                                  for i in range(1, 9)]
+    (tmp_path / "ratings.csv").write_text("\n".join(rows) + "\n")
+    from simulator import config
+
+    movielens = lambda name: config.from_dict({"experiment": {"strategies": ["fedavg"]}, "data": {
+        "source": "movielens", "path": str(tmp_path / name), "n_rounds": 2}})
+    assert steps(movielens("ratings.csv")) == ["build", "hosts(3)", "closed"]
+    (tmp_path / "bad.csv").write_text("userId,movieId,rating,timestamp\n1,2,x,3\n")
+    with pytest.raises(DataError, match="bad.csv:2"):
+        steps(movielens("bad.csv"))
+    assert events == ["build"]
+    assert steps(small_config(), use_ray=False) == ["build"]
