@@ -154,6 +154,9 @@ class _NotMainThread(logging.Filter):
         return "SIGTERM handler is not set" not in record.getMessage()
 
 
+_NOT_MAIN_THREAD = _NotMainThread()  # one instance: adding it again is a no-op
+
+
 class HostProcesses:
     """Ray and the hosts' processes, started in a background thread before the fleet exists.
 
@@ -182,7 +185,7 @@ class HostProcesses:
         try:
             import ray
 
-            logging.getLogger("ray._private.worker").addFilter(_NotMainThread())
+            logging.getLogger("ray._private.worker").addFilter(_NOT_MAIN_THREAD)
             init_ray(self.ray_address)
             n = self.n_hosts if self.n_hosts > 0 else max(1, int(ray.available_resources().get("CPU", 1)))
             actor = ray.remote(num_cpus=0)(DeviceHost)
