@@ -273,3 +273,20 @@ def test_host_processes_start_before_a_generated_fleet_and_after_one_read_from_f
         steps(movielens("bad.csv"))
     assert events == ["build"]
     assert steps(small_config(), use_ray=False) == ["build"]
+
+
+def test_host_processes_that_failed_to_start_raise_in_the_callers_thread(monkeypatch):
+    """What stops Ray's start in the background thread is raised where the pool takes the
+    hosts, in the caller's thread, as it would have been had Ray started there; closing
+    afterwards stops nothing and raises nothing."""
+    from devices import pool
+
+    def no_ray(address):
+        raise pool.RayUnreachable(f"no Ray for {address}")
+
+    monkeypatch.setattr(pool, "init_ray", no_ray)
+    started = pool.HostProcesses(2, "10.0.0.1:6379")
+    with pytest.raises(pool.RayUnreachable, match="no Ray for 10.0.0.1:6379"):
+        started.take()
+    started.close()
+    assert started.actors == [] and started._thread.is_alive()  # parked, as after a start
