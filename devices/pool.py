@@ -146,6 +146,21 @@ def init_ray(address: str | None, timeout: float = RAY_CONNECT_TIMEOUT_S) -> Non
         raise RayUnreachable(f"--ray-address {address}: could not join the Ray cluster ({first})")
 
 
+def cluster_hosts(n_hosts: int) -> int:
+    """``n_hosts``, or one host per CPU of the (started) Ray cluster for 0."""
+    import ray
+
+    return n_hosts if n_hosts > 0 else max(1, int(ray.available_resources().get("CPU", 1)))
+
+
+def host_actor() -> Any:
+    """``DeviceHost`` as a Ray actor class; a host takes no CPU from Ray's accounting (one
+    host per CPU is the pool's own rule)."""
+    import ray
+
+    return ray.remote(num_cpus=0)(DeviceHost)
+
+
 class _NotMainThread(logging.Filter):
     """Drops Ray's note that ``ray.init`` outside the main thread sets no SIGTERM handler
     (the run sets its own: ``simulator.run``)."""
@@ -183,13 +198,10 @@ class HostProcesses:
 
     def _start(self) -> None:
         try:
-            import ray
-
             logging.getLogger("ray._private.worker").addFilter(_NOT_MAIN_THREAD)
             init_ray(self.ray_address)
-            n = self.n_hosts if self.n_hosts > 0 else max(1, int(ray.available_resources().get("CPU", 1)))
-            actor = ray.remote(num_cpus=0)(DeviceHost)
-            for h in range(n):
+            actor = host_actor()
+            for h in range(cluster_hosts(self.n_hosts)):
                 self.actors.append(actor.options(scheduling_strategy=placement(h, self.node_of)).remote(None))
         except BaseException as exc:  # noqa: BLE001 -- raised in the caller's thread by take()
             self._error = exc
@@ -255,11 +267,8 @@ class HostPool(Recovery):
             started, node_of = processes.take()
             n_hosts = len(started)
         elif use_ray:
-            import ray
-
             init_ray(ray_address)
-            if n_hosts <= 0:
-                n_hosts = max(1, int(ray.available_resources().get("CPU", 1)))
+            n_hosts = cluster_hosts(n_hosts)
         n_hosts = max(1, min(n_hosts if n_hosts > 0 else 1, inter.n_users))
         self.n_hosts = n_hosts
         self.host_of = assign_hosts(inter.counts, n_hosts)
@@ -274,7 +283,7 @@ class HostPool(Recovery):
             import ray
 
             hush_worker_death_notes()
-            self._actor = ray.remote(num_cpus=0)(DeviceHost)
+            self._actor = host_actor()
             self._shards = [ray.put(s) for s in shards]  # kept: a replacement is built from them
             self._args = (spec, settings, seed, True)  # own processes: prefetch the next window's scores
             self._node_of: list[str | None] = []
