@@ -11,7 +11,9 @@ paired UAUC gain over CloudOnly with its 95 % bootstrap CI over users). Runs lan
 ``runs/dccl_departure/<setting>-<variant>-seed<S>`` and are skipped when done. The
 table printed (and written to ``runs/dccl_departure/table.md``) has, per setting, variant
 and strategy, the mean over seeds of CloudOnly's head and tail UAUC and of the gain over
-CloudOnly in the head and the tail bucket, each with the seed-0 run's CI.
+CloudOnly in the head and the tail bucket, each with a 95 % CI of the mean (``seed_mean``)
+and the number of seeds on which the gain is positive, and whether the means, and then the
+CIs, show tail gain > head gain > 0 (``table``).
 
 Choose variants on seeds other than the ones reported (e.g. ``--seeds 100,101,102``);
 docs/dccl.md has the study.
@@ -41,6 +43,16 @@ VARIANTS = {
     "encoder4": ["strategies.metapatch.patch_dim=4", "strategies.momodistill.patch_dim=4"],
     "encoder16": ["strategies.metapatch.patch_dim=16", "strategies.momodistill.patch_dim=16"],
     "head8": ['strategies.metapatch.patch_layer="head.1"', 'strategies.momodistill.patch_layer="head.1"'],
+    # every online device trains its patch each round (dccl.toml trains 30 %)
+    "encoder8_all": ["strategies.metapatch.fraction_train=1.0", "strategies.momodistill.fraction_train=1.0"],
+    # the cloud model trained 10 epochs on the history instead of dccl.toml's 3
+    "cloud10": ["cloud.epochs=10"],
+    "cloud10_all": ["cloud.epochs=10", "strategies.metapatch.fraction_train=1.0",
+                    "strategies.momodistill.fraction_train=1.0"],
+    # Mechanism checks, not candidates: a shorter window shows the cloud model less of each
+    # user's taste (it weakens CloudOnly too), to test why the patch adds so little at L = 10.
+    "window3": ["model.window=3"],
+    "window1": ["model.window=1"],
 }
 
 
@@ -51,6 +63,10 @@ def run_one(setting: str, variant: str, seed: int, strategies: list[str], out_ro
         sets = [f"data.taste_departure_head={head}", f"data.taste_departure_tail={tail}",
                 f"experiment.strategies={json.dumps(strategies)}", *VARIANTS[variant]]
         fleetsim_run(EXPERIMENT, out, seed, sets, "--no-progress")
+    have = {strategy for strategy, _ in read_buckets(out)}
+    if missing := [s for s in strategies if s not in have]:
+        raise SystemExit(f"{out}: a run without {', '.join(missing)}; remove the folder to run it again "
+                         "with these strategies")
     return out
 
 
@@ -61,21 +77,40 @@ def read_buckets(run: Path) -> dict[tuple[str, str], dict[str, float]]:
                 for r in csv.DictReader(f)}
 
 
+def seed_mean(per_seed: dict[int, dict], strategy: str, bucket: str) -> tuple[float, float, int]:
+    """The mean over seeds of ``strategy``'s gain over CloudOnly in ``bucket``, its standard
+    error, and on how many seeds the gain is positive. The standard error combines the
+    seeds' bootstrap CIs (from each report's ``buckets.csv``) by a normal approximation:
+    each seed's is its CI width / (2 x 1.96); the mean's is the root of their summed
+    squares over the number of seeds."""
+    rows = [r[(strategy, bucket)] for r in per_seed.values()]
+    mean = sum(r["gain"] for r in rows) / len(rows)
+    se = sum(((r["gain_hi"] - r["gain_lo"]) / (2 * 1.96)) ** 2 for r in rows) ** 0.5 / len(rows)
+    return mean, se, sum(r["gain"] > 0 for r in rows)
+
+
 def table(rows: dict[tuple[str, str], dict[int, dict]], strategies: list[str], seeds: list[int]) -> str:
-    lines = ["| setting (δ head, tail) | patch | strategy | CloudOnly UAUC head / tail | gain head [95 % CI, seed "
-             f"{seeds[0]}] | gain tail [95 % CI, seed {seeds[0]}] | tail gain > head gain > 0 (mean) |",
-             "|---|---|---|---|---|---|---|"]
+    """One row per setting, variant and personalising strategy. The last two columns read
+    the target "tail gain > head gain > 0" on the means, and then with the CIs: the head
+    gain's 95 % CI above 0 and that of tail gain - head gain above 0 (head and tail are
+    disjoint users, so the difference's standard error is the root of the summed squares)."""
+    lines = ["| setting (δ head, tail) | patch | strategy | CloudOnly UAUC head / tail | gain head, mean [95 % CI] "
+             "(seeds > 0) | gain tail, mean [95 % CI] (seeds > 0) | tail > head > 0, means | the same, CIs |",
+             "|---|---|---|---|---|---|---|---|"]
+    n = len(seeds)
     for (setting, variant), per_seed in rows.items():
-        first = per_seed[seeds[0]]
         base = {b: sum(r[("cloud_only", b)]["uauc"] for r in per_seed.values()) / len(per_seed) for b in ("head", "tail")}
         for s in strategies:
             if s == "cloud_only":
                 continue
-            g = {b: sum(r[(s, b)]["gain"] for r in per_seed.values()) / len(per_seed) for b in ("head", "tail")}
-            ci = {b: f"[{first[(s, b)]['gain_lo']:+.4f}, {first[(s, b)]['gain_hi']:+.4f}]" for b in ("head", "tail")}
-            ok = "yes" if g["tail"] > g["head"] > 0 else "no"
+            g = {b: seed_mean(per_seed, s, b) for b in ("head", "tail")}
+            cell = {b: f"{m:+.5f} [{m - 1.96 * se:+.5f}, {m + 1.96 * se:+.5f}] ({pos}/{n})"
+                    for b, (m, se, pos) in g.items()}
+            (mh, seh, _), (mt, set_, _) = g["head"], g["tail"]
+            means = "yes" if mt > mh > 0 else "no"
+            cis = "yes" if mh - 1.96 * seh > 0 and (mt - mh) - 1.96 * (seh ** 2 + set_ ** 2) ** 0.5 > 0 else "no"
             lines.append(f"| {setting} {SETTINGS[setting]} | {variant} | {s} | {base['head']:.4f} / {base['tail']:.4f} | "
-                         f"{g['head']:+.4f} {ci['head']} | {g['tail']:+.4f} {ci['tail']} | {ok} |")
+                         f"{cell['head']} | {cell['tail']} | {means} | {cis} |")
     return "\n".join(lines)
 
 

@@ -1,4 +1,5 @@
-"""The study scripts (experiments/duet_gap.py): a resumed study reuses finished runs only."""
+"""The study scripts (experiments/duet_gap.py, dccl_departure.py): a resumed study reuses
+finished runs only, and the departure study's table combines the seeds' CIs as documented."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
+import dccl_departure  # noqa: E402
 import duet_gap  # noqa: E402
 
 
@@ -32,3 +34,60 @@ def test_a_finished_run_is_read_and_an_interrupted_one_is_never_taken_as_done(tm
     # a DUET-only variant needs base and duet, not finetune (it borrows finetune from the reference)
     write_summary(tmp_path / "gen_16-seed0", {"base": "complete", "duet": "complete"}, {"base": 0.90, "duet": 0.93})
     assert duet_gap.run_one("gen_16", 0, "unused.csv", "validation", tmp_path) == {"base": 0.90, "duet": 0.93}
+
+
+
+def write_buckets(folder: Path, gains: dict[tuple[str, str], tuple[float, float, float]]) -> None:
+    folder.mkdir(parents=True)
+    lines = ["strategy,bucket,users,uauc,uauc_lo,uauc_hi,gain,gain_lo,gain_hi,gain_users",
+             "cloud_only,head,10,0.9,0.8,0.95,,,,0", "cloud_only,tail,10,0.8,0.7,0.9,,,,0"]
+    lines += [f"{s},{b},10,0.9,0.8,0.95,{g},{lo},{hi},10" for (s, b), (g, lo, hi) in gains.items()]
+    (folder / "buckets.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_departure_study_mean_ci_combines_the_seeds_bootstrap_cis(tmp_path):
+    # seed 0: tail gain 0.002, CI width 2 x 1.96 x 0.001 (se 0.001); seed 1: 0.004, se 0.002
+    write_buckets(tmp_path / "crowd_head-encoder8-seed0", {("metapatch", "head"): (0.001, 0.0, 0.002),
+                                                           ("metapatch", "tail"): (0.002, 0.002 - 0.00196, 0.002 + 0.00196)})
+    write_buckets(tmp_path / "crowd_head-encoder8-seed1", {("metapatch", "head"): (-0.001, -0.002, 0.0),
+                                                           ("metapatch", "tail"): (0.004, 0.004 - 0.00392, 0.004 + 0.00392)})
+    per_seed = {s: dccl_departure.read_buckets(dccl_departure.run_one(
+        "crowd_head", "encoder8", s, ["cloud_only", "metapatch"], tmp_path)) for s in (0, 1)}
+    mean, se, positive = dccl_departure.seed_mean(per_seed, "metapatch", "tail")
+    assert mean == pytest.approx(0.003) and positive == 2
+    assert se == pytest.approx((0.001 ** 2 + 0.002 ** 2) ** 0.5 / 2)  # 0.001118
+    head, head_se, head_positive = dccl_departure.seed_mean(per_seed, "metapatch", "head")
+    assert (head, head_positive) == (pytest.approx(0.0), 1)
+    # means: the head gain (0) is not > 0; CIs: neither
+    assert dccl_departure.table({("crowd_head", "encoder8"): per_seed}, ["cloud_only", "metapatch"],
+                                [0, 1]).splitlines()[-1].endswith("| no | no |")
+    # a head gain of 0.001 (se 0.0005/sqrt(2)) above 0, tail 0.003: yes on the means; on the
+    # CIs the head's lies above 0 and tail - head = 0.002 has se sqrt(0.00112^2 + 0.00035^2) = 0.00117,
+    # so its CI reaches below 0: no
+    for s in (0, 1):
+        per_seed[s][("metapatch", "head")].update(gain=0.001, gain_lo=0.001 - 0.00098, gain_hi=0.001 + 0.00098)
+    assert dccl_departure.table({("crowd_head", "encoder8"): per_seed}, ["cloud_only", "metapatch"],
+                                [0, 1]).splitlines()[-1].endswith("| yes | no |")
+    # with tail gains of 0.006 on both seeds, the difference's CI clears 0: yes on both
+    for s in (0, 1):
+        per_seed[s][("metapatch", "tail")]["gain"] = 0.006
+    assert dccl_departure.table({("crowd_head", "encoder8"): per_seed}, ["cloud_only", "metapatch"],
+                                [0, 1]).splitlines()[-1].endswith("| yes | yes |")
+
+
+def test_departure_study_never_reads_a_finished_run_without_a_requested_strategy(tmp_path):
+    write_buckets(tmp_path / "own-encoder8-seed0", {("metapatch", "head"): (0.001, 0.0, 0.002),
+                                                    ("metapatch", "tail"): (0.001, 0.0, 0.002)})
+    with pytest.raises(SystemExit, match=r"own-encoder8-seed0: a run without momodistill; remove the folder"):
+        dccl_departure.run_one("own", "encoder8", 0, ["cloud_only", "metapatch", "momodistill"], tmp_path)
+
+
+def test_headroom_ranks_the_ground_truth_above_what_knows_less():
+    import dccl_headroom
+    r = dccl_headroom.headroom("crowd_head", 0)
+    for b in ("all", *dccl_headroom.BUCKETS):
+        # the round's true taste generated the data; the history taste misses the drift since;
+        # popularity knows nothing of the user
+        assert r["true taste"][b] > r["history taste"][b] > r["popularity"][b] + 0.1
+    # the tail's taste departs from the crowd, yet its ground truth is about as good as the head's
+    assert abs(r["true taste"]["head"] - r["true taste"]["tail"]) < 0.01
