@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
@@ -91,3 +92,16 @@ def test_headroom_ranks_the_ground_truth_above_what_knows_less():
         assert r["true taste"][b] > r["history taste"][b] > r["popularity"][b] + 0.1
     # the tail's taste departs from the crowd, yet its ground truth is about as good as the head's
     assert abs(r["true taste"]["head"] - r["true taste"]["tail"]) < 0.01
+
+
+def test_offset_probe_windows_and_negatives_by_hand():
+    import dccl_user_offset as probe
+    # two users: user 0 has items 5, 6, 7; user 1 has items 8, 9
+    items, indptr = np.array([5, 6, 7, 8, 9]), np.array([0, 3, 5])
+    user = np.array([0, 0, 0, 1, 1])
+    w = probe.windows_of(items, indptr, np.array([0, 2, 4]), user, 2)
+    assert w.tolist() == [[-1, -1], [5, 6], [-1, 8]]  # never a window across users
+    seen = np.zeros((2, 4), dtype=bool)
+    seen[0, [0, 1, 2]] = True  # user 0 has one unseen item: 3
+    neg = probe.negatives(np.random.default_rng(0), seen, np.array([0, 1, 0]), 50)
+    assert (neg[[0, 2]] == 3).all() and not seen[1, neg[1]].any() and set(neg[1]) == {0, 1, 2, 3}
