@@ -11,9 +11,10 @@ paired UAUC gain over CloudOnly with its 95 % bootstrap CI over users). Runs lan
 ``runs/dccl_departure/<setting>-<variant>-seed<S>`` and are skipped when done. The
 table printed (and written to ``runs/dccl_departure/table.md``) has, per setting, variant
 and strategy, the mean over seeds of CloudOnly's head and tail UAUC and of the gain over
-CloudOnly in the head and the tail bucket, each with a 95 % CI of the mean (``seed_mean``)
-and the number of seeds on which the gain is positive, and whether the means, and then the
-CIs, show tail gain > head gain > 0 (``table``).
+CloudOnly in the head and the tail bucket, each with a 95 % t-interval over seeds
+(``t_interval``) and the number of seeds on which the gain is positive, and whether the
+means, and then the intervals, show tail gain > head gain > 0 (``table``). Each report's
+own bootstrap CI over users is in its ``buckets.csv``.
 
 Choose variants on seeds other than the ones reported (e.g. ``--seeds 100,101,102``);
 docs/dccl.md has the study.
@@ -25,6 +26,9 @@ import csv
 import json
 import sys
 from pathlib import Path
+
+import numpy as np
+from scipy import stats
 
 from study import ROOT, finish, fleetsim_run, seed_list
 
@@ -77,25 +81,32 @@ def read_buckets(run: Path) -> dict[tuple[str, str], dict[str, float]]:
                 for r in csv.DictReader(f)}
 
 
-def seed_mean(per_seed: dict[int, dict], strategy: str, bucket: str) -> tuple[float, float, int]:
-    """The mean over seeds of ``strategy``'s gain over CloudOnly in ``bucket``, its standard
-    error, and on how many seeds the gain is positive. The standard error combines the
-    seeds' bootstrap CIs (from each report's ``buckets.csv``) by a normal approximation:
-    each seed's is its CI width / (2 x 1.96); the mean's is the root of their summed
-    squares over the number of seeds."""
-    rows = [r[(strategy, bucket)] for r in per_seed.values()]
-    mean = sum(r["gain"] for r in rows) / len(rows)
-    se = sum(((r["gain_hi"] - r["gain_lo"]) / (2 * 1.96)) ** 2 for r in rows) ** 0.5 / len(rows)
-    return mean, se, sum(r["gain"] > 0 for r in rows)
+def t_interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean of per-seed values and its 95 % t-interval over seeds (Student's t with n - 1
+    degrees of freedom): seed-to-seed variation (another fleet, another training run) is
+    what the interval measures. With 2 or 3 seeds it is wide; read it as descriptive."""
+    x = np.asarray(values, dtype=np.float64)
+    mean = float(x.mean())
+    if x.size < 2:
+        return mean, float("nan"), float("nan")
+    half = float(stats.t.ppf(0.975, x.size - 1) * x.std(ddof=1) / np.sqrt(x.size))
+    return mean, mean - half, mean + half
+
+
+def gains(per_seed: dict[int, dict], strategy: str, bucket: str) -> list[float]:
+    """``strategy``'s paired UAUC gain over CloudOnly in ``bucket``, one value per seed."""
+    return [r[(strategy, bucket)]["gain"] for r in per_seed.values()]
 
 
 def table(rows: dict[tuple[str, str], dict[int, dict]], strategies: list[str], seeds: list[int]) -> str:
-    """One row per setting, variant and personalising strategy. The last two columns read
-    the target "tail gain > head gain > 0" on the means, and then with the CIs: the head
-    gain's 95 % CI above 0 and that of tail gain - head gain above 0 (head and tail are
-    disjoint users, so the difference's standard error is the root of the summed squares)."""
-    lines = ["| setting (δ head, tail) | patch | strategy | CloudOnly UAUC head / tail | gain head, mean [95 % CI] "
-             "(seeds > 0) | gain tail, mean [95 % CI] (seeds > 0) | tail > head > 0, means | the same, CIs |",
+    """One row per setting, variant and personalising strategy: each gain's mean over seeds
+    with its 95 % t-interval over seeds (``t_interval``) and the seeds on which it is
+    positive. The last two columns read the target "tail gain > head gain > 0" on the
+    means, and then on the intervals: the head gain's above 0, and that of the per-seed
+    difference tail gain - head gain (paired: both come from the same seed's runs) above 0."""
+    lines = ["| setting (δ head, tail) | patch | strategy | CloudOnly UAUC head / tail | gain head, mean [95 % t-interval] "
+             "(seeds > 0) | gain tail, mean [95 % t-interval] (seeds > 0) | tail > head > 0, means | "
+             "the same, intervals |",
              "|---|---|---|---|---|---|---|---|"]
     n = len(seeds)
     for (setting, variant), per_seed in rows.items():
@@ -103,14 +114,15 @@ def table(rows: dict[tuple[str, str], dict[int, dict]], strategies: list[str], s
         for s in strategies:
             if s == "cloud_only":
                 continue
-            g = {b: seed_mean(per_seed, s, b) for b in ("head", "tail")}
-            cell = {b: f"{m:+.5f} [{m - 1.96 * se:+.5f}, {m + 1.96 * se:+.5f}] ({pos}/{n})"
-                    for b, (m, se, pos) in g.items()}
-            (mh, seh, _), (mt, set_, _) = g["head"], g["tail"]
-            means = "yes" if mt > mh > 0 else "no"
-            cis = "yes" if mh - 1.96 * seh > 0 and (mt - mh) - 1.96 * (seh ** 2 + set_ ** 2) ** 0.5 > 0 else "no"
+            g = {b: gains(per_seed, s, b) for b in ("head", "tail")}
+            ci = {b: t_interval(v) for b, v in g.items()}
+            cell = {b: f"{m:+.5f} [{lo:+.5f}, {hi:+.5f}] ({sum(x > 0 for x in g[b])}/{n})"
+                    for b, (m, lo, hi) in ci.items()}
+            diff = t_interval([t - h for t, h in zip(g["tail"], g["head"])])
+            means = "yes" if ci["tail"][0] > ci["head"][0] > 0 else "no"
+            intervals = "yes" if ci["head"][1] > 0 and diff[1] > 0 else "no"
             lines.append(f"| {setting} {SETTINGS[setting]} | {variant} | {s} | {base['head']:.4f} / {base['tail']:.4f} | "
-                         f"{cell['head']} | {cell['tail']} | {means} | {cis} |")
+                         f"{cell['head']} | {cell['tail']} | {means} | {intervals} |")
     return "\n".join(lines)
 
 

@@ -1,24 +1,25 @@
-"""How much a per-user model could gain on the synthetic fleet: the ground truth's UAUC per
-activity bucket, next to a popularity-only score, across the taste-departure setting.
+"""How much a per-user model could gain on the synthetic fleet: the generating model's UAUC
+per activity bucket, next to a popularity-only score, across the taste-departure setting.
 
     python experiments/dccl_headroom.py [--settings own,tail_departs,...] [--seeds 0,1,2]
 
 The synthetic fleet draws each interaction from ``softmax(taste_strength * u_p . v +
-popularity logit)`` (``devices/synthetic.py``), so the best any model can do is score a
-candidate by that logit with the user's true taste of the period. For the fleet of
-``experiments/dccl.toml`` at each setting of ``dccl_departure.SETTINGS``, every interaction
-of rounds 1..n_rounds is a positive scored against 99 items its user never interacted with
-(uniform with replacement, as the simulator's prequential evaluation draws them, but from
-this script's own seeded stream), and per-user AUC (``devices.scoring.device_metrics``) is averaged over the
-users of each bucket (``simulator.metrics.activity_buckets``) for three scores:
+popularity logit)`` (``devices/synthetic.py``). For the fleet of ``experiments/dccl.toml``
+at each setting of ``dccl_departure.SETTINGS``, every interaction of rounds 1..n_rounds is
+a positive scored against 99 items its user never interacted with, drawn by the
+simulator's own ``SampleBuilder.negatives``, and UAUC per bucket is computed as a run
+computes it (``study.bucket_uauc``: within-round pairs) for four scores:
 
 - ``popularity``: the popularity logit alone (a model that knows nothing of the user);
-- ``history taste``: the user's true history taste (a perfect per-user model fitted before
-  round 1, blind to the drift that follows);
-- ``true taste``: the true taste of the round (the ceiling).
+- ``history taste``: the generating logit with the user's history taste (a perfect
+  per-user model fitted before round 1, blind to the drift that follows);
+- ``true taste``: the generating logit with the true taste of the round;
+- ``true taste, repeats first``: the same, with every positive the user had interacted
+  with before ranked above all candidates. Negatives are never-seen items, so an item
+  seen before is always the positive: memorising them beats the generating model, and
+  this row, not ``true taste``, bounds what a model can reach under this evaluation.
 
-Compare with CloudOnly's bucket UAUC from ``dccl_departure.py`` (docs/dccl.md): what lies
-between CloudOnly and the ceiling is what any personalisation could still add.
+Compare with CloudOnly's bucket UAUC from ``dccl_departure.py`` (docs/dccl.md).
 """
 from __future__ import annotations
 
@@ -28,12 +29,12 @@ import sys
 import numpy as np
 
 from dccl_departure import EXPERIMENT, SETTINGS
-from study import seed_list
+from study import bucket_uauc, seed_list
 
-from devices.scoring import device_metrics
+from devices.samples import SampleBuilder, stream_key
 from devices.synthetic import generate
 from simulator import config
-from simulator.metrics import activity_buckets
+from simulator.fleetrun import FleetRun
 
 N_NEG = 99
 BUCKETS = ("head", "torso", "tail")
@@ -42,44 +43,41 @@ BUCKETS = ("head", "torso", "tail")
 def headroom(setting: str, seed: int) -> dict[str, dict[str, float]]:
     """Per score, UAUC per bucket (and ``all``) on the fleet of ``setting`` and ``seed``."""
     head, tail = SETTINGS[setting]
-    cfg = config.load(EXPERIMENT, [f"data.taste_departure_head={head}", f"data.taste_departure_tail={tail}"], seed).data
-    fleet = generate(cfg, seed)
+    cfg = config.load(EXPERIMENT, [f"data.taste_departure_head={head}", f"data.taste_departure_tail={tail}"], seed)
+    run = FleetRun(cfg, use_ray=False)
+    fleet = run.build_fleet()
+    truth = generate(cfg.data, seed)  # the same fleet, with the tastes that generated it
     inter, tl = fleet.interactions, fleet.timeline
-    n, n_items = inter.n_users, inter.n_items
-    user = np.repeat(np.arange(n), np.diff(inter.indptr))
-    in_rounds = inter.times >= tl.history_end
-    period = np.where(in_rounds, 1 + ((inter.times - tl.history_end) // tl.round_seconds).astype(np.int64), 0)
-    period = np.minimum(period, tl.n_rounds)
-    labels, _ = activity_buckets(np.bincount(user[~in_rounds], minlength=n))
+    assert np.array_equal(truth.interactions.items, inter.items), "not the fleet the run builds"
+    user, rounds = inter.user_of(), tl.round_of(inter.times)
+    rows = np.flatnonzero((rounds >= 1) & (rounds <= tl.n_rounds))
+    cand = np.concatenate([inter.items[rows, None],
+                           SampleBuilder(inter, cfg.model.window).negatives(rows, N_NEG, stream_key(seed, 16))], 1)
+    # a row's item is a repeat when the user had it at an earlier position of its stream
+    key = user * inter.n_items + inter.items
+    first = np.full(key.size, -1)
+    order = np.lexsort((np.arange(key.size), key))
+    starts = np.r_[True, key[order][1:] != key[order][:-1]]
+    first[order] = order[starts][np.cumsum(starts) - 1]
+    repeat = first[rows] < rows
 
-    seen = np.zeros((n, n_items), dtype=bool)
-    seen[user, inter.items] = True
-    rows = np.flatnonzero(in_rounds)
-    rng = np.random.default_rng([seed, 16])
-    neg = np.empty((rows.size, N_NEG), dtype=np.int64)
-    for j, r in enumerate(rows):  # uniform over the user's never-seen items, with replacement
-        pool = np.flatnonzero(~seen[user[r]])
-        neg[j] = pool[rng.integers(0, pool.size, N_NEG)]
-    cand = np.concatenate([inter.items[rows, None], neg], axis=1)  # column 0: the positive
-
-    pop = fleet.item_popularity_logit
-    v = fleet.item_factors.astype(np.float64)
-    s = cfg.taste_strength
+    pop = truth.item_popularity_logit
+    v = truth.item_factors.astype(np.float64)
 
     def taste_scores(taste: np.ndarray) -> np.ndarray:  # taste (rows, d)
-        return s * np.einsum("rd,rcd->rc", taste, v[cand]) + pop[cand]
+        return cfg.data.taste_strength * np.einsum("rd,rcd->rc", taste, v[cand]) + pop[cand]
 
+    true = taste_scores(truth.tastes[rounds[rows], user[rows]].astype(np.float64))
+    repeats_first = true.copy()
+    repeats_first[repeat, 0] = np.inf
     scores = {
         "popularity": pop[cand],
-        "history taste": taste_scores(fleet.tastes[0, user[rows]].astype(np.float64)),
-        "true taste": taste_scores(fleet.tastes[period[rows], user[rows]].astype(np.float64)),
+        "history taste": taste_scores(truth.tastes[0, user[rows]].astype(np.float64)),
+        "true taste": true,
+        "true taste, repeats first": repeats_first,
     }
-    out = {}
-    for name, sc in scores.items():
-        auc = device_metrics(sc.astype(np.float32), user[rows], n)["auc"]
-        out[name] = {b: float(np.nanmean(auc[labels == b])) for b in BUCKETS}
-        out[name]["all"] = float(np.nanmean(auc))
-    return out
+    return {name: bucket_uauc(sc, user[rows], rounds[rows], inter.n_users, fleet.buckets)
+            for name, sc in scores.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,6 @@
-"""What the study scripts (``duet_gap.py``, ``dccl_departure.py``) share: one ``fleetsim
-run`` of an experiment file with ``--set`` overrides, and the table they end with."""
+"""What the study scripts (``duet_gap.py``, ``dccl_*.py``) share: one ``fleetsim run`` of
+an experiment file with ``--set`` overrides, the table they end with, and (for the offline
+probes) UAUC per activity bucket the way a run computes it."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +8,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
+import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,3 +41,29 @@ def seed_list(text: str) -> list[int]:
         return [int(s) for s in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"comma-separated integers, not {text!r}") from None
+
+
+def bucket_uauc(scores: np.ndarray, owner: np.ndarray, rounds: np.ndarray, n_users: int,
+                buckets: np.ndarray) -> dict[str, float]:
+    """UAUC per activity bucket (and ``all``) as a run computes it: per-user AUC over the
+    (positive, negative) pairs within each round (``devices.scoring.device_metrics`` per
+    round, pooled by ``simulator.metrics.user_auc``), averaged over the users of a bucket.
+
+    ``scores`` (rows, C): column 0 a positive, the rest its negatives; ``owner`` and
+    ``rounds`` give each row's user and round; ``buckets`` the bucket of every user."""
+    from devices.scoring import device_metrics
+    from simulator.metrics import user_auc
+
+    records = []
+    for r in np.unique(rounds):
+        at = rounds == r
+        m = device_metrics(scores[at].astype(np.float32), owner[at], n_users)
+        has = np.flatnonzero(m["n_pos"] > 0)
+        records.append(pd.DataFrame({"device_id": has, "auc": m["auc"][has], "n_pos": m["n_pos"][has],
+                                     "n_neg": m["n_neg"][has]}))
+    per_user = user_auc(pd.concat(records, ignore_index=True))
+    auc = np.full(n_users, np.nan)
+    auc[per_user["device_id"].to_numpy()] = per_user["auc"].to_numpy()
+    out = {b: float(np.nanmean(auc[buckets == b])) for b in ("head", "torso", "tail")}
+    out["all"] = float(np.nanmean(auc))
+    return out

@@ -1,5 +1,6 @@
 """The study scripts (experiments/duet_gap.py, dccl_departure.py): a resumed study reuses
-finished runs only, and the departure study's table combines the seeds' CIs as documented."""
+finished runs only; the departure study's intervals are over seeds; the offline probes
+compute UAUC as a run does."""
 from __future__ import annotations
 
 import json
@@ -46,30 +47,29 @@ def write_buckets(folder: Path, gains: dict[tuple[str, str], tuple[float, float,
     (folder / "buckets.csv").write_text("\n".join(lines) + "\n")
 
 
-def test_departure_study_mean_ci_combines_the_seeds_bootstrap_cis(tmp_path):
-    # seed 0: tail gain 0.002, CI width 2 x 1.96 x 0.001 (se 0.001); seed 1: 0.004, se 0.002
+def test_departure_study_intervals_are_over_seeds_and_the_target_reads_paired_differences(tmp_path):
     write_buckets(tmp_path / "crowd_head-encoder8-seed0", {("metapatch", "head"): (0.001, 0.0, 0.002),
-                                                           ("metapatch", "tail"): (0.002, 0.002 - 0.00196, 0.002 + 0.00196)})
+                                                           ("metapatch", "tail"): (0.002, -0.001, 0.005)})
     write_buckets(tmp_path / "crowd_head-encoder8-seed1", {("metapatch", "head"): (-0.001, -0.002, 0.0),
-                                                           ("metapatch", "tail"): (0.004, 0.004 - 0.00392, 0.004 + 0.00392)})
+                                                           ("metapatch", "tail"): (0.004, 0.001, 0.007)})
     per_seed = {s: dccl_departure.read_buckets(dccl_departure.run_one(
         "crowd_head", "encoder8", s, ["cloud_only", "metapatch"], tmp_path)) for s in (0, 1)}
-    mean, se, positive = dccl_departure.seed_mean(per_seed, "metapatch", "tail")
-    assert mean == pytest.approx(0.003) and positive == 2
-    assert se == pytest.approx((0.001 ** 2 + 0.002 ** 2) ** 0.5 / 2)  # 0.001118
-    head, head_se, head_positive = dccl_departure.seed_mean(per_seed, "metapatch", "head")
-    assert (head, head_positive) == (pytest.approx(0.0), 1)
-    # means: the head gain (0) is not > 0; CIs: neither
+    tail = dccl_departure.gains(per_seed, "metapatch", "tail")
+    assert tail == [0.002, 0.004]
+    # mean 0.003; sd 0.002 / sqrt(2) = 0.0014142, over sqrt(2) seeds: 0.001; t(0.975, 1 df) = 12.7062
+    mean, lo, hi = dccl_departure.t_interval(tail)
+    assert (mean, lo, hi) == (pytest.approx(0.003), pytest.approx(0.003 - 0.0127062), pytest.approx(0.003 + 0.0127062))
+    assert np.isnan(dccl_departure.t_interval([0.5])[1])
+    # head gains 0.001 and -0.001: mean 0 is not > 0, on the means nor on the intervals
     assert dccl_departure.table({("crowd_head", "encoder8"): per_seed}, ["cloud_only", "metapatch"],
                                 [0, 1]).splitlines()[-1].endswith("| no | no |")
-    # a head gain of 0.001 (se 0.0005/sqrt(2)) above 0, tail 0.003: yes on the means; on the
-    # CIs the head's lies above 0 and tail - head = 0.002 has se sqrt(0.00112^2 + 0.00035^2) = 0.00117,
-    # so its CI reaches below 0: no
+    # head 0.001 on both seeds (interval [0.001, 0.001]); tail - head = 0.001, 0.003: mean 0.002
+    # with half-width 12.7062 x 0.001, below 0 -> yes on the means, no on the intervals
     for s in (0, 1):
-        per_seed[s][("metapatch", "head")].update(gain=0.001, gain_lo=0.001 - 0.00098, gain_hi=0.001 + 0.00098)
+        per_seed[s][("metapatch", "head")]["gain"] = 0.001
     assert dccl_departure.table({("crowd_head", "encoder8"): per_seed}, ["cloud_only", "metapatch"],
                                 [0, 1]).splitlines()[-1].endswith("| yes | no |")
-    # with tail gains of 0.006 on both seeds, the difference's CI clears 0: yes on both
+    # tail 0.006 on both seeds: the difference is 0.005 on both, its interval [0.005, 0.005]
     for s in (0, 1):
         per_seed[s][("metapatch", "tail")]["gain"] = 0.006
     assert dccl_departure.table({("crowd_head", "encoder8"): per_seed}, ["cloud_only", "metapatch"],
@@ -90,18 +90,7 @@ def test_headroom_ranks_the_ground_truth_above_what_knows_less():
         # the round's true taste generated the data; the history taste misses the drift since;
         # popularity knows nothing of the user
         assert r["true taste"][b] > r["history taste"][b] > r["popularity"][b] + 0.1
+        # ranking repeats first can only raise a positive: never below the generating model
+        assert r["true taste, repeats first"][b] >= r["true taste"][b]
     # the tail's taste departs from the crowd, yet its ground truth is about as good as the head's
     assert abs(r["true taste"]["head"] - r["true taste"]["tail"]) < 0.01
-
-
-def test_offset_probe_windows_and_negatives_by_hand():
-    import dccl_user_offset as probe
-    # two users: user 0 has items 5, 6, 7; user 1 has items 8, 9
-    items, indptr = np.array([5, 6, 7, 8, 9]), np.array([0, 3, 5])
-    user = np.array([0, 0, 0, 1, 1])
-    w = probe.windows_of(items, indptr, np.array([0, 2, 4]), user, 2)
-    assert w.tolist() == [[-1, -1], [5, 6], [-1, 8]]  # never a window across users
-    seen = np.zeros((2, 4), dtype=bool)
-    seen[0, [0, 1, 2]] = True  # user 0 has one unseen item: 3
-    neg = probe.negatives(np.random.default_rng(0), seen, np.array([0, 1, 0]), 50)
-    assert (neg[[0, 2]] == 3).all() and not seen[1, neg[1]].any() and set(neg[1]) == {0, 1, 2, 3}
