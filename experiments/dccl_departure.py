@@ -2,14 +2,14 @@
 synthetic fleet's taste-departure setting.
 
     python experiments/dccl_departure.py [--settings own,tail_departs,...] [--variants encoder8,...]
-        [--strategies cloud_only,metapatch] [--seeds 0,1,2]
+        [--strategies cloud_only,metapatch] [--seeds 0,1,2] [--out-root runs/dccl_departure]
 
 Each run is ``experiments/dccl.toml`` (2,000 synthetic phones, GRU4Rec, 10 rounds) with
 ``data.taste_departure_head`` / ``_tail`` from ``SETTINGS`` and MetaPatch's patch from
 ``VARIANTS``, through ``fleetsim run`` (its report gives ``buckets.csv``: per bucket, the
 paired UAUC gain over CloudOnly with its 95 % bootstrap CI over users). Runs land in
-``runs/dccl_departure/<setting>-<variant>-seed<S>`` and are skipped when done. The
-table printed (and written to ``runs/dccl_departure/table.md``) has, per setting, variant
+``<out-root>/<setting>-<variant>-seed<S>`` (default ``runs/dccl_departure``) and are
+skipped when done. The table printed (and written to ``<out-root>/table.md``) has, per setting, variant
 and strategy, the mean over seeds of CloudOnly's head and tail UAUC and of the gain over
 CloudOnly in the head and the tail bucket, each with a 95 % t-interval over seeds
 (``t_interval``) and the number of seeds on which the gain is positive, and whether the
@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default="encoder8")
     ap.add_argument("--strategies", default="cloud_only,metapatch")
     ap.add_argument("--seeds", type=seed_list, default="0,1,2")
+    ap.add_argument("--out-root", type=Path, default=ROOT / "runs" / "dccl_departure",
+                    help="folder of the runs and table.md (another one for another set of strategies)")
     args = ap.parse_args(argv)
     settings = [s for s in args.settings.split(",") if s]
     variants = [v for v in args.variants.split(",") if v]
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
               f"variants: {', '.join(VARIANTS)}", file=sys.stderr)
         return 2
     seeds = args.seeds
-    out_root = ROOT / "runs" / "dccl_departure"
+    out_root = args.out_root.resolve()  # the runs start in ROOT; the table reads them from here
     rows: dict[tuple[str, str], dict[int, dict]] = {}
     for setting in settings:
         for variant in variants:
