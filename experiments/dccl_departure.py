@@ -53,6 +53,11 @@ VARIANTS = {
     "cloud10": ["cloud.epochs=10"],
     "cloud10_all": ["cloud.epochs=10", "strategies.metapatch.fraction_train=1.0",
                     "strategies.momodistill.fraction_train=1.0"],
+    # DIN instead of GRU4Rec: its classifier sees the candidate, so a patch there (head.1)
+    # can act on user-item interactions, which a patch on GRU4Rec's user tower cannot
+    "din": ['model.backbone="din"'],
+    "din_head8": ['model.backbone="din"', 'strategies.metapatch.patch_layer="head.1"',
+                  'strategies.momodistill.patch_layer="head.1"'],
     # Mechanism checks, not candidates: a shorter window shows the cloud model less of each
     # user's taste (it weakens CloudOnly too), to test why the patch adds so little at L = 10.
     "window3": ["model.window=3"],
