@@ -29,7 +29,7 @@ import sys
 import numpy as np
 
 from dccl_departure import EXPERIMENT, SETTINGS
-from study import bucket_uauc, seed_list
+from study import bucket_rows, bucket_uauc, seed_list
 
 from devices.samples import SampleBuilder, stream_key
 from devices.synthetic import generate
@@ -37,7 +37,7 @@ from simulator import config
 from simulator.fleetrun import FleetRun
 
 N_NEG = 99
-BUCKETS = ("head", "torso", "tail")
+BUCKETS = ("head", "torso", "tail")  # activity buckets (simulator.metrics.activity_buckets)
 
 
 def headroom(setting: str, seed: int) -> dict[str, dict[str, float]]:
@@ -91,11 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     lines = ["| setting (δ head, tail) | score | all | head | torso | tail |", "|---|---|---|---|---|---|"]
     for setting in settings:
-        per_seed = [headroom(setting, seed) for seed in args.seeds]
-        for name in per_seed[0]:
-            mean = {b: np.mean([r[name][b] for r in per_seed]) for b in ("all", *BUCKETS)}
-            lines.append(f"| {setting} {SETTINGS[setting]} | {name} | " + " | ".join(
-                f"{mean[b]:.4f}" for b in ("all", *BUCKETS)) + " |")
+        lines += bucket_rows([headroom(setting, seed) for seed in args.seeds], f"{setting} {SETTINGS[setting]} | ")
     print("\n".join(lines))
     return 0
 

@@ -38,13 +38,14 @@ import numpy as np
 import torch
 
 from dccl_departure import EXPERIMENT, SETTINGS
-from study import bucket_uauc, seed_list
+from study import bucket_rows, bucket_uauc, seed_list
 
 from devices import models
 from devices.backbones.layers import head
 from devices.samples import SampleBuilder, stream_key
 from devices.synthetic import generate
 from simulator import config
+from simulator.errors import ConfigError
 from simulator.fleetrun import FleetRun
 from strategies.cloud import history_rows, train_cloud_model
 
@@ -142,16 +143,17 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print(f"dccl_user_offset: --l2 takes comma-separated numbers, not {args.l2!r}", file=sys.stderr)
         return 2
-    per_seed = [probe(args.setting, s, l2s, args.steps, args.recent, args.set, args.cloud_negatives)
-                for s in args.seeds]
+    try:
+        per_seed = [probe(args.setting, s, l2s, args.steps, args.recent, args.set, args.cloud_negatives)
+                    for s in args.seeds]
+    except ConfigError as e:  # a bad --set
+        print(f"dccl_user_offset: {e}", file=sys.stderr)
+        return 2
     sets = "".join(f", {x}" for x in args.set) + (", popularity negatives" if args.cloud_negatives != "uniform" else "")
     lines = [f"| {args.setting}, seeds {','.join(map(str, args.seeds))}, recent {args.recent or 'all'}{sets} | all | head | torso "
              "| tail |",
              "|---|---|---|---|---|"]
-    for name in per_seed[0]:
-        mean = {b: np.mean([r[name][b] for r in per_seed]) for b in ("all", *BUCKETS)}
-        lines.append(f"| {name} | " + " | ".join(f"{mean[b]:.4f}" for b in ("all", *BUCKETS)) + " |")
-    print("\n".join(lines))
+    print("\n".join(lines + bucket_rows(per_seed)))
     return 0
 
 

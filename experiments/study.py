@@ -67,3 +67,11 @@ def bucket_uauc(scores: np.ndarray, owner: np.ndarray, rounds: np.ndarray, n_use
     out = {b: float(np.nanmean(auc[buckets == b])) for b in ("head", "torso", "tail")}
     out["all"] = float(np.nanmean(auc))
     return out
+
+
+def bucket_rows(per_seed: list[dict[str, dict[str, float]]], prefix: str = "") -> list[str]:
+    """Markdown rows ``| prefix name | all | head | torso | tail |``: per score name, the mean
+    over seeds of ``bucket_uauc``-shaped results (one dict of scores per seed)."""
+    cols = ("all", "head", "torso", "tail")
+    return [f"| {prefix}{name} | " + " | ".join(f"{np.mean([r[name][b] for r in per_seed]):.4f}" for b in cols) + " |"
+            for name in per_seed[0]]
