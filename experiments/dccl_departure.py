@@ -106,13 +106,14 @@ def gains(per_seed: dict[int, dict], strategy: str, bucket: str) -> list[float]:
 def table(rows: dict[tuple[str, str], dict[int, dict]], strategies: list[str], seeds: list[int]) -> str:
     """One row per setting, variant and personalising strategy: each gain's mean over seeds
     with its 95 % t-interval over seeds (``t_interval``) and the seeds on which it is
-    positive. The last two columns read the target "tail gain > head gain > 0" on the
-    means, and then on the intervals: the head gain's above 0, and that of the per-seed
-    difference tail gain - head gain (paired: both come from the same seed's runs) above 0."""
+    positive, and the per-seed difference tail gain - head gain (paired: both come from the
+    same seed's runs) with its interval. The last two columns read the target "tail gain >
+    head gain > 0" on the means, and then on the intervals: the head gain's above 0, and
+    the difference's above 0."""
     lines = ["| setting (δ head, tail) | patch | strategy | CloudOnly UAUC head / tail | gain head, mean [95 % t-interval] "
-             "(seeds > 0) | gain tail, mean [95 % t-interval] (seeds > 0) | tail > head > 0, means | "
-             "the same, intervals |",
-             "|---|---|---|---|---|---|---|---|"]
+             "(seeds > 0) | gain tail, mean [95 % t-interval] (seeds > 0) | tail − head, mean [95 % t-interval] | "
+             "tail > head > 0, means | the same, intervals |",
+             "|---|---|---|---|---|---|---|---|---|"]
     n = len(seeds)
     for (setting, variant), per_seed in rows.items():
         base = {b: sum(r[("cloud_only", b)]["uauc"] for r in per_seed.values()) / len(per_seed) for b in ("head", "tail")}
@@ -127,7 +128,8 @@ def table(rows: dict[tuple[str, str], dict[int, dict]], strategies: list[str], s
             means = "yes" if ci["tail"][0] > ci["head"][0] > 0 else "no"
             intervals = "yes" if ci["head"][1] > 0 and diff[1] > 0 else "no"
             lines.append(f"| {setting} {SETTINGS[setting]} | {variant} | {s} | {base['head']:.4f} / {base['tail']:.4f} | "
-                         f"{cell['head']} | {cell['tail']} | {means} | {intervals} |")
+                         f"{cell['head']} | {cell['tail']} | {diff[0]:+.5f} [{diff[1]:+.5f}, {diff[2]:+.5f}] | "
+                         f"{means} | {intervals} |")
     return "\n".join(lines)
 
 
