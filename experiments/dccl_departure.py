@@ -40,6 +40,8 @@ SETTINGS = {
     "half": (0.5, 0.5),  # everyone halfway from the crowd, whatever their activity
     "tail_departs": (0.3, 1.0),  # the head near the crowd, the tail its own
     "crowd_head": (0.0, 1.0),  # the most active hold the crowd's taste exactly
+    "head_half": (0.5, 1.0),  # the head halfway to the crowd, the tail its own
+    "head_mild": (0.7, 1.0),  # the head a little toward the crowd, the tail its own
 }
 # name -> --set overrides of the personalising strategies' patch
 VARIANTS = {
