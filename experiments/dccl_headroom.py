@@ -34,32 +34,25 @@ from study import bucket_rows, bucket_uauc, seed_list
 from devices.samples import SampleBuilder, stream_key
 from devices.synthetic import generate
 from simulator import config
-from simulator.fleetrun import FleetRun
+from simulator.metrics import BUCKETS, activity_buckets
 
 N_NEG = 99
-BUCKETS = ("head", "torso", "tail")  # activity buckets (simulator.metrics.activity_buckets)
 
 
 def headroom(setting: str, seed: int) -> dict[str, dict[str, float]]:
     """Per score, UAUC per bucket (and ``all``) on the fleet of ``setting`` and ``seed``."""
     head, tail = SETTINGS[setting]
     cfg = config.load(EXPERIMENT, [f"data.taste_departure_head={head}", f"data.taste_departure_tail={tail}"], seed)
-    run = FleetRun(cfg, use_ray=False)
-    fleet = run.build_fleet()
-    truth = generate(cfg.data, seed)  # the same fleet, with the tastes that generated it
-    inter, tl = fleet.interactions, fleet.timeline
-    assert np.array_equal(truth.interactions.items, inter.items), "not the fleet the run builds"
+    truth = generate(cfg.data, seed)  # the fleet a run of cfg builds, with the tastes that generated it
+    inter, tl = truth.interactions, truth.timeline
     user, rounds = inter.user_of(), tl.round_of(inter.times)
+    buckets, _ = activity_buckets(np.bincount(user[rounds == 0], minlength=inter.n_users))
     rows = np.flatnonzero((rounds >= 1) & (rounds <= tl.n_rounds))
     cand = np.concatenate([inter.items[rows, None],
                            SampleBuilder(inter, cfg.model.window).negatives(rows, N_NEG, stream_key(seed, 16))], 1)
     # a row's item is a repeat when the user had it at an earlier position of its stream
-    key = user * inter.n_items + inter.items
-    first = np.full(key.size, -1)
-    order = np.lexsort((np.arange(key.size), key))
-    starts = np.r_[True, key[order][1:] != key[order][:-1]]
-    first[order] = order[starts][np.cumsum(starts) - 1]
-    repeat = first[rows] < rows
+    _, first, pair = np.unique(user * inter.n_items + inter.items, return_index=True, return_inverse=True)
+    repeat = first[pair[rows]] < rows
 
     pop = truth.item_popularity_logit
     v = truth.item_factors.astype(np.float64)
@@ -76,7 +69,7 @@ def headroom(setting: str, seed: int) -> dict[str, dict[str, float]]:
         "true taste": true,
         "true taste, repeats first": repeats_first,
     }
-    return {name: bucket_uauc(sc, user[rows], rounds[rows], inter.n_users, fleet.buckets)
+    return {name: bucket_uauc(sc, user[rows], rounds[rows], inter.n_users, buckets)
             for name, sc in scores.items()}
 
 

@@ -47,9 +47,8 @@ from devices.synthetic import generate
 from simulator import config
 from simulator.errors import ConfigError
 from simulator.fleetrun import FleetRun
+from simulator.metrics import BUCKETS
 from strategies.cloud import history_rows, train_cloud_model
-
-BUCKETS = ("head", "torso", "tail")
 
 
 def probe(setting: str, seed: int, l2s: list[float], steps: int, recent: int, sets: list[str] = (),

@@ -52,7 +52,7 @@ def bucket_uauc(scores: np.ndarray, owner: np.ndarray, rounds: np.ndarray, n_use
     ``scores`` (rows, C): column 0 a positive, the rest its negatives; ``owner`` and
     ``rounds`` give each row's user and round; ``buckets`` the bucket of every user."""
     from devices.scoring import device_metrics
-    from simulator.metrics import user_auc
+    from simulator.metrics import BUCKETS, user_auc
 
     records = []
     for r in np.unique(rounds):
@@ -64,7 +64,7 @@ def bucket_uauc(scores: np.ndarray, owner: np.ndarray, rounds: np.ndarray, n_use
     per_user = user_auc(pd.concat(records, ignore_index=True))
     auc = np.full(n_users, np.nan)
     auc[per_user["device_id"].to_numpy()] = per_user["auc"].to_numpy()
-    out = {b: float(np.nanmean(auc[buckets == b])) for b in ("head", "torso", "tail")}
+    out = {b: float(np.nanmean(auc[buckets == b])) for b in BUCKETS}
     out["all"] = float(np.nanmean(auc))
     return out
 
@@ -72,6 +72,8 @@ def bucket_uauc(scores: np.ndarray, owner: np.ndarray, rounds: np.ndarray, n_use
 def bucket_rows(per_seed: list[dict[str, dict[str, float]]], prefix: str = "") -> list[str]:
     """Markdown rows ``| prefix name | all | head | torso | tail |``: per score name, the mean
     over seeds of ``bucket_uauc``-shaped results (one dict of scores per seed)."""
-    cols = ("all", "head", "torso", "tail")
+    from simulator.metrics import BUCKETS
+
+    cols = ("all", *BUCKETS)
     return [f"| {prefix}{name} | " + " | ".join(f"{np.mean([r[name][b] for r in per_seed]):.4f}" for b in cols) + " |"
             for name in per_seed[0]]

@@ -38,7 +38,6 @@ def test_a_finished_run_is_read_and_an_interrupted_one_is_never_taken_as_done(tm
     assert duet_gap.run_one("gen_16", 0, "unused.csv", "validation", tmp_path) == {"base": 0.90, "duet": 0.93}
 
 
-
 def write_buckets(folder: Path, gains: dict[tuple[str, str], tuple[float, float, float]]) -> None:
     folder.mkdir(parents=True)
     lines = ["strategy,bucket,users,uauc,uauc_lo,uauc_hi,gain,gain_lo,gain_hi,gain_users",
