@@ -165,9 +165,9 @@ class SampleBuilder:
             with np.errstate(over="ignore"):
                 np.add(row_key[b : b + n, None], slot_add, out=h[:n])
             out[b : b + n] = self._draw(mix64_inplace(h[:n], tmp[:n]))
-            r, c = np.nonzero(self.seen.contains(users[b : b + n, None], out[b : b + n]))
-            bad_rows.append(r + b)
-            bad_cols.append(c)
+            at = np.flatnonzero(self.seen.contains(users[b : b + n, None], out[b : b + n]))  # 1-D: ~3x np.nonzero's speed
+            bad_rows.append(at // k + b)
+            bad_cols.append(at % k)
         bad_r, bad_c = np.concatenate(bad_rows), np.concatenate(bad_cols)
         for attempt in range(1, 256):
             if not bad_r.size:

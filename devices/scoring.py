@@ -156,6 +156,7 @@ def device_metrics(scores: np.ndarray, owner: np.ndarray, n_devices: int) -> dic
     with np.errstate(invalid="ignore", divide="ignore"):
         pos, neg = scores[:, :1], scores[:, 1:]
         rank = (neg >= pos).sum(axis=1)  # ties count against the positive
+        above = (neg > pos).sum(axis=1)  # rank - above: the ties (with rank, a one-row device's U)
         hit = rank < TOP_K
         gain = np.where(hit, 1.0 / np.log2(rank + 2.0), 0.0)
         hr10 = np.bincount(owner, weights=hit, minlength=n_devices) / n_pos
@@ -164,7 +165,7 @@ def device_metrics(scores: np.ndarray, owner: np.ndarray, n_devices: int) -> dic
         row_loss = _softplus_row_sums(-pos) + _softplus_row_sums(neg)
         logloss = np.bincount(owner, weights=row_loss, minlength=n_devices) / (n_pos * n_cand)
 
-        auc = _pooled_auc(scores, owner, n_devices, n_pos) / (n_pos * n_neg).astype(np.float64)
+        auc = _pooled_auc(scores, owner, n_devices, n_pos, (rank, above)) / (n_pos * n_neg).astype(np.float64)
     auc[n_neg == 0] = np.nan
     for a in (hr10, ndcg10, logloss):
         a[~has] = np.nan
@@ -177,13 +178,17 @@ _PAIRWISE_MAX_ROWS = 16
 _PAIRWISE_CELLS = 1 << 22  # comparisons per block
 
 
-def _pooled_auc(scores: np.ndarray, owner: np.ndarray, n_devices: int, n_pos: np.ndarray) -> np.ndarray:
+def _pooled_auc(scores: np.ndarray, owner: np.ndarray, n_devices: int, n_pos: np.ndarray,
+                counts: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Per-device Mann-Whitney U (positive-vs-negative pairs won, ties 0.5), not normalised.
 
     Devices with few rows (most of a large fleet's, in one window) are counted directly:
     their rows, grouped by device and by row count k, compare each positive with the
     device's k (C - 1) negatives. The rest go through ``_pooled_auc_sorted``. Both count
     exactly the same pairs, so the result does not depend on the split.
+
+    ``counts``: each row's negatives ``>=`` and ``>`` its positive, if the caller has them;
+    a device with one row then takes its U from them without comparing again.
     """
     n_rows, n_cand = scores.shape
     if n_rows == 0 or n_cand == 1:
@@ -191,6 +196,11 @@ def _pooled_auc(scores: np.ndarray, owner: np.ndarray, n_devices: int, n_pos: np
     k_row = n_pos[owner]
     small = k_row <= _PAIRWISE_MAX_ROWS
     u = np.zeros(n_devices)
+    if counts is not None:
+        one = k_row == 1
+        ge, gt = counts[0][one], counts[1][one]
+        u[owner[one]] = (n_cand - 1 - ge) + 0.5 * (ge - gt)
+        small &= ~one
     if small.any():
         rows = np.flatnonzero(small)
         rows = rows[np.argsort(owner[rows], kind="stable")]  # each device's rows together
@@ -205,8 +215,8 @@ def _pooled_auc(scores: np.ndarray, owner: np.ndarray, n_devices: int, n_pos: np
                 neg = block[:, 1:].reshape(-1, 1, k * (n_cand - 1))
                 won = (neg < pos).sum(axis=(1, 2)) + 0.5 * (neg == pos).sum(axis=(1, 2))
                 u[owner[r[b : b + per * k : k]]] = won
-    if not small.all():
-        big = ~small
+    big = k_row > _PAIRWISE_MAX_ROWS
+    if big.any():
         u += _pooled_auc_sorted(scores[big], owner[big], n_devices, np.where(n_pos > _PAIRWISE_MAX_ROWS, n_pos, 0))
     return u
 
@@ -294,8 +304,11 @@ class ScoreHistogram:
         scores = np.asarray(scores)
         if scores.ndim != 2:
             raise ValueError(f"scores must be 2-D (n, C), got shape {scores.shape}")
-        self.pos += self._count(scores[:, 0])
-        self.neg += self._count(scores[:, 1:])
+        pos = self._count(scores[:, 0])
+        self.pos += pos
+        # every score, minus the positives: a contiguous matrix is counted without copying
+        # its negatives out first (16M scores a host per round at 1M devices)
+        self.neg += self._count(scores) - pos if scores.flags.c_contiguous else self._count(scores[:, 1:])
 
     def add_labeled(self, scores: np.ndarray, labels: np.ndarray) -> None:
         """Add 1-D scores with 0/1 (or boolean) labels."""

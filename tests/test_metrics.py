@@ -445,7 +445,11 @@ def test_pooled_auc_pairwise_and_sorted_paths_count_the_same_pairs():
         if trial % 5 == 0:
             sc = sc.astype(np.float64) + rng.standard_normal(sc.shape) * 1e-12
         n_pos = np.bincount(owner, minlength=nd)
-        np.testing.assert_array_equal(S._pooled_auc(sc, owner, nd, n_pos), S._pooled_auc_sorted(sc, owner, nd, n_pos))
+        exact = S._pooled_auc_sorted(sc, owner, nd, n_pos)
+        np.testing.assert_array_equal(S._pooled_auc(sc, owner, nd, n_pos), exact)
+        # one-row devices from the caller's counts of negatives >= and > the positive
+        counts = ((sc[:, 1:] >= sc[:, :1]).sum(1), (sc[:, 1:] > sc[:, :1]).sum(1))
+        np.testing.assert_array_equal(S._pooled_auc(sc, owner, nd, n_pos, counts), exact)
     # hand-computed: one device, 2 rows of 1 positive + 2 negatives; positives 1 and 3,
     # negatives {0, 3, 2, 5}: 1 beats 0; 3 beats 0 and 2 and ties 3 -> U = 1 + 2.5 = 3.5
     sc = np.array([[1.0, 0.0, 3.0], [3.0, 2.0, 5.0]], np.float32)

@@ -395,8 +395,9 @@ def test_sgd_train_takes_the_shortcuts_and_lands_where_plain_sgd_does(monkeypatc
 @pytest.mark.parametrize("n_items", [N_ITEMS, 5000])  # full-catalogue matmul / candidate gather
 def test_shared_tables_score_as_the_plain_forward(backbone, n_items):
     """Scoring with a shared model's precomputed item tables gives the plain forward's
-    logits: bit for bit for the GRU input projection and gathered targets, to float32
-    rounding where every item is scored by one matmul."""
+    logits: bit for bit for gathered targets (DIN, SASRec), to float32 rounding where
+    every item is scored by one matmul or the GRU runs its scoring recurrence
+    (``gru4rec._encode_scoring``)."""
     spec = spec_for(backbone, n_items)
     p = models.to_torch(models.init_params(spec, 3))
     p = {k: v + 0.05 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1)) for k, v in p.items()}
@@ -409,11 +410,46 @@ def test_shared_tables_score_as_the_plain_forward(backbone, n_items):
     added = set(shared) - set(p)
     assert added == ({"~target.items", "~gru.items"} if backbone == "gru4rec" else
                      {"~target.items"} if backbone == "sasrec" else set())
-    if backbone == "din" or n_items > 16 * 100:
+    if backbone != "gru4rec" and (backbone == "din" or n_items > 16 * 100):
         assert torch.equal(fast, plain)
     else:
         assert not torch.equal(fast, plain) or backbone != "gru4rec"  # another summation order ...
         torch.testing.assert_close(fast, plain, rtol=0, atol=1e-5)  # ... the same logits
+
+
+def test_gru_scoring_recurrence_matches_the_general_loop():
+    """The scoring recurrence (shared model, no gradients) gives ``encode``'s general loop's
+    hidden states to float32 rounding, whatever the rows' PAD counts and order: all-PAD
+    windows stay 0, a row's state does not depend on where it sits in the batch, and a
+    PAD after an item falls back to the general loop."""
+    from devices.backbones import gru4rec
+
+    spec = spec_for("gru4rec")
+    p = models.to_torch(models.init_params(spec, 3))
+    p = {k: v + 0.05 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1)) for k, v in p.items()}
+    shared = models.shared_tables(p)
+    rng = np.random.default_rng(4)
+    win = torch.from_numpy(rng.integers(0, N_ITEMS, (1, 300, L)))
+    pads = torch.from_numpy(rng.integers(0, L + 1, 300))
+    pads[::3] = 0
+    pads[1] = L  # an all-PAD window
+    for i, k in enumerate(pads.tolist()):
+        win[0, i, :k] = models.PAD
+    order = torch.argsort(pads, stable=True)
+    with torch.no_grad():
+        general = gru4rec.encode(p, win)  # no shared table: the general loop
+        fast = gru4rec.encode(shared, win)
+        fast_sorted = gru4rec.encode(shared, win[:, order])
+    assert not torch.equal(fast, general)  # tanh as 2 sigmoid(2x) - 1 ...
+    torch.testing.assert_close(fast, general, rtol=0, atol=1e-6)  # ... the same states
+    assert torch.equal(fast_sorted[0], fast[0, order])
+    empty = pads == L
+    assert int(empty.sum()) >= 1 and torch.equal(fast[0, empty], torch.zeros(int(empty.sum()), spec.dim))
+    holes = win.clone()
+    holes[0, 0, 4] = models.PAD  # row 0 has no leading PAD: a PAD after an item
+    with torch.no_grad():
+        assert gru4rec._encode_scoring(shared["~gru.items"][0], shared["gru.w_hh"][0], holes) is None
+        torch.testing.assert_close(gru4rec.encode(shared, holes), gru4rec.encode(p, holes), rtol=0, atol=1e-6)
 
 
 def test_shared_tables_leave_patched_and_batched_models_alone():

@@ -22,6 +22,10 @@ def encode(params: dict[str, torch.Tensor], windows: torch.Tensor) -> torch.Tens
     w_ih, w_hh, b = params["gru.w_ih"], params["gru.w_hh"], params["gru.b"].unsqueeze(1)
     if shortcuts() and torch.is_grad_enabled() and SHARED_GRU_IN not in params and _Recurrence.fits(params, windows):
         return _Recurrence.encode(params, windows)  # training: the backward written out
+    if SHARED_GRU_IN in params and not torch.is_grad_enabled() and params["gru.w_hh"].shape[0] == 1:
+        h = _encode_scoring(params[SHARED_GRU_IN][0], params["gru.w_hh"][0], windows)
+        if h is not None:
+            return h
     if SHARED_GRU_IN in params:  # every item's input projection, computed once (``shared_tables``)
         gi_all = _gather(params[SHARED_GRU_IN], windows)  # the bias is in the table
         m, d = gi_all.shape[0], w_hh.shape[1]
@@ -45,6 +49,66 @@ def encode(params: dict[str, torch.Tensor], windows: torch.Tensor) -> torch.Tens
         # a PAD step leaves h as it was (only the first steps of short windows have one)
         h = torch.where(masks[t], h_new, h) if padded[t] else h_new
     return h
+
+
+def _tanh_(x: torch.Tensor) -> torch.Tensor:
+    """tanh in place, as 2 sigmoid(2x) - 1: within ~1.2e-7 of ``torch.tanh`` (float32
+    rounding near 0), and about 3x faster on CPU (torch 2.13: 52 against 179 us for
+    2048 x 32)."""
+    return x.mul_(2.0).sigmoid_().mul_(2.0).sub_(1.0)
+
+
+def _encode_scoring(table: torch.Tensor, w_hh: torch.Tensor, windows: torch.Tensor) -> torch.Tensor | None:
+    """``encode`` for scoring with one shared model, without gradients: the same recurrence
+    with less work per step (about 1.5x faster; prequential scoring of a large fleet is
+    mostly this). ``table`` is the model's every-item input projection (V, 3d) and
+    ``w_hh`` its (d, 3d) hidden weights. Returns None if a window has a PAD after an item
+    (``encode``'s general loop handles any PAD).
+
+    - Windows are left-padded, and a PAD step leaves h = 0. Rows are taken in the order of
+      their PAD counts, so at step t the rows that have begun are a prefix; the others
+      keep h = 0 without a masked select.
+    - Until a step where some row had begun before, h is 0: that step's hidden matmul is
+      skipped (what it would add is exactly 0).
+    - Each step's input projections are looked up step-major, so every step reads one
+      contiguous block; tanh is ``_tanh_``.
+
+    A row's result does not depend on when the other rows begin.
+    """
+    lead_shape, L = windows.shape[:-1], windows.shape[-1]
+    w = windows.reshape(-1, L)
+    n, d = w.shape[0], w_hh.shape[0]
+    valid = w >= 0
+    lead = (valid.cumsum(1) == 0).sum(1)  # leading PADs
+    if not torch.equal(lead, L - valid.sum(1)):
+        return None
+    order = None
+    if n > 1 and bool((lead[1:] < lead[:-1]).any()):
+        order = torch.argsort(lead, stable=True)
+        w, lead = w[order], lead[order]
+    begun = torch.searchsorted(lead, torch.arange(L), right=True).tolist()  # rows begun by step t
+    gi = table.index_select(0, w.T.clamp(min=0).reshape(-1)).reshape(L, n, 3 * d)
+    h = gi.new_zeros(n, d)
+    before = 0  # rows begun before this step
+    for t in range(L):
+        m = begun[t]
+        if m == 0:
+            continue
+        g = gi[t, :m]
+        if before == 0:  # h = 0 for every row: h W_hh = 0
+            rz = g[:, : 2 * d].sigmoid()
+            c = _tanh_(g[:, 2 * d :].clone())
+            torch.addcmul(c, rz[:, d:], c, value=-1.0, out=h[:m])  # (1 - z) c + z 0
+        else:
+            hh = h[:m]
+            hw = torch.mm(hh, w_hh)
+            rz = torch.add(g[:, : 2 * d], hw[:, : 2 * d]).sigmoid_()
+            c = _tanh_(torch.mul(rz[:, :d], hw[:, 2 * d :]).add_(g[:, 2 * d :]))
+            torch.addcmul(c, rz[:, d:], hh - c, out=hh)  # (1 - z) c + z h, in place of h's rows
+        before = m
+    if order is not None:
+        h = torch.empty_like(h).index_copy_(0, order, h)
+    return h.reshape(*lead_shape, d)
 
 
 class _Recurrence(torch.autograd.Function):

@@ -83,9 +83,14 @@ def score(params: dict[str, torch.Tensor], user: torch.Tensor, candidates: torch
         items = params[SHARED_TARGET]
         if items.shape[1] <= FULL_SCORE_ITEMS_PER_CANDIDATE * candidates.shape[-1]:
             # a small catalogue: every item's logit in one matmul, then pick the candidates
-            every = torch.matmul(user.reshape(-1, user.shape[-1]), items[0].T)
+            u = user.reshape(-1, user.shape[-1])
+            bias = params["item_bias"]
+            if bias.shape[0] == 1:  # the bias added in the same call (same sums, one pass fewer)
+                every = torch.addmm(bias[0], u, items[0].T)
+                return torch.gather(every, 1, candidates.reshape(every.shape[0], -1)).reshape(candidates.shape)
+            every = torch.matmul(u, items[0].T)
             picked = torch.gather(every, 1, candidates.reshape(every.shape[0], -1))
-            return picked.reshape(candidates.shape) + _gather(params["item_bias"], candidates)
+            return picked.reshape(candidates.shape) + _gather(bias, candidates)
         t = _gather(items, candidates)
     elif shortcuts() and torch.is_grad_enabled():
         # training: (W_t e) . user = e . (user W_t^T), one d x d product per sample instead
