@@ -11,8 +11,10 @@ with interactions in the next window (``experiment.eval_users = "all"``).
 Printed per size: start-up seconds, from ``FleetRun.connect`` (which starts Ray and the host
 processes in the background) to a pool whose hosts hold their shards and the cloud model;
 within it, the fleet build's seconds and the pool start's after the build (waiting for the
-hosts, shards shipped, cloud model installed). Then the median warm round in seconds, and
-the peak memory of all the run's processes together (the driver and every Ray process it
+hosts, shards shipped, cloud model installed). Then the median warm round in seconds (and on
+a second line the medians of its phases, as ``benchmarks/fleet_throughput.RoundTimer`` splits
+it: configure, the exchange, aggregation, and what runs between two rounds -- the next
+window's scores and the round's records), and the peak memory of all the run's processes together (the driver and every Ray process it
 starts), sampled from ``/proc`` every 0.2 s, once up to the started pool and once over the
 whole run. Memory is the sum of PSS (proportional set size: a shared page counts once, split among its
 sharers); the sum of RSS, which counts shared pages in every process, is printed beside it.
@@ -143,7 +145,9 @@ def one_size(n_devices: int, per_round: int, warm: int, hosts: int, seed: int) -
     s = summary(timer.rounds())
     return {"devices": n_devices, "hosts": hosts_used, "build_s": build_s, "pool_start_s": pool_s, "startup_s": startup_s,
             "first_round_s": s["first_round_s"], "median_round_s": s["median_round_s"],
-            "rounds_s": [r["round_s"] for r in s["rounds"]]}
+            "rounds_s": [r["round_s"] for r in s["rounds"]],
+            "phases_s": {k: statistics.median(r[k] for r in s["rounds"][1:])
+                         for k in ("configure_s", "exchange_s", "aggregate_s", "between_s")}}
 
 
 def measure(n_devices: int, args) -> dict:
@@ -205,6 +209,11 @@ def main(argv: list[str] | None = None) -> None:
               f"peak memory up to the started pool {r['peak_start_pss'] / gb:.2f} GB PSS "
               f"({r['peak_start_rss'] / gb:.2f} GB RSS), whole run {r['peak_pss'] / gb:.2f} GB PSS "
               f"({r['peak_rss'] / gb:.2f} GB RSS)", flush=True)
+        ph = r["phases_s"]
+        print(f"    warm round phases (medians): configure {ph['configure_s']:.2f} s, exchange "
+              f"{ph['exchange_s']:.2f} s, aggregate {ph['aggregate_s']:.2f} s, between rounds "
+              f"{ph['between_s']:.2f} s (the round hook: the next window's scores, the round's records)",
+              flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results) + "\n")
     lo, hi = (10_000, 1_000_000) if {10_000, 1_000_000} <= set(sizes) else (sizes[0], sizes[-1])
