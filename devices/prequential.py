@@ -31,6 +31,15 @@ EVAL_CHUNK_ROWS = 2048  # rows scored per forward pass of a shared model: its wo
 PERSONAL_CHUNK = 64  # personalised models stacked per forward pass
 
 
+def late_keys(spec: models.ModelSpec) -> frozenset[str]:
+    """Parameters applied after the body, for backbones whose body does not look at the
+    candidates (``models.body_output``): the head and every MetaPatch patch. Empty for the
+    others (DIN)."""
+    if models.get_backbone(spec.backbone).body is None:
+        return frozenset()
+    return frozenset(spec.head_keys()).union(*(models.patch_keys(layer) for layer in models.PATCH_LAYERS))
+
+
 class Cancelled(Exception):
     """Raised inside a prefetch that was settled: its result would be stale."""
 
@@ -60,6 +69,27 @@ def score_window(host: Any, round: int, check: Callable[..., None] | None = None
             out = models.forward(params, win[None], cand[None])
             scores[r] = out[0].numpy()
     own = owners[has_own]
+    late = late_keys(host.spec)
+    if late and len(own):
+        # personal models that differ from their held version only after the body (a DUET
+        # or fine-tuned head, a MetaPatch patch): the body runs on the shared version in
+        # large batches, each row's own head and patch after it
+        quick = np.array([set(host.personal[int(i)]) <= late for i in own], dtype=bool)
+        for vid in np.unique(host.held[own[quick]]):
+            devs = own[quick][host.held[own[quick]] == vid]
+            rows = by_pads[np.isin(s.owner[by_pads], devs)]
+            params = models.shared_tables({k: torch.from_numpy(v)[None] for k, v in host.versions[int(vid)].items()})
+            for c in range(0, len(rows), EVAL_CHUNK_ROWS):
+                check()
+                r = rows[c : c + EVAL_CHUNK_ROWS]
+                win, cand = (torch.from_numpy(a[r].astype(np.int64)) for a in (s.windows, s.candidates))
+                group, at = np.unique(s.owner[r], return_inverse=True)
+                at = torch.from_numpy(at.reshape(-1))
+                mine = {k: v[at] for k, v in host.held_params(group).items() if k in late and v.shape[0] == len(group)}
+                h = models.body_output(params, win[None])  # (1, n, d)
+                out = models.forward_from_body({**params, **mine}, h.transpose(0, 1), cand[:, None])  # one model a row
+                scores[r] = out[:, 0].numpy()
+        own = own[~quick]
     for c in range(0, len(own), PERSONAL_CHUNK):
         check()
         group = own[c : c + PERSONAL_CHUNK]

@@ -145,3 +145,38 @@ def test_on_done_runs_however_the_prefetch_ends(world, monkeypatch, ending):
     job.thread.join(5)
     assert done == ["prefetch-score-2"]
     assert (job.result is not None) == (ending == "finished")
+
+
+def test_personal_heads_and_patches_score_as_whole_personal_models(world, monkeypatch):
+    """Devices whose own parameters sit after the body (a head, a MetaPatch patch) are
+    scored with the shared body in large batches and their own head and patch row by
+    row: the logits of the per-device forward, to float32 rounding, on two held
+    versions; a device with its own body or item table still takes the per-device path."""
+    import torch
+    from devices import models, scoring
+
+    ids, host, _ = _hosts(world)
+    spec, gen = world.spec, torch.Generator().manual_seed(3)
+    n = len(ids)
+    shifted = {k: (v + np.float32(0.02)).astype(np.float32) for k, v in world.initial.items()}
+    host.hold(np.arange(5, 15), shifted)
+    rnd = lambda *shape: 0.05 * torch.randn(*shape, generator=gen)
+    heads = {k: torch.from_numpy(world.initial[k])[None] + rnd(1, *world.initial[k].shape) for k in spec.head_keys()}
+    d = spec.dim
+    host.set_personal(np.arange(0, 10), heads)
+    host.set_personal(np.arange(10, 20), {"patch.encoder.w": rnd(10, d, d), "patch.encoder.b": rnd(10, d)})
+    host.set_personal(np.arange(20, 25), {**heads, "patch.head.1.w": rnd(5, d, d), "patch.head.1.b": rnd(5, d)})
+    host.set_personal(np.arange(25, 30), {"item_emb": torch.from_numpy(world.initial["item_emb"])[None] + rnd(1, spec.n_items, d),
+                                          "gru.w_hh": torch.from_numpy(world.initial["gru.w_hh"])[None] + rnd(1, d, 3 * d)})
+    seen, late_calls = [], []
+    real_metrics, real_late = scoring.device_metrics, models.forward_from_body
+    monkeypatch.setattr(scoring, "device_metrics", lambda sc, *a: seen.append(sc.copy()) or real_metrics(sc, *a))
+    monkeypatch.setattr(models, "forward_from_body", lambda *a: late_calls.append(a[1].shape[0]) or real_late(*a))
+    host.score(2)
+    assert sum(late_calls) > 0  # the batched path ran ...
+    monkeypatch.setattr(prequential, "late_keys", lambda spec: frozenset())
+    host.score(2)
+    owner = host.eval_samples(2, scored=True).owner
+    assert sum(late_calls) == int(np.isin(owner, np.arange(25)).sum())  # ... for the rows of devices 0-24 only
+    assert n > 30 and not np.array_equal(seen[0], seen[1])  # another summation order ...
+    np.testing.assert_allclose(seen[0], seen[1], rtol=0, atol=2e-5)  # ... the same logits
