@@ -2,11 +2,15 @@
 devices it holds, without Ray, training or the driver around it.
 
     python benchmarks/host_scoring.py [--devices 1000000] [--hosts 2] [--rounds 1,2,3] [--repeats 2]
+                                      [--personal none|head|patch]
 
 A synthetic fleet of ``--devices`` (the defaults of ``fleetsim run``, an untrained cloud
 model) is dealt to ``--hosts`` hosts as a run deals it (``devices.pool.assign_hosts``), and
 host 0's shard is loaded into an in-process ``DeviceHost`` holding the cloud model (as every
-device of a FedAvg run does at first). For each window of ``--rounds``, ``--repeats``
+device of a FedAvg run does at first). ``--personal head`` gives every device of the host
+its own head as well (as DUET or a head-only LocalFinetune leave them), ``--personal patch``
+its own MetaPatch patch after the encoder (about 8 KB and 4 KB a device: use a smaller
+fleet, e.g. ``--devices 100000``). For each window of ``--rounds``, ``--repeats``
 times, it times:
 
 - ``samples``: building the window's evaluation samples (positives, 99 negatives each,
@@ -35,6 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", default="1,2,3", help="windows scored, comma-separated")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--personal", choices=("none", "head", "patch"), default="none",
+                    help="every device of the host also holds its own head or MetaPatch patch")
     args = ap.parse_args(argv)
     try:
         rounds = [int(r) for r in args.rounds.split(",")]
@@ -63,7 +69,17 @@ def main(argv: list[str] | None = None) -> None:
     ids = np.flatnonzero(assign_hosts(inter.counts, args.hosts) == 0)
     host = DeviceHost(shard_of(inter, fleet.timeline, ids), run.spec, cfg.device, args.seed)
     host.reset(run.initial)
-    print(f"{args.devices:,} devices, host 0 of {args.hosts}: {len(ids):,} devices, "
+    everyone, d = np.arange(len(ids)), run.spec.dim
+    gen = torch.Generator().manual_seed(args.seed)
+    for c in range(0, len(everyone), 4096):  # perturbed copies: the values do not change the work
+        group = everyone[c : c + 4096]
+        if args.personal == "head":
+            host.set_personal(group, {k: torch.from_numpy(run.initial[k])[None] + 0.01 * torch.randn(
+                len(group), *run.initial[k].shape, generator=gen) for k in run.spec.head_keys()})
+        elif args.personal == "patch":
+            host.set_personal(group, {"patch.encoder.w": 0.01 * torch.randn(len(group), d, d, generator=gen),
+                                      "patch.encoder.b": torch.zeros(len(group), d)})
+    print(f"{args.devices:,} devices, host 0 of {args.hosts}: {len(ids):,} devices (own parameters: {args.personal}), "
           f"{len(host.inter.items):,} interactions, {inter.n_items:,} items (ready in {time.perf_counter() - t0:.1f} s)",
           flush=True)
     torch.set_num_threads(1)
