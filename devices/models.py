@@ -228,7 +228,8 @@ def flops_per_sample(spec: ModelSpec, candidates: int, backward: bool, trainable
          for k, v in to_torch(init_params(spec, 0)).items()}
     win = torch.zeros(1, 8, spec.window, dtype=torch.long)
     cand = torch.zeros(1, 8, candidates, dtype=torch.long)
-    with FlopCounterMode(display=False) as fc, training_shortcuts(False):
+    # grad mode on whatever the caller's: without it the forward would take scoring's shortcut
+    with FlopCounterMode(display=False) as fc, training_shortcuts(False), torch.enable_grad():
         out = forward(p, win, cand, spec.backbone)
         if backward:
             bce_loss(out, torch.ones(1, 8)).sum().backward()

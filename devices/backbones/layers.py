@@ -92,9 +92,10 @@ def score(params: dict[str, torch.Tensor], user: torch.Tensor, candidates: torch
             picked = torch.gather(every, 1, candidates.reshape(every.shape[0], -1))
             return picked.reshape(candidates.shape) + _gather(bias, candidates)
         t = _gather(items, candidates)
-    elif shortcuts() and torch.is_grad_enabled():
-        # training: (W_t e) . user = e . (user W_t^T), one d x d product per sample instead
-        # of one per candidate (scoring keeps W_t e: bit for bit the shared tables' logits)
+    elif shortcuts() or not torch.is_grad_enabled():
+        # (W_t e) . user = e . (user W_t^T): one d x d product per sample instead of one per
+        # candidate, in device training and in scoring without gradients (the same logits
+        # to float32 rounding); cloud training and FLOP counting take the model as written
         t = _gather(params["item_emb"], candidates)  # (M, N, C, d)
         user = _linear(user, params["target.w"].transpose(1, 2))
     else:
