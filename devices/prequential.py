@@ -75,8 +75,10 @@ def score_window(host: Any, round: int, check: Callable[..., None] | None = None
         # or fine-tuned head, a MetaPatch patch): the body runs on the shared version in
         # large batches, each row's own head and patch after it
         quick = np.array([set(host.personal[int(i)]) <= late for i in own], dtype=bool)
-        for vid in np.unique(host.held[own[quick]]):
-            devs = own[quick][host.held[own[quick]] == vid]
+        q_devs = own[quick]
+        q_vids = host.held[q_devs]
+        for vid in np.unique(q_vids):
+            devs = q_devs[q_vids == vid]
             rows = by_pads[np.isin(s.owner[by_pads], devs)]
             params = models.shared_tables({k: torch.from_numpy(v)[None] for k, v in host.versions[int(vid)].items()})
             for c in range(0, len(rows), EVAL_CHUNK_ROWS):
