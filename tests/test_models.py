@@ -445,6 +445,22 @@ def test_gru_scoring_recurrence_matches_the_general_loop():
     assert torch.equal(fast_sorted[0], fast[0, order])
     empty = pads == L
     assert int(empty.sum()) >= 1 and torch.equal(fast[0, empty], torch.zeros(int(empty.sum()), spec.dim))
+    # a non-finite model is not scored finite where the general loop (grad mode on) is not:
+    # an Inf hidden weight, a NaN reset-gate input of item 7, on the batch above and on
+    # windows of one item (only the step where h = 0, whose hidden product is skipped)
+    one = torch.full_like(win, models.PAD)
+    one[0, :, -1] = 7
+    for key, at in (("gru.w_hh", (0, 0, 3)), ("~gru.items", (0, 7, 5))):
+        bad = {k: v.clone() for k, v in shared.items()}
+        bad[key][at] = float("inf") if key == "gru.w_hh" else float("nan")
+        for w in (win, one):
+            with torch.enable_grad():
+                general_bad = gru4rec.encode(bad, w)
+            with torch.no_grad():
+                fast_bad = gru4rec.encode(bad, w)
+            assert torch.equal(torch.isfinite(fast_bad), torch.isfinite(general_bad))
+    with torch.no_grad():  # the NaN reset gate of the one item: a NaN in every state, as in the general loop
+        assert torch.isnan(gru4rec.encode(bad, one)).any(-1).all()
     holes = win.clone()
     holes[0, 0, 4] = models.PAD  # row 0 has no leading PAD: a PAD after an item
     with torch.no_grad():

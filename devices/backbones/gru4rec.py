@@ -62,8 +62,10 @@ def _encode_scoring(table: torch.Tensor, w_hh: torch.Tensor, windows: torch.Tens
     """``encode`` for scoring with one shared model, without gradients: the same recurrence
     with less work per step (about 1.5x faster; prequential scoring of a large fleet is
     mostly this). ``table`` is the model's every-item input projection (V, 3d) and
-    ``w_hh`` its (d, 3d) hidden weights. Returns None if a window has a PAD after an item
-    (``encode``'s general loop handles any PAD).
+    ``w_hh`` its (d, 3d) hidden weights. Returns None, for ``encode``'s general loop, if a
+    window has a PAD after an item, or if ``table`` or ``w_hh`` hold NaN or Inf: skipping a
+    product with h = 0 would skip 0 x Inf = NaN, and a non-finite model must not score
+    finite where the general loop does not.
 
     - Windows are left-padded, and a PAD step leaves h = 0. Rows are taken in the order of
       their PAD counts, so at step t the rows that have begun are a prefix; the others
@@ -72,15 +74,13 @@ def _encode_scoring(table: torch.Tensor, w_hh: torch.Tensor, windows: torch.Tens
       skipped (what it would add is exactly 0).
     - Each step's input projections are looked up step-major, so every step reads one
       contiguous block; tanh is ``_tanh_``.
-
-    A row's result does not depend on when the other rows begin.
     """
     lead_shape, L = windows.shape[:-1], windows.shape[-1]
     w = windows.reshape(-1, L)
     n, d = w.shape[0], w_hh.shape[0]
     valid = w >= 0
     lead = (valid.cumsum(1) == 0).sum(1)  # leading PADs
-    if not torch.equal(lead, L - valid.sum(1)):
+    if not torch.equal(lead, L - valid.sum(1)) or not (torch.isfinite(w_hh).all() and torch.isfinite(table).all()):
         return None
     order = None
     if n > 1 and bool((lead[1:] < lead[:-1]).any()):
