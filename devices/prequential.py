@@ -40,6 +40,21 @@ def late_keys(spec: models.ModelSpec) -> frozenset[str]:
     return frozenset(spec.head_keys()).union(*(models.patch_keys(layer) for layer in models.PATCH_LAYERS))
 
 
+def _version_chunks(host: Any, s: Any, by_pads: np.ndarray, devices: np.ndarray, check: Callable[..., None]):
+    """For each shared version ``devices`` hold: its params with the every-item tables
+    (``models.shared_tables``), then its devices' rows in ``by_pads`` order, in chunks of
+    ``EVAL_CHUNK_ROWS``, as (params, rows, windows, candidates) with int64 item ids."""
+    vids = host.held[devices]
+    for vid in np.unique(vids):
+        rows = by_pads[np.isin(s.owner[by_pads], devices[vids == vid])]
+        params = models.shared_tables({k: torch.from_numpy(v)[None] for k, v in host.versions[int(vid)].items()})
+        for c in range(0, len(rows), EVAL_CHUNK_ROWS):
+            check()
+            r = rows[c : c + EVAL_CHUNK_ROWS]
+            win, cand = (torch.from_numpy(a[r].astype(np.int64)) for a in (s.windows, s.candidates))
+            yield params, r, win, cand
+
+
 class Cancelled(Exception):
     """Raised inside a prefetch that was settled: its result would be stale."""
 
@@ -59,15 +74,8 @@ def score_window(host: Any, round: int, check: Callable[..., None] | None = None
     shared = owners[~has_own]
     # rows with whole windows first: most batches then have no PAD step to mask
     by_pads = np.argsort((s.windows < 0).sum(axis=1), kind="stable")
-    for vid in np.unique(host.held[shared]):
-        rows = by_pads[np.isin(s.owner[by_pads], shared[host.held[shared] == vid])]
-        params = models.shared_tables({k: torch.from_numpy(v)[None] for k, v in host.versions[int(vid)].items()})
-        for c in range(0, len(rows), EVAL_CHUNK_ROWS):
-            check()
-            r = rows[c : c + EVAL_CHUNK_ROWS]
-            win, cand = (torch.from_numpy(a[r].astype(np.int64)) for a in (s.windows, s.candidates))
-            out = models.forward(params, win[None], cand[None])
-            scores[r] = out[0].numpy()
+    for params, r, win, cand in _version_chunks(host, s, by_pads, shared, check):
+        scores[r] = models.forward(params, win[None], cand[None])[0].numpy()
     own = owners[has_own]
     late = late_keys(host.spec)
     if late and len(own):
@@ -75,22 +83,13 @@ def score_window(host: Any, round: int, check: Callable[..., None] | None = None
         # or fine-tuned head, a MetaPatch patch): the body runs on the shared version in
         # large batches, each row's own head and patch after it
         quick = np.array([set(host.personal[int(i)]) <= late for i in own], dtype=bool)
-        q_devs = own[quick]
-        q_vids = host.held[q_devs]
-        for vid in np.unique(q_vids):
-            devs = q_devs[q_vids == vid]
-            rows = by_pads[np.isin(s.owner[by_pads], devs)]
-            params = models.shared_tables({k: torch.from_numpy(v)[None] for k, v in host.versions[int(vid)].items()})
-            for c in range(0, len(rows), EVAL_CHUNK_ROWS):
-                check()
-                r = rows[c : c + EVAL_CHUNK_ROWS]
-                win, cand = (torch.from_numpy(a[r].astype(np.int64)) for a in (s.windows, s.candidates))
-                group, at = np.unique(s.owner[r], return_inverse=True)
-                at = torch.from_numpy(at.reshape(-1))
-                mine = {k: v[at] for k, v in host.held_params(group).items() if k in late and v.shape[0] == len(group)}
-                h = models.body_output(params, win[None])  # (1, n, d)
-                out = models.forward_from_body({**params, **mine}, h.transpose(0, 1), cand[:, None])  # one model a row
-                scores[r] = out[:, 0].numpy()
+        for params, r, win, cand in _version_chunks(host, s, by_pads, own[quick], check):
+            group, at = np.unique(s.owner[r], return_inverse=True)
+            at = torch.from_numpy(at.reshape(-1))
+            mine = {k: v[at] for k, v in host.held_params(group).items() if k in late and v.shape[0] == len(group)}
+            h = models.body_output(params, win[None])  # (1, n, d)
+            out = models.forward_from_body({**params, **mine}, h.transpose(0, 1), cand[:, None])  # one model a row
+            scores[r] = out[:, 0].numpy()
         own = own[~quick]
     for c in range(0, len(own), PERSONAL_CHUNK):
         check()
