@@ -22,6 +22,7 @@ from devices.models import DIVERGED_LOSS
 from devices.errors import NonFiniteError
 
 CLOUD_TAG = 3
+FIT_BLOCK_SAMPLES = 1 << 18  # training samples built at once by ``fit`` (rounded to whole batches)
 
 
 def check_losses(losses: list[float], stage: str, setting: str, *, limit: float = DIVERGED_LOSS,
@@ -62,25 +63,31 @@ def fit(trainable: list[torch.Tensor], logits: Callable[[torch.Tensor, torch.Ten
     opt = torch.optim.Adam(trainable, lr=lr)
     rng = np.random.default_rng(np.random.SeedSequence([seed, tag]))
     losses = []
+    # Samples are built a block of whole batches at a time: a million-device history is
+    # 27M samples (MoMoDistill's 50-item contexts alone would take 11 GB at once). A
+    # sample does not depend on the others built with it (``SampleBuilder``).
+    block = max(1, FIT_BLOCK_SAMPLES // batch_size) * batch_size
     for epoch in range(epochs):
-        s = builder.build(rows, negatives, stream_key(seed, tag, epoch))
-        order = rng.permutation(len(s))
+        key = stream_key(seed, tag, epoch)
+        order = rng.permutation(len(rows))
         total, n = 0.0, 0
-        for b in range(0, len(order), batch_size):
-            idx = order[b : b + batch_size]
-            out = logits(torch.from_numpy(s.windows[idx]), torch.from_numpy(s.candidates[idx]))
-            loss = models.bce_loss(out[None], torch.ones(1, len(idx))).sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(idx)
-            n += len(idx)
+        for first in range(0, len(order), block):
+            s = builder.build(rows[order[first : first + block]], negatives, key)
+            for b in range(0, len(s), batch_size):
+                idx = slice(b, b + batch_size)
+                out = logits(torch.from_numpy(s.windows[idx]), torch.from_numpy(s.candidates[idx]))
+                loss = models.bce_loss(out[None], torch.ones(1, out.shape[0])).sum()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * out.shape[0]
+                n += out.shape[0]
         losses.append(total / max(n, 1))
         check_losses(losses, stage, setting)
     if epochs and n:  # an epoch's loss is measured before its steps: check where the last step left the model
         with torch.no_grad():
             out = logits(torch.from_numpy(s.windows[idx]), torch.from_numpy(s.candidates[idx]))
-            final = float(models.bce_loss(out[None], torch.ones(1, len(idx))).sum())
+            final = float(models.bce_loss(out[None], torch.ones(1, out.shape[0])).sum())
         try:
             check_losses([final], stage, setting)
         except NonFiniteError as exc:

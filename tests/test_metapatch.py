@@ -151,3 +151,25 @@ def test_metapatch_and_momodistill_share_one_learned_theta_per_run(always_online
     c = make_strategy("metapatch", {"theta_epochs": 1})
     c.prepare(fresh)  # the same computation without the cache gives the same Theta
     assert all(np.array_equal(a.theta[k], c.theta[k]) for k in a.theta)
+
+
+def test_theta_learned_a_block_of_batches_at_a_time_equals_all_at_once(always_online_world, monkeypatch):
+    """Learning Theta builds samples and body outputs a block of batches at a time (a
+    200,000-device history at once ran out of 24 GB); blocks of a few batches, one of them
+    shorter, give the very Theta of one block."""
+    from strategies import metapatch_theta as mt
+
+    w = always_online_world
+    cloud = lambda: CloudContext(w.fleet.interactions, w.fleet.timeline.history_end, w.spec, w.initial, w.cfg.experiment.seed)
+    whole = mt.learn_theta(cloud(), "encoder", 8, epochs=2, batch_size=64)
+    from strategies.cloud import history_rows
+
+    n = len(history_rows(w.fleet.interactions, w.fleet.timeline.history_end))
+    assert n > 5 * 64  # several blocks below
+    seen = []
+    monkeypatch.setattr(mt, "THETA_BLOCK_SAMPLES", 150)  # 3 batches of 64 per block, a short last one
+    monkeypatch.setattr(mt, "_blocks", lambda b, s, f=mt._blocks: [seen.append(sum(map(len, x))) or x for x in f(b, s)])
+    blocked = mt.learn_theta(cloud(), "encoder", 8, epochs=2, batch_size=64)
+    assert len(seen) >= 2 * 3 and max(seen) <= 3 * 64 and sum(seen) == 2 * n
+    assert all(np.array_equal(whole[k], blocked[k]) for k in whole)
+    assert not np.array_equal(whole["theta.w"], mt.init_theta(w.spec, "encoder", 8, w.cfg.experiment.seed)["theta.w"])

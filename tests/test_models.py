@@ -501,3 +501,24 @@ def test_flops_do_not_depend_on_the_callers_grad_mode(backbone):
     models.flops_per_sample.cache_clear()
     loud = models.flops_per_sample(spec, 100, backward=False)
     assert quiet == loud and loud > 100 * spec.dim * spec.dim * 2 * (backbone != "din")
+
+
+def test_cloud_training_builds_its_samples_a_block_of_batches_at_a_time(monkeypatch):
+    """``fit`` builds samples a block of whole batches at a time (a million-device history
+    at once takes GBs); blocks of two batches give the very model and losses of one block."""
+    import strategies.cloud as sc
+
+    cfg = small_config()
+    fleet = build_fleet(cfg)
+    spec = models.ModelSpec(n_items=fleet.interactions.n_items)
+    train = lambda: train_cloud_model(fleet.interactions, fleet.timeline.history_end, spec, epochs=2, lr=cfg.cloud.lr,
+                                      batch_size=64, negatives=cfg.cloud.negatives, seed=3)
+    whole, losses = train()
+    built = []
+    real = sc.SampleBuilder.build
+    monkeypatch.setattr(sc.SampleBuilder, "build", lambda self, rows, *a: built.append(len(rows)) or real(self, rows, *a))
+    monkeypatch.setattr(sc, "FIT_BLOCK_SAMPLES", 150)  # rounded down to 2 batches of 64
+    blocked, losses_b = train()
+    n = len(sc.history_rows(fleet.interactions, fleet.timeline.history_end))
+    assert n > 4 * 128 and max(built) == 128 and sum(built) == 2 * n
+    assert losses_b == losses and all(np.array_equal(whole[k], blocked[k]) for k in whole)
