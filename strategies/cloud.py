@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
 from devices import models
 from devices.data import Interactions
-from devices.samples import SampleBuilder, stream_key
+from devices.samples import SampleBuilder, Samples, stream_key
 from devices.models import DIVERGED_LOSS
 from devices.errors import NonFiniteError
 
 CLOUD_TAG = 3
-FIT_BLOCK_SAMPLES = 1 << 18  # training samples built at once by ``fit`` (rounded to whole batches)
+FIT_BLOCK_SAMPLES = 1 << 18  # training samples ``fit`` builds at once (``blocked_samples``)
 
 
 def check_losses(losses: list[float], stage: str, setting: str, *, limit: float = DIVERGED_LOSS,
@@ -52,6 +52,25 @@ def history_rows(inter: Interactions, history_end: float) -> np.ndarray:
     return np.flatnonzero((inter.times < history_end) & ~first)
 
 
+def blocked_samples(builder: SampleBuilder, rows: np.ndarray, batches: list[np.ndarray], negatives: int,
+                    key: np.uint64, block_samples: int) -> Iterator[tuple[Samples, list[slice]]]:
+    """The samples of ``rows[batch]`` for each batch in turn, built a block of consecutive
+    whole batches of about ``block_samples`` at a time: yields (the block's samples, each
+    batch's slice of them). An epoch over a million-device history is 27M samples
+    (MoMoDistill's 50-item contexts alone would take 11 GB at once); a sample does not
+    depend on the others built with it (``SampleBuilder``), so blocks change no number."""
+    block: list[np.ndarray] = []
+    size = 0
+    for i, batch in enumerate(batches):
+        block.append(batch)
+        size += len(batch)
+        if size >= block_samples or i == len(batches) - 1:
+            s = builder.build(rows[np.concatenate(block)], negatives, key)
+            edges = np.cumsum([0, *map(len, block)]).tolist()
+            yield s, [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
+            block, size = [], 0
+
+
 def fit(trainable: list[torch.Tensor], logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         builder: SampleBuilder, rows: np.ndarray, *, epochs: int, lr: float, batch_size: int, negatives: int,
         seed: int, tag: int, stage: str = "cloud model", setting: str = "cloud.lr") -> list[float]:
@@ -63,18 +82,12 @@ def fit(trainable: list[torch.Tensor], logits: Callable[[torch.Tensor, torch.Ten
     opt = torch.optim.Adam(trainable, lr=lr)
     rng = np.random.default_rng(np.random.SeedSequence([seed, tag]))
     losses = []
-    # Samples are built a block of whole batches at a time: a million-device history is
-    # 27M samples (MoMoDistill's 50-item contexts alone would take 11 GB at once). A
-    # sample does not depend on the others built with it (``SampleBuilder``).
-    block = max(1, FIT_BLOCK_SAMPLES // batch_size) * batch_size
     for epoch in range(epochs):
-        key = stream_key(seed, tag, epoch)
         order = rng.permutation(len(rows))
+        batches = [order[b : b + batch_size] for b in range(0, len(order), batch_size)]
         total, n = 0.0, 0
-        for first in range(0, len(order), block):
-            s = builder.build(rows[order[first : first + block]], negatives, key)
-            for b in range(0, len(s), batch_size):
-                idx = slice(b, b + batch_size)
+        for s, slices in blocked_samples(builder, rows, batches, negatives, stream_key(seed, tag, epoch), FIT_BLOCK_SAMPLES):
+            for idx in slices:
                 out = logits(torch.from_numpy(s.windows[idx]), torch.from_numpy(s.candidates[idx]))
                 loss = models.bce_loss(out[None], torch.ones(1, out.shape[0])).sum()
                 opt.zero_grad()

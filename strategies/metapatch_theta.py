@@ -14,19 +14,6 @@ THETA_TAG = 11
 THETA_BLOCK_SAMPLES = 1 << 16  # history samples built and encoded at once while learning Theta (~0.4 GB of work arrays)
 
 
-def _blocks(batches: list[np.ndarray], size: int):
-    """Consecutive batches grouped into blocks of about ``size`` samples (a batch is never split)."""
-    block, n = [], 0
-    for b in batches:
-        block.append(b)
-        n += len(b)
-        if n >= size:
-            yield block
-            block, n = [], 0
-    if block:
-        yield block
-
-
 def init_theta(spec: models.ModelSpec, layer: str, dim: int, seed: int) -> dict[str, np.ndarray]:
     """Shared patch parameters Theta: small random maps from phi (dim) to W and b."""
     width = models.patch_width(spec, layer)
@@ -45,7 +32,7 @@ def learn_theta(cloud, layer: str, dim: int, *, epochs: int, lr: float = 0.01, b
     Measured (default fleet, seed 0, 10 rounds, encoder patch, lr 0.5, 5 steps): UAUC
     cloud_only .8974, random Theta .8977, learned Theta .8985.
     """
-    from strategies.cloud import check_losses, check_params, history_rows
+    from strategies.cloud import blocked_samples, check_losses, check_params, history_rows
 
     key = ("metapatch.theta", layer, dim, epochs, lr, batch_size, phi_decay)
     if key in cloud.cache:  # MetaPatch and MoMoDistill in one run learn the same Theta
@@ -61,32 +48,26 @@ def learn_theta(cloud, layer: str, dim: int, *, epochs: int, lr: float = 0.01, b
     losses: list[float] = []
     for epoch in range(epochs):
         total = 0.0
-        key_e = stream_key(cloud.seed, THETA_TAG, epoch)
         batches = np.array_split(rng.permutation(len(rows)), max(1, -(-len(rows) // batch_size)))
-        # The samples and the frozen body's outputs are built a block of batches at a time:
-        # in one pass, a 200,000-device history (5.6M samples) ran out of 24 GB in the GRU's
-        # work arrays. A sample does not depend on the others built with it
-        # (``SampleBuilder``), nor a body output on the others computed with it.
-        for block in _blocks(batches, THETA_BLOCK_SAMPLES):
-            at = np.concatenate(block)
-            s = builder.build(rows[at], cloud.negatives, key_e)
+        # a block of batches at a time: in one pass, a 200,000-device history (5.6M
+        # samples) ran out of 24 GB in the frozen body's work arrays; a body output does
+        # not depend on the others computed with it
+        sample_key = stream_key(cloud.seed, THETA_TAG, epoch)
+        for s, slices in blocked_samples(builder, rows, batches, cloud.negatives, sample_key, THETA_BLOCK_SAMPLES):
             win, cand = torch.from_numpy(s.windows), torch.from_numpy(s.candidates)
             with torch.no_grad():
                 h = models.body_output(frozen, win[None])
-            start = 0
-            for batch in block:
-                idx = np.arange(start, start + len(batch))
-                start += len(batch)
+            for idx in slices:
                 own = torch.from_numpy(s.owner[idx])
                 p = {**frozen, **patch_from_phi(th, phi[own], layer)}  # one patched model per sample
                 logits = (models.forward(p, win[idx][:, None], cand[idx][:, None]) if h is None
                           else models.forward_from_body(p, h[0, idx][:, None], cand[idx][:, None]))
-                loss = (models.bce_loss(logits, torch.ones(len(idx), 1)).mean()
+                loss = (models.bce_loss(logits, torch.ones(len(own), 1)).mean()
                         + phi_decay * phi[own].pow(2).sum(1).mean())
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                total += float(loss.detach()) * len(idx)
+                total += float(loss.detach()) * len(own)
         losses.append(total / max(len(rows), 1))
         check_losses(losses, "Θ", "strategies.metapatch.theta_epochs (0 = a fixed random Θ)")
     out = {k: v.detach().numpy() for k, v in th.items()}

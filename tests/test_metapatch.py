@@ -166,10 +166,13 @@ def test_theta_learned_a_block_of_batches_at_a_time_equals_all_at_once(always_on
 
     n = len(history_rows(w.fleet.interactions, w.fleet.timeline.history_end))
     assert n > 5 * 64  # several blocks below
-    seen = []
-    monkeypatch.setattr(mt, "THETA_BLOCK_SAMPLES", 150)  # 3 batches of 64 per block, a short last one
-    monkeypatch.setattr(mt, "_blocks", lambda b, s, f=mt._blocks: [seen.append(sum(map(len, x))) or x for x in f(b, s)])
+    import strategies.cloud as sc
+
+    built = []
+    real = sc.SampleBuilder.build
+    monkeypatch.setattr(sc.SampleBuilder, "build", lambda self, rows, *a: built.append(len(rows)) or real(self, rows, *a))
+    monkeypatch.setattr(mt, "THETA_BLOCK_SAMPLES", 150)  # 3 batches of about 64 per block, a short last one
     blocked = mt.learn_theta(cloud(), "encoder", 8, epochs=2, batch_size=64)
-    assert len(seen) >= 2 * 3 and max(seen) <= 3 * 64 and sum(seen) == 2 * n
+    assert len(built) >= 2 * 3 and max(built) <= 3 * 64 and sum(built) == 2 * n
     assert all(np.array_equal(whole[k], blocked[k]) for k in whole)
     assert not np.array_equal(whole["theta.w"], mt.init_theta(w.spec, "encoder", 8, w.cfg.experiment.seed)["theta.w"])
