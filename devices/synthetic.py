@@ -47,6 +47,8 @@ DRIFT_KINDS = ("none", "gradual", "sudden", "recurring")
 _SYNTH_TAG = int.from_bytes(b"synthetic", "big")
 # Cells (rows x items) per chunk of the item sampler: bounds its work arrays to ~16 MB.
 _SAMPLER_CELLS = 1 << 22
+# Rows a chunk needs for the item-major CDF (``_sample_items``) to beat a row-wise cumsum.
+_ITEM_MAJOR_ROWS = 1024
 # Threads drawing chunks at once (at most the CPUs): the draws are the same on any number.
 _SAMPLER_THREADS = 4
 
@@ -210,20 +212,35 @@ def _sample_items(
     n_steps = max(1, math.ceil(math.log2(n_items)))
     def draw(lo: int) -> None:
         hi = min(lo + chunk, len(row_counts))
-        logits = row_taste[lo:hi] @ vt + pop
-        logits -= logits.max(axis=1, keepdims=True)
-        # float32 row-wise cumsum is the fastest CDF numpy offers; its ~1e-5 relative
-        # error is far below sampling noise.
-        cdf = np.cumsum(np.exp(logits, out=logits), axis=1, out=logits).ravel()
+        m = hi - lo
+        # The CDF is a float32 running sum over the items (the fastest numpy offers; its
+        # ~1e-5 relative error is far below sampling noise). With many rows a chunk is laid
+        # out item-major (items x rows): each item's sums are then one vector add across the
+        # rows, where a row-wise cumsum adds one element at a time -- the same sums, 2-3x
+        # sooner. A large catalogue leaves few rows a chunk: there the row-wise cumsum.
+        if m >= _ITEM_MAJOR_ROWS:
+            logits = vt.T @ row_taste[lo:hi].T
+            logits += pop[:, None]
+            logits -= logits.max(axis=0, keepdims=True)
+            cdf = np.exp(logits, out=logits)
+            for k in range(1, n_items):
+                np.add(cdf[k - 1], cdf[k], out=cdf[k])
+            row_step, item_step = 1, m
+        else:
+            logits = row_taste[lo:hi] @ vt + pop
+            logits -= logits.max(axis=1, keepdims=True)
+            cdf = np.cumsum(np.exp(logits, out=logits), axis=1, out=logits)
+            row_step, item_step = n_items, 1
+        cdf = cdf.ravel()
         a, b = starts[lo], starts[hi]
-        base = np.repeat(np.arange(hi - lo, dtype=np.int64) * n_items, row_counts[lo:hi])
-        q = u[a:b].astype(np.float32) * cdf[base + n_items - 1]
+        base = np.repeat(np.arange(m, dtype=np.int64) * row_step, row_counts[lo:hi])
+        q = u[a:b].astype(np.float32) * cdf[base + (n_items - 1) * item_step]
         # Vectorised binary search for the first item whose CDF exceeds q, all draws at once.
         left = np.zeros(b - a, dtype=np.int64)
         right = np.full(b - a, n_items - 1, dtype=np.int64)
         for _ in range(n_steps):
             mid = (left + right) >> 1
-            above = cdf[base + mid] > q
+            above = cdf[base + mid * item_step] > q
             right = np.where(above, mid, right)
             left = np.where(above, left, mid + 1)
         items[a:b] = np.minimum(left, n_items - 1)
@@ -276,12 +293,22 @@ def generate(cfg: SyntheticConfig = SyntheticConfig(), seed: int = 0) -> Synthet
     n_total = int(row_counts.sum())
     row_of = np.repeat(np.arange(len(row_counts), dtype=np.float64), row_counts)
     # Items within a row are i.i.d. and independent of times, so sorting the times alone
-    # (not the (time, item) pairs) keeps the joint distribution.
-    u_time = np.sort(row_of + rng_time.random(n_total)) - row_of
-    u_time = np.clip(u_time, 0.0, 1.0)
-    p_of = np.repeat(row_period, row_counts)
-    end = period_start[p_of] + period_len[p_of]
-    times = np.minimum(period_start[p_of] + period_len[p_of] * u_time, np.nextafter(end, -np.inf))
+    # (not the (time, item) pairs) keeps the joint distribution. The keys are already in
+    # row order, so a stable (merging) sort does far less work than an unstable one, with
+    # the same result; in-place steps and per-row values repeated (not per-draw lookups)
+    # give the same times with fewer passes over the ~30M draws of a 1M-device fleet.
+    u_time = rng_time.random(n_total)
+    u_time += row_of
+    u_time.sort(kind="stable")
+    u_time -= row_of
+    del row_of
+    np.clip(u_time, 0.0, 1.0, out=u_time)
+    times = np.repeat(period_len[row_period], row_counts)
+    times *= u_time
+    times += np.repeat(period_start[row_period], row_counts)
+    last = np.nextafter(period_start + period_len, -np.inf)  # each period's last time before its end
+    np.minimum(times, np.repeat(last[row_period], row_counts), out=times)
+    del u_time
 
     # Consecutive periods in which a user's taste is unchanged share one item distribution;
     # drawing their items as one segment saves the per-row softmax (the bulk of the cost).

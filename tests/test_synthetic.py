@@ -113,6 +113,33 @@ def test_item_draws_follow_the_softmax():
         assert np.abs(emp - p).max() < 5 * se.max()
 
 
+def test_item_major_and_row_wise_cdfs_draw_the_same_items(monkeypatch):
+    """The sampler lays a chunk out item-major when it has many rows; both layouts must draw
+    exactly the same items (an off-by-one stride would draw other, still plausible, items)."""
+    import devices.synthetic as synth
+
+    rng = np.random.default_rng(7)
+    n_rows, n_items, d = 3000, 37, 5
+    taste = rng.standard_normal((n_rows, d)).astype(np.float32)
+    counts = rng.integers(0, 6, n_rows)
+    factors = rng.standard_normal((n_items, d)).astype(np.float32)
+    pop = -np.log(rng.permutation(n_items) + 1.0)
+    u = rng.random(int(counts.sum()))
+    draws = {}
+    for name, rows in (("row-wise", 10**9), ("item-major", 1)):
+        monkeypatch.setattr(synth, "_ITEM_MAJOR_ROWS", rows)
+        monkeypatch.setattr(synth, "_SAMPLER_CELLS", 1000 * n_items)  # 3 chunks of 1,000 rows
+        draws[name] = synth._sample_items(taste, counts, factors, pop, 3.0, u)
+    np.testing.assert_array_equal(draws["item-major"], draws["row-wise"])
+    # and the draws are the inverse CDF of each row's softmax (float64 here)
+    logit = 3.0 * taste.astype(np.float64) @ factors.T.astype(np.float64) + pop
+    p = np.exp(logit - logit.max(axis=1, keepdims=True))
+    cdf = np.cumsum(p, axis=1) / p.sum(axis=1, keepdims=True)
+    row = np.repeat(np.arange(n_rows), counts)
+    expected = (cdf[row] <= u[:, None]).sum(axis=1)
+    assert (draws["row-wise"] == np.minimum(expected, n_items - 1)).mean() > 0.999  # float32 CDF
+
+
 def test_choices_follow_taste(default_fleet):
     _, rnd, aff = _affinity(default_fleet)
     # Chosen items align with the user's taste (random items: affinity ~ 0, sd 1).
