@@ -76,6 +76,9 @@ def fit(trainable: list[torch.Tensor], logits: Callable[[torch.Tensor, torch.Ten
         seed: int, tag: int, stage: str = "cloud model", setting: str = "cloud.lr") -> list[float]:
     """Adam on BCE over samples of ``rows`` (fresh negatives every epoch); returns the
     per-epoch mean loss. ``logits(windows (N, L), candidates (N, C)) -> (N, C)``.
+    ``builder`` is a ``SampleBuilder`` (samples built a block of batches at a time,
+    ``blocked_samples``) or any object whose ``build(rows, negatives, key)`` returns the
+    epoch's samples at once, possibly more than ``rows`` (``UploadedSamples``).
     A non-finite or diverged epoch raises ``NonFiniteError`` naming ``stage`` and ``setting``."""
     torch.manual_seed(seed)
     torch.set_num_threads(1)  # measured: small GRU batches run 4x slower on 2 threads here
@@ -83,11 +86,18 @@ def fit(trainable: list[torch.Tensor], logits: Callable[[torch.Tensor, torch.Ten
     rng = np.random.default_rng(np.random.SeedSequence([seed, tag]))
     losses = []
     for epoch in range(epochs):
-        order = rng.permutation(len(rows))
-        batches = [order[b : b + batch_size] for b in range(0, len(order), batch_size)]
+        key = stream_key(seed, tag, epoch)
+        if isinstance(builder, SampleBuilder):  # a sample per row, each its own: built a block at a time
+            order = rng.permutation(len(rows))
+            batches = [order[b : b + batch_size] for b in range(0, len(order), batch_size)]
+            blocks = blocked_samples(builder, rows, batches, negatives, key, FIT_BLOCK_SAMPLES)
+        else:  # a stand-in whose samples are drawn together (DUET's uploads add history samples): at once
+            s = builder.build(rows, negatives, key)
+            order = rng.permutation(len(s))
+            blocks = [(s, [order[b : b + batch_size] for b in range(0, len(order), batch_size)])]
         total, n = 0.0, 0
-        for s, slices in blocked_samples(builder, rows, batches, negatives, stream_key(seed, tag, epoch), FIT_BLOCK_SAMPLES):
-            for idx in slices:
+        for s, batches_of_s in blocks:
+            for idx in batches_of_s:
                 out = logits(torch.from_numpy(s.windows[idx]), torch.from_numpy(s.candidates[idx]))
                 loss = models.bce_loss(out[None], torch.ones(1, out.shape[0])).sum()
                 opt.zero_grad()

@@ -302,6 +302,37 @@ def test_uploaded_samples_avoid_known_items_mix_history_and_are_seeded(tiny_flee
     assert not np.array_equal(up.build(np.arange(len(up)), 4, np.uint64(8)).candidates, s.candidates)
 
 
+def test_retrain_trains_on_every_uploaded_and_history_sample_each_epoch(tiny_fleet, monkeypatch):
+    """``fit`` builds a ``SampleBuilder``'s samples a block at a time, but DUET's uploads
+    (``UploadedSamples``) are built at once: they return their history samples after the
+    window samples, which a per-row block would drop (it did: half of each retraining)."""
+    import strategies.duet_generator as dg
+
+    inter, end, spec, _ = tiny_fleet
+    gcfg = GeneratorConfig()
+    body, gen, _ = train(tiny_fleet, gcfg, epochs=1)
+    windows = np.random.default_rng(1).integers(0, N_ITEMS, (8, 10))
+    up = UploadedSamples(windows, np.arange(8), SampleBuilder(inter, 10), history_rows(inter, end), history=1.0)
+    assert len(up) == 72 and up.n_history == 72
+    seen_windows = []
+    real = dg.duet_logits
+
+    def counting(b, g, w, c, *a):
+        if torch.is_grad_enabled():  # the training steps, not the check after the last one
+            seen_windows.append(w.numpy().copy())
+        return real(b, g, w, c, *a)
+
+    monkeypatch.setattr(dg, "duet_logits", counting)
+    retrain_duet(body, gen, up, spec, gcfg, rnd=3, epochs=2, lr=0.01, batch_size=64, negatives=4, seed=5)
+    trained = np.concatenate(seen_windows)
+    assert len(trained) == 2 * (72 + 72)  # two epochs, each over 72 window and 72 history samples
+    epoch = trained[:144]
+    # every uploaded window sample is trained on once an epoch (a prefix of an uploaded window)
+    want = np.sort(np.ascontiguousarray(up.windows).view(np.dtype((np.void, up.windows.dtype.itemsize * 10))).ravel())
+    got = epoch.astype(up.windows.dtype).view(np.dtype((np.void, up.windows.dtype.itemsize * 10))).ravel()
+    assert np.isin(want, got).all()
+
+
 def test_retrain_continues_from_the_given_model_deterministically(tiny_fleet):
     inter, end, spec, _ = tiny_fleet
     gcfg = GeneratorConfig()
