@@ -218,6 +218,9 @@ def _sample_items(
         # out item-major (items x rows): each item's sums are then one vector add across the
         # rows, where a row-wise cumsum adds one element at a time -- the same sums, 2-3x
         # sooner. A large catalogue leaves few rows a chunk: there the row-wise cumsum.
+        # (The logits' product is taken transposed; with this machine's OpenBLAS each
+        # logit's 16-term sum is the same either way, so the fleet was bit-identical to the
+        # row-major code's. Another BLAS may round a logit differently, as it may anyway.)
         if m >= _ITEM_MAJOR_ROWS:
             logits = vt.T @ row_taste[lo:hi].T
             logits += pop[:, None]
