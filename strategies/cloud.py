@@ -85,16 +85,18 @@ def fit(trainable: list[torch.Tensor], logits: Callable[[torch.Tensor, torch.Ten
     opt = torch.optim.Adam(trainable, lr=lr)
     rng = np.random.default_rng(np.random.SeedSequence([seed, tag]))
     losses = []
+
+    def shuffled(n: int) -> list[np.ndarray]:  # batches of a fresh permutation of n samples
+        order = rng.permutation(n)
+        return [order[b : b + batch_size] for b in range(0, n, batch_size)]
+
     for epoch in range(epochs):
         key = stream_key(seed, tag, epoch)
         if isinstance(builder, SampleBuilder):  # a sample per row, each its own: built a block at a time
-            order = rng.permutation(len(rows))
-            batches = [order[b : b + batch_size] for b in range(0, len(order), batch_size)]
-            blocks = blocked_samples(builder, rows, batches, negatives, key, FIT_BLOCK_SAMPLES)
+            blocks = blocked_samples(builder, rows, shuffled(len(rows)), negatives, key, FIT_BLOCK_SAMPLES)
         else:  # a stand-in whose samples are drawn together (DUET's uploads add history samples): at once
             s = builder.build(rows, negatives, key)
-            order = rng.permutation(len(s))
-            blocks = [(s, [order[b : b + batch_size] for b in range(0, len(order), batch_size)])]
+            blocks = [(s, shuffled(len(s)))]
         total, n = 0.0, 0
         for s, batches_of_s in blocks:
             for idx in batches_of_s:
