@@ -21,7 +21,7 @@ import torch
 
 from devices import models
 from devices.data import Interactions, Timeline
-from devices.replies import diverged_replies, nonfinite_replies
+from devices.replies import check_replies, diverged_replies, nonfinite_replies
 from devices.runtime import ITEM_TABLES, DeviceContext, DeviceFn, DeviceSettings, Payload
 from devices.samples import SampleBuilder, Samples, pad_by_owner, stream_key
 from devices import prequential
@@ -394,6 +394,7 @@ class DeviceHost:
                 replies = fn(ctx, payload)
                 if len(replies) != len(local):
                     raise RuntimeError(f"{getattr(fn, '__name__', fn)} returned {len(replies)} replies for {len(local)} devices")
+                check_replies(fn, payload, replies, ids)
             except (Exception, SystemExit) as exc:  # a device-side bug (sys.exit too): a code error, never a dropout
                 self._rollback(local, snap)
                 msg = (str(exc).splitlines() or [""])[0]

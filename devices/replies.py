@@ -1,4 +1,5 @@
-"""Checks of device replies: non-finite values (quarantined) and diverged local training.
+"""Checks of device replies: malformed ones (a code error), non-finite values (quarantined)
+and diverged local training.
 
 Vectorised over replies; ``DeviceHost.run`` calls them on every job's replies.
 """
@@ -8,6 +9,39 @@ import numpy as np
 
 from devices import models
 from devices.runtime import Payload
+
+
+def check_replies(fn, sent: Payload, replies: list[Payload], ids: np.ndarray) -> None:
+    """Raise ``ValueError`` naming the device if a reply is malformed, so the call is a code
+    error of the device function (not a failure of whoever reads the reply later):
+
+    - an array under a name it was sent (the same record and key) with another shape: an
+      update that no longer fits the model it updates, which averaged in would broadcast
+      silently (arrays under new names -- samples, patches -- are not constrained);
+    - a metric value Flower's ``MetricRecord`` refuses (a numpy scalar, a bool, a mixed list).
+    """
+    for j, r in enumerate(replies):
+        for rec, vals in r.metrics.items():
+            for k, v in vals.items():
+                if not _metric_value(v):
+                    raise ValueError(f"{getattr(fn, '__name__', fn)} returned metric {rec}/{k} = {v!r} "
+                                     f"({type(v).__name__}) for device {int(ids[j])}; a Flower metric is an int, a "
+                                     f"float or a list of one of them (float(x) turns a numpy scalar into one)")
+        for rec, arrays in r.arrays.items():
+            given = sent.arrays.get(rec)
+            if not given:
+                continue
+            for k, a in arrays.items():
+                if k in given and np.shape(a) != np.shape(given[k]):
+                    raise ValueError(f"{getattr(fn, '__name__', fn)} returned {rec}/{k} of shape {tuple(np.shape(a))} "
+                                     f"for device {int(ids[j])}; it was sent with shape {tuple(np.shape(given[k]))}")
+
+
+def _metric_value(v) -> bool:
+    """What Flower's ``MetricRecord`` takes: int, float, list[int] or list[float] (no bool)."""
+    if type(v) in (int, float):
+        return True
+    return type(v) is list and (not v or (type(v[0]) in (int, float) and all(type(x) is type(v[0]) for x in v)))
 
 
 def diverged_replies(replies: list[Payload], limit: float = models.DIVERGED_LOSS) -> np.ndarray:

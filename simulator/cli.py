@@ -5,7 +5,8 @@
 Every user error (config, data, arguments, output folder, an unreachable
 ``--ray-address``) ends in one line on stderr and exit code 2; results already written are
 never touched. A strategy that fails (a code error, non-finite training) is one line on
-stderr; the other strategies still run and the exit code is 1. Ctrl-C: exit 130, with the
+stderr; the other strategies still run and the exit code is 1 (as when a strategy's
+devices scored NaN/Inf: its means would cover the other devices only). Ctrl-C: exit 130, with the
 strategy in flight marked ``interrupted``.
 """
 from __future__ import annotations

@@ -260,19 +260,21 @@ class FleetGrid(Grid):
         dst = np.array([m.metadata.dst_node_id for m in msgs], dtype=np.int64)
         if dst.size and (dst.min() < 0 or dst.max() >= self.fleet.n_devices):
             raise FleetsimError(f"message to unknown node {int(dst[(dst < 0) | (dst >= self.fleet.n_devices)][0])}")
+        payloads: dict[int, Payload] = {}
+        decoded: dict[int, dict] = {}  # ArrayRecords shared across contents, decoded once
+        for m in msgs:
+            if id(m.content) not in payloads:
+                payloads[id(m.content)] = to_payload(m.content, decoded)
+        self._check_sent_finite(payloads.values())
         failed_draw = prof.draw_failures(self.profiles, self.seed, self.round, self.exchange)
         offline = ~self.online[dst]
         dropped = failed_draw[dst] | offline
         self.selected[dst] = True
 
-        payloads: dict[int, Payload] = {}
-        decoded: dict[int, dict] = {}  # ArrayRecords shared across contents, decoded once
         down = np.zeros(len(msgs))
         jobs: dict[tuple[int, int, str], list[int]] = {}
         for i, m in enumerate(msgs):
             key = id(m.content)
-            if key not in payloads:
-                payloads[key] = to_payload(m.content, decoded)
             if not dropped[i]:
                 down[i] = payloads[key].nbytes()
                 jobs.setdefault((int(self.pool.host_of[dst[i]]), key, m.metadata.message_type), []).append(i)
@@ -367,6 +369,26 @@ class FleetGrid(Grid):
             self.finish_round()  # nothing usable came back: stop before the strategy aggregates
             raise self._all_quarantined(n_quarantined)
         return replies
+
+    def _check_sent_finite(self, payloads: Iterable[Payload]) -> None:
+        """Raise ``NonFiniteError`` if an array the strategy sends holds NaN/Inf: a model
+        that is not a number must stop the strategy where it was made (its aggregation or
+        configure step), not reach devices that would score with it. Each array shared by
+        many messages is checked once."""
+        seen: set[int] = set()
+        bad: list[str] = []
+        for p in payloads:
+            for rec, arrays in p.arrays.items():
+                if id(arrays) in seen:
+                    continue
+                seen.add(id(arrays))
+                bad += [f"{rec}/{k}" for k, a in arrays.items()
+                        if a.dtype.kind in "fc" and not np.isfinite(a).all() and f"{rec}/{k}" not in bad]
+        if bad:
+            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            raise NonFiniteError("the strategy's server side", "its aggregate_train / configure_train (or its server lr)",
+                                 f"round {self.round}: arrays it sends to devices hold NaN/Inf "
+                                 f"({', '.join(bad[:3])}{more})", round=self.round)
 
     def _all_quarantined(self, n: int) -> NonFiniteError:
         return NonFiniteError("device training", "device.lr (or the strategy's lr / local_steps)",

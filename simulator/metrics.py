@@ -223,6 +223,14 @@ def per_round(records: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols)
 
 
+def nonfinite_status(summary: dict[str, Any]) -> str | None:
+    """What the summary table and the report show as the status of a strategy some of
+    whose devices scored with a model that emits NaN/Inf (None if none did). Their metrics
+    are NaN and left out of every mean, so the strategy's means cover the rest only."""
+    n = summary.get("nonfinite_score_device_rounds") or 0
+    return f"NaN scores ({n} device-rounds)" if n else None
+
+
 def run_summary(records: pd.DataFrame, overall_auc: float, thresholds: dict | None = None) -> dict[str, Any]:
     """``summarize`` plus the costs, error counts and per-round curve of one strategy's
     per-device-round records (what ``summary.json`` holds besides time and status)."""

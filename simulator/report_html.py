@@ -109,9 +109,11 @@ def write_html(path: Path, runs: Sequence[Run], entries: Sequence[Entry], baseli
         _table_html(summary, SUMMARY_COLUMNS, colours, lambda row: "" if row.get("status") == "complete" else "incomplete"),
         '<p class="note">Overall AUC is pooled over all scored samples; UAUC is the mean per-user AUC; tail UAUC '
         "is over the 50 % least active users. MB and GFLOPs are per selected device-round. Also in summary.csv.</p>",
-        *([f'<p class="warn">Not complete: {html.escape(", ".join(f"{r.strategy} ({r.status}, {r.rounds_completed} rounds)" for r in summary.itertuples() if r.status != "complete"))}. '
+        *([f'<p class="warn">Not complete, or not all finite: {html.escape(", ".join(f"{r.strategy} ({r.status}, {r.rounds_completed} rounds)" for r in summary.itertuples() if r.status != "complete"))}. '
            "Their numbers cover only the rounds they completed (a failed strategy's error and traceback are in "
-           "summary.json and &lt;run&gt;/&lt;strategy&gt;/error.log).</p>"]
+           "summary.json and &lt;run&gt;/&lt;strategy&gt;/error.log); a strategy with NaN scores leaves those "
+           "device-rounds out of every mean (nonfinite in devices.parquet), so its means cover the rest only and "
+           "its comparisons claim no significance.</p>"]
           if (summary["status"] != "complete").any() else []),
         f"<h2>Paired comparison against the baseline</h2><p class=\"note\">{html.escape(baseline_note)}. A strategy "
         "that did not complete is compared with the baseline over the rounds both completed. Pairs are "

@@ -186,11 +186,16 @@ def summary_table(entries: Sequence[Entry]) -> pd.DataFrame:
             "gflops_per_device_round": s.get("gflops_per_device_round"),
             "simulated_hours": (s["simulated_seconds"] / 3600) if s.get("simulated_seconds") is not None else None,
             "wall_seconds": s.get("wall_seconds"), "n_users_auc": s.get("n_users_auc"),
-            "status": e.run.status.get(e.strategy, "complete") if e.run.status else "complete",
+            "status": _status(e),
             "rounds_completed": s.get("rounds_completed", int(e.records["round"].nunique()) if len(e.records) else 0),
             "errors": s.get("errors", 0), "quarantined": s.get("quarantined", 0),
         })
     return pd.DataFrame(rows, columns=[c for c, _, _ in SUMMARY_COLUMNS])
+
+
+def _status(e: Entry) -> str:
+    status = e.run.status.get(e.strategy, "complete") if e.run.status else "complete"
+    return (status == "complete" and metrics.nonfinite_status(e.summary)) or status
 
 
 def comparison_table(entries: Sequence[Entry], baseline: Entry, *, n_boot: int = N_BOOT) -> pd.DataFrame:
@@ -211,8 +216,11 @@ def comparison_table(entries: Sequence[Entry], baseline: Entry, *, n_boot: int =
         if pc.n_users == 0:
             rows.append({**row, "paired_users": 0, "significant": "n/a: no user evaluated by both"})
             continue
+        # devices that scored NaN/Inf are left out of the pairs: the rest are survivors, not a sample
+        nan = [f"{x.label} {metrics.nonfinite_status(x.summary)}" for x in (e, baseline) if metrics.nonfinite_status(x.summary)]
+        significant = ("n/a: " + "; ".join(nan) + ", left out") if nan else "yes" if pc.diff.significant else "no"
         rows.append({**row, "paired_users": pc.n_users, "mean_uauc_diff": pc.diff.mean, "ci_low": pc.diff.lo,
-                     "ci_high": pc.diff.hi, "significant": "yes" if pc.diff.significant else "no",
+                     "ci_high": pc.diff.hi, "significant": significant,
                      "frac_users_gain": pc.frac_gain, "frac_users_lose": pc.frac_loss})
     return pd.DataFrame(rows, columns=[c for c, _, _ in COMPARISON_COLUMNS])
 

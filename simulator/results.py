@@ -205,6 +205,7 @@ def load_run(run_dir: str | Path) -> Run:
         else:  # failed or stopped before its first round
             devices.append(pd.DataFrame())
             rounds.append(pd.DataFrame())
+        _check_rounds(folder, devices[-1], rounds[-1], int(entry.get("rounds_completed") or 0))
         if st != "pending" and "uauc" not in entry and "overall_auc" not in entry:  # killed mid-strategy
             finished[s] = {**_summary_from_records(devices[-1], rounds[-1], fleet), **entry, "status": status[s]}
         elif status[s] != st:
@@ -215,6 +216,30 @@ def load_run(run_dir: str | Path) -> Run:
         devices=_with_strategy(devices, strategies), rounds=_with_strategy(rounds, strategies),
         strategies=strategies, status=status,
     )
+
+
+def _check_rounds(folder: Path, devices: pd.DataFrame, rounds: pd.DataFrame, completed: int) -> None:
+    """Raise ``FleetsimError`` if a round's part file is missing: rounds.parquet must hold
+    rounds 1..R with R >= the rounds summary.json says were completed, and devices.parquet
+    every one of them that had an active or selected device (a report over the rest would
+    be a report over another run)."""
+    have = sorted(int(r) for r in rounds["round"]) if len(rounds) else []
+    top = max(have[-1] if have else 0, completed)
+    lacking = sorted(set(range(1, top + 1)) - set(have))
+    if lacking:
+        raise FleetsimError(f"{folder / 'rounds.parquet'}: round(s) {_spans(lacking)} missing (summary.json: "
+                            f"{completed} completed); a part file was removed or never written")
+    if len(rounds):
+        used = rounds.loc[(rounds["active"] > 0) | (rounds["selected"] > 0), "round"]
+        lacking = sorted(set(int(r) for r in used) - set(int(r) for r in (devices["round"] if len(devices) else [])))
+        if lacking:
+            raise FleetsimError(f"{folder / 'devices.parquet'}: round(s) {_spans(lacking)} missing although "
+                                f"rounds.parquet has devices in them; a part file was removed or never written")
+
+
+def _spans(rounds: list[int]) -> str:
+    shown = ", ".join(map(str, rounds[:5]))
+    return shown + (f" and {len(rounds) - 5} more" if len(rounds) > 5 else "")
 
 
 def _driver_alive(path: Path) -> bool:

@@ -11,6 +11,7 @@ from typing import Any
 
 from simulator.config import ExperimentConfig
 from simulator.errors import NonFiniteError, Terminated
+from simulator.metrics import nonfinite_status
 from simulator.fleetrun import (  # noqa: F401 (re-exported)
     FleetRun, Played, RunState, quiet_flower, server_failure, summarise)
 from strategies.registry import make_strategy, resolve_strategy  # noqa: F401 (re-exported)
@@ -97,6 +98,8 @@ def format_table(summary: dict[str, Any]) -> str:
             status = f"failed in round {failed_in}"
         elif status == "pending":
             status = "not run"
+        elif status == "complete" and nonfinite_status(s):
+            status = nonfinite_status(s)
         elif status != "complete":
             status = f"{status} ({s.get('rounds_completed', 0)} rounds)"
         num = lambda k, scale=1.0: None if s.get(k) is None else s[k] / scale
@@ -110,4 +113,9 @@ def format_table(summary: dict[str, Any]) -> str:
 
 
 def failed_strategies(summary: dict[str, Any]) -> list[str]:
-    return [n for n, s in summary.get("strategies", {}).items() if s.get("status") == "failed"]
+    """Strategies that failed, or that some device scored with a model emitting NaN/Inf
+    (their means leave those devices out, so they are not a sound comparison): a run with
+    any of them exits with code 1."""
+    return [n for n, s in summary.get("strategies", {}).items()
+            if s.get("status") == "failed" or s.get("nonfinite_score_device_rounds")]
+

@@ -85,12 +85,30 @@ def array_view(a: Array) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
 
 
+def _check_same_arrays(contents: list[RecordDict]) -> None:
+    """Raise ``ValueError`` unless every reply holds the same array names with the same
+    shapes: a mean over replies that lack a key, or whose shapes broadcast, would be a
+    wrong number, not an error."""
+    def layout(c: RecordDict) -> dict[str, tuple[int, ...]]:
+        return {f"{name}/{k}": tuple(v.shape) for name, rec in c.array_records.items() for k, v in rec.items()}
+
+    first = layout(contents[0]) if contents else {}
+    for i, c in enumerate(contents[1:], start=1):
+        other = layout(c)
+        if other != first:
+            diff = sorted(set(first) ^ set(other)) or sorted(k for k in first if first[k] != other[k])
+            k = diff[0]
+            raise ValueError(f"replies 0 and {i} hold different arrays ({k}: {first.get(k, 'missing')} vs "
+                             f"{other.get(k, 'missing')}); a weighted mean needs the same names and shapes")
+
+
 def weighted_mean_arrays(contents: list[RecordDict], weight_key: str) -> ArrayRecord:
     """Flower's ``aggregate_arrayrecords`` (FedAvg's weighted mean), value for value: the
     same weights, the same float32 products summed in the same order; only the arrays
     are read with ``array_view`` instead of ``np.load``, and each product reuses one buffer."""
     weights = [float(next(iter(c.metric_records.values()))[weight_key]) for c in contents]
     total = sum(weights)
+    _check_same_arrays(contents)
     out: dict[str, np.ndarray] = {}
     scratch: dict[str, np.ndarray] = {}
     for content, w in zip(contents, (w / total for w in weights), strict=True):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import os
 import signal
 import subprocess
@@ -243,6 +244,159 @@ def test_server_half_exception_is_a_failed_strategy(monkeypatch, tmp_path):
         f"traceback in {tmp_path / 'out' / 'aggbug' / 'error.log'}"]
 
 
+NAN_SERVER = '''\
+import numpy as np
+from flwr.app import Array, ArrayRecord, MessageType
+from devices.runtime import DeviceApp, Payload
+from strategies.fedavg import FedAvg
+
+
+class NaNAggregate(FedAvg):
+    """FedAvg whose aggregate of round 1 is NaN: what it sends in round 2 must never reach a device."""
+
+    def aggregate_train(self, server_round, replies):
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        return ArrayRecord({k: Array(np.full_like(v.numpy(), np.nan)) for k, v in arrays.items()}), metrics
+
+
+def hold_nan(ctx, payload):
+    """Each device keeps a NaN copy of the model it got and uploads the finite one unchanged."""
+    ctx.hold({k: np.full_like(v, np.nan) for k, v in payload.arrays["arrays"].items()})
+    return [Payload(arrays={"arrays": payload.arrays["arrays"]}, metrics={"metrics": {"num-examples": 1}})
+            for _ in range(len(ctx))]
+
+
+class HoldsNaN(FedAvg):
+    device_app = DeviceApp({MessageType.TRAIN: hold_nan})
+'''
+
+
+SHAPES = '''\
+import numpy as np
+from flwr.app import MessageType
+from devices.runtime import DeviceApp
+from strategies.fedavg import FedAvg, train
+
+
+def train_then_shrink(ctx, payload):
+    """FedAvg's device training, but the last device of each call uploads a (1,)-shaped item table."""
+    out = train(ctx, payload)
+    out[-1].arrays["arrays"]["item_emb"] = np.zeros(1, np.float32)
+    return out
+
+
+class Shrinks(FedAvg):
+    device_app = DeviceApp({MessageType.TRAIN: train_then_shrink})
+'''
+
+
+def test_a_reply_of_another_shape_is_a_code_error_not_a_broadcast(monkeypatch, tmp_path):
+    (tmp_path / "shape_mod.py").write_text(SHAPES)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    in_process(monkeypatch)
+    cfg = small_config(experiment={"strategies": ["shape_mod:Shrinks"]},
+                       strategies={"shape_mod:Shrinks": {"fraction_train": 1.0}})
+    s = run_experiment(cfg, str(tmp_path / "out"), use_ray=False, progress=False, log=lambda _: None)["strategies"]
+    err = s["shape_mod:Shrinks"]["error"]
+    assert s["shape_mod:Shrinks"]["status"] == "failed" and err["round"] == 1 and err["error_type"] == "ValueError"
+    assert "returned arrays/item_emb of shape (1,) for device " in err["message"]
+    assert err["message"].endswith("it was sent with shape (150, 32)")
+
+
+def test_check_replies_names_the_device_and_what_flower_would_refuse():
+    from flwr.app import MetricRecord
+    from devices.replies import check_replies
+
+    def fn(ctx, payload):
+        return []
+
+    sent = Payload(arrays={"arrays": {"w": np.zeros((2, 3), np.float32)}})
+    good = [Payload(arrays={"arrays": {"w": np.ones((2, 3), np.float32), "new": np.ones(7, np.float32)}},
+                    metrics={"m": {"n": 3, "loss": 0.5, "l": [1.0, 2.0], "e": []}})]
+    check_replies(fn, sent, good, np.array([5]))
+    MetricRecord(good[0].metrics["m"])  # what passes here passes Flower
+    for bad, what in ((np.float32(0.5), "(float32)"), (True, "(bool)"), ([1, 2.0], "(list)"), ((1, 2), "(tuple)")):
+        with pytest.raises(TypeError):
+            MetricRecord({"x": bad})
+        reply = Payload(metrics={"m": {"n": 3, "x": bad}})
+        with pytest.raises(ValueError, match=rf"fn returned metric m/x = .* {re.escape(what)} for device 9; a Flower"):
+            check_replies(fn, sent, [good[0], reply], np.array([5, 9]))
+    with pytest.raises(ValueError, match=r"returned arrays/w of shape \(6,\) for device 9; it was sent with shape \(2, 3\)"):
+        check_replies(fn, sent, [good[0], Payload(arrays={"arrays": {"w": np.ones(6, np.float32)}})], np.array([5, 9]))
+
+
+def test_weighted_mean_refuses_replies_of_other_names_or_shapes():
+    from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+    from strategies.common import weighted_mean_arrays
+
+    def content(**arrays):
+        return RecordDict({"arrays": ArrayRecord({k: Array(np.asarray(v, np.float32)) for k, v in arrays.items()}),
+                           "metrics": MetricRecord({"n": 1})})
+
+    mean = weighted_mean_arrays([content(w=[1.0, 2.0]), content(w=[3.0, 6.0])], "n")
+    assert mean["w"].numpy().tolist() == [2.0, 4.0]
+    with pytest.raises(ValueError, match=r"replies 0 and 1 hold different arrays \(arrays/w: \(2,\) vs \(1,\)\)"):
+        weighted_mean_arrays([content(w=[1.0, 2.0]), content(w=[3.0])], "n")
+    with pytest.raises(ValueError, match=r"replies 0 and 2 hold different arrays \(arrays/b: missing vs \(1,\)\)"):
+        weighted_mean_arrays([content(w=[1.0]), content(w=[1.0]), content(w=[3.0], b=[1.0])], "n")
+
+
+def test_nan_sent_by_the_server_fails_the_strategy_before_a_device_adopts_it(monkeypatch, tmp_path):
+    (tmp_path / "nan_mod.py").write_text(NAN_SERVER)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    in_process(monkeypatch)
+    lines: list[str] = []
+    cfg = small_config(experiment={"strategies": ["nan_mod:NaNAggregate", "cloud_only"]},
+                       strategies={"nan_mod:NaNAggregate": {"min_available_nodes": 1, "min_train_nodes": 1}})
+    s = run_experiment(cfg, str(tmp_path / "out"), use_ray=False, progress=False, log=lines.append)["strategies"]
+    nan = s["nan_mod:NaNAggregate"]
+    assert nan["status"] == "failed" and s["cloud_only"]["status"] == "complete"
+    assert nan["error"]["kind"] == "non-finite" and nan["error"]["round"] == 2
+    assert nan["error"]["stage"] == "the strategy's server side"
+    assert nan["rounds_completed"] == 1
+    devices = read_devices(tmp_path / "out", "nan_mod:NaNAggregate")
+    assert sorted(devices["round"].unique()) == [1, 2] and not devices["nonfinite"].any()
+    msg = [line for line in lines if "NaNAggregate" in line]
+    assert len(msg) == 1 and msg[0].startswith("fleetsim: error: nan_mod:NaNAggregate failed: the strategy's server "
+                                               "side: round 2: arrays it sends to devices hold NaN/Inf (arrays/")
+    assert run_mod.failed_strategies({"strategies": s}) == ["nan_mod:NaNAggregate"]
+
+
+def test_nan_scores_are_a_status_an_exit_code_and_no_significance(monkeypatch, tmp_path):
+    """Devices that hold a NaN model score NaN: the means leave them out, so the table and
+    the report say so, the run's exit code is 1, and no comparison claims significance."""
+    (tmp_path / "nan_mod.py").write_text(NAN_SERVER)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    in_process(monkeypatch)
+    cfg = small_config(experiment={"strategies": ["cloud_only", "nan_mod:HoldsNaN", "fedavg"]},
+                       strategies={"nan_mod:HoldsNaN": {"min_available_nodes": 1, "min_train_nodes": 1}})
+    summary = run_experiment(cfg, str(tmp_path / "out"), use_ray=False, progress=False, log=lambda _: None)
+    s = summary["strategies"]
+    devices = read_devices(tmp_path / "out", "nan_mod:HoldsNaN")
+    n = int(devices["nonfinite"].sum())
+    assert n > 0 and s["nan_mod:HoldsNaN"]["nonfinite_score_device_rounds"] == n
+    assert s["nan_mod:HoldsNaN"]["status"] == "complete"  # every round ran; summary.json keeps the machine status
+    assert run_mod.failed_strategies(summary) == ["nan_mod:HoldsNaN"]
+    table = run_mod.format_table(summary).splitlines()
+    row = [line for line in table if line.startswith("nan_mod:HoldsNaN")]
+    assert len(row) == 1 and f"NaN scores ({n} device-rounds)" in row[0]
+    assert sum("complete" in line for line in table) == 2
+
+    from simulator.report import build_report
+
+    files = build_report([tmp_path / "out"], tmp_path / "rep", n_boot=50)
+    csv = pd.read_csv(files.summary_csv).set_index("strategy")
+    assert csv.loc["nan_mod:HoldsNaN", "status"] == f"NaN scores ({n} device-rounds)"
+    assert csv.loc["fedavg", "status"] == "complete"
+    cmp = pd.read_csv(files.comparison_csv).set_index("strategy")
+    assert cmp.loc["nan_mod:HoldsNaN", "significant"] == f"n/a: nan_mod:HoldsNaN NaN scores ({n} device-rounds), left out"
+    assert cmp.loc["fedavg", "significant"] in ("yes", "no")
+    assert "NaN scores" in Path(files.html).read_text()
+
+
 # Non-finite values -----------------------------------------------------------------------
 
 
@@ -440,7 +594,7 @@ def test_kill_9_leaves_no_process_and_a_readable_partial_run(tmp_path):
     assert res.returncode == 0, res.stderr
     csv = pd.read_csv(tmp_path / "rep" / "summary.csv").set_index("strategy")
     assert csv.loc["local_finetune", "status"] == "interrupted" and csv.loc["local_finetune", "rounds_completed"] == done
-    assert "Not complete: local_finetune (interrupted" in (tmp_path / "rep" / "report.html").read_text()
+    assert "Not complete, or not all finite: local_finetune (interrupted" in (tmp_path / "rep" / "report.html").read_text()
 
 
 @pytest.mark.parametrize("sig, code, last_line", [

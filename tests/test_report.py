@@ -293,6 +293,21 @@ def test_cli_report_on_a_folder_that_is_not_a_run(capsys, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
+@pytest.mark.parametrize("part", ["devices.parquet", "rounds.parquet"])
+def test_cli_report_on_a_run_missing_a_round_part(capsys, run_dir, tmp_path, part):
+    """A run folder that lost one round's part file is refused (one line, exit 2), not
+    reported over the rounds that are left."""
+    gap = tmp_path / "gap"
+    shutil.copytree(run_dir, gap)
+    strategy = json.loads((gap / "summary.json").read_text())["strategies"]
+    name = next(iter(strategy))
+    assert strategy[name]["rounds_completed"] >= 2
+    folder = gap / name.replace(":", "_") / part
+    (folder / "round-00002.parquet").unlink()
+    code, _, err = call(capsys, "report", str(gap))
+    assert_one_line_error(code, err, str(folder), "round(s) 2 missing")
+
+
 def test_cli_report_on_an_older_layout(capsys, run_dir, tmp_path):
     old = tmp_path / "old"
     shutil.copytree(run_dir, old)
