@@ -329,11 +329,16 @@ class FleetRun:
                 self.pool = None
         finally:
             if self.writer is not None and self._opened:
-                statuses = [s.get("status") for s in self.writer.summary["strategies"].values()]
-                if self.checkpoints and not self.cfg.experiment.keep_checkpoints and statuses and \
-                        all(st in ("complete", "failed") for st in statuses):
-                    checkpoint.drop(self.writer.dir / checkpoint.CHECKPOINTS)
-                self.writer.release()
+                try:
+                    statuses = [s.get("status") for s in self.writer.summary["strategies"].values()]
+                    if self.checkpoints and not self.cfg.experiment.keep_checkpoints and statuses and \
+                            all(st in ("complete", "failed") for st in statuses):
+                        checkpoint.drop(self.writer.dir / checkpoint.CHECKPOINTS)
+                    self.writer.release()
+                finally:
+                    self.writer.unlock()
+            elif self.writer is not None:
+                self.writer.unlock()
 
     # -- checkpoints ---------------------------------------------------------------------
 

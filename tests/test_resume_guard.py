@@ -1,4 +1,5 @@
-"""``--resume`` of a folder it cannot use: a damaged checkpoint or cloud model. Each is one line on stderr and exit code 2, and
+"""``--resume`` of a folder it cannot use: a damaged checkpoint or cloud model, a folder
+another fleetsim process is running in. Each is one line on stderr and exit code 2, and
 every file of the folder -- checkpoints included -- stays as it was.
 
 The interrupted run is made in process (FedAvg, 4 rounds, stopped by Ctrl-C after its
@@ -6,8 +7,12 @@ round 3: round files 1-3 and the round-2 checkpoint on disk), then copied per te
 """
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -194,3 +199,67 @@ def test_checkpoints_without_manifests_are_checked_by_unpickling(out):
     truncate(out / "checkpoints" / "cloud.pkl")
     with pytest.raises(FleetsimError, match=r"cloud\.pkl is damaged: cloud\.pkl cannot be read \(UnpicklingError"):
         check_resumable(out)
+
+
+# One process per run folder -----------------------------------------------------------------
+
+
+def _held(d: Path) -> int:
+    """Hold the folder's lock from this (test) process, as a running fleetsim would."""
+    fd = os.open(d, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def test_resume_of_a_folder_another_process_runs_in_is_refused(out):
+    before = snapshot(out)
+    fd = _held(out)
+    try:
+        res = cli(out.parent, "run", "--resume", "out", "--no-progress", "--no-report")
+    finally:
+        os.close(fd)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.strip().splitlines() == [
+        f"fleetsim: error: --resume out: another fleetsim process is running in out (pid {os.getpid()})"]
+    assert snapshot(out) == before
+
+
+def test_a_fresh_run_into_a_folder_another_process_runs_in_is_refused(tmp_path):
+    exp = tmp_path / "exp.toml"
+    exp.write_text(config().to_toml())
+    (tmp_path / "new").mkdir()
+    fd = _held(tmp_path / "new")
+    try:
+        res = cli(tmp_path, "run", str(exp), "--out", "new", "--no-progress", "--no-report")
+    finally:
+        os.close(fd)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.strip().splitlines() == [
+        f"fleetsim: error: --out new: another fleetsim process is running in new (pid {os.getpid()})"]
+    assert list((tmp_path / "new").iterdir()) == []
+
+
+def test_a_run_that_finds_results_written_meanwhile_refuses_them(tmp_path):
+    """Two fresh runs with the same new --out: the later one to create the folder finds the
+    other's results (it checked before they existed) and stops instead of writing over."""
+    from simulator.errors import FleetsimError
+    from simulator.writer import RunWriter
+
+    first, second = RunWriter(tmp_path / "out"), RunWriter(tmp_path / "out")
+    first.create()
+    first.write_config("x = 1\n")
+    first.release()
+    getattr(first, "unlock", lambda: None)()  # the folder's lock (one process here: it is re-entrant)
+    with pytest.raises(FleetsimError, match="already holds results"):
+        second.create()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.toml"]
+
+
+def test_the_lock_ends_with_its_process(out):
+    """A fleetsim killed with -9 leaves no lock behind: the kernel drops it with the process."""
+    code = ("import os, sys; from simulator.writer import lock_run_dir; lock_run_dir(sys.argv[1], '--out'); "
+            "print('locked', flush=True); os.kill(os.getpid(), 9)")
+    res = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert res.returncode == -9 and res.stdout == "locked\n", res.stderr
+    os.close(_held(out))
