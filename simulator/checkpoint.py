@@ -12,7 +12,11 @@ Inside the run folder::
         host-000.pkl, host-001.pkl, ...          each host's device state, for its own shard
 
 A checkpoint is written into ``.partial-round-NNNNN`` and renamed when complete, so a
-kill while writing leaves the previous one intact. Only the latest is kept; a strategy's
+kill while writing leaves the previous one intact. Its last file, ``manifest.json``, holds
+each file's size and SHA-256 (``cloud.pkl`` has ``cloud.manifest.json``): ``--resume``
+verifies the checkpoint it would restore from and the cloud model before it changes
+anything (``check_resumable``; a checkpoint written before manifests: each file must
+unpickle). Only the latest is kept; a strategy's
 folder goes when it finishes (unless ``experiment.keep_checkpoints``). The per-device
 records of finished rounds are not copied: they are already in ``devices.parquet``, and a
 resume reads them back from there.
@@ -24,6 +28,7 @@ with use: Flower's node sampler and the process-wide torch / numpy / ``random`` 
 from __future__ import annotations
 
 import hashlib
+import json
 import pickle
 import random
 import shutil
@@ -42,7 +47,9 @@ from simulator.writer import _atomic_write_bytes
 
 CHECKPOINTS = "checkpoints"
 CLOUD_FILE = "cloud.pkl"
+CLOUD_MANIFEST = "cloud.manifest.json"
 DRIVER_FILE = "driver.pkl"
+MANIFEST = "manifest.json"
 # FleetGrid attributes that are references to the run (rebuilt with the grid), or the
 # finished round's scores (replaced when the next round opens): not saved
 _GRID_REFS = frozenset({"fleet", "pool", "app", "profiles", "on_round", "on_code_error", "results", "_pending", "_run",
@@ -61,8 +68,12 @@ def folder(run_dir: Path, strategy: str) -> Path:
 
 
 def save_cloud(run_dir: Path, initial: dict[str, np.ndarray], losses: list[float]) -> None:
-    (Path(run_dir) / CHECKPOINTS).mkdir(exist_ok=True)
-    _atomic_write_bytes(Path(run_dir) / CHECKPOINTS / CLOUD_FILE, pickle.dumps((initial, losses), protocol=4))
+    d = Path(run_dir) / CHECKPOINTS
+    d.mkdir(exist_ok=True)
+    (d / CLOUD_MANIFEST).unlink(missing_ok=True)  # a stale one would not describe the new file
+    data = pickle.dumps((initial, losses), protocol=4)
+    _atomic_write_bytes(d / CLOUD_FILE, data)
+    _atomic_write_bytes(d / CLOUD_MANIFEST, json.dumps({CLOUD_FILE: _entry(data)}).encode())
 
 
 def load_cloud(run_dir: Path) -> tuple[dict[str, np.ndarray], list[float]] | None:
@@ -128,9 +139,10 @@ def write(parent: Path, round: int, driver: dict[str, Any], hosts: list[bytes]) 
     tmp = parent / f".partial-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    (tmp / DRIVER_FILE).write_bytes(pickle.dumps(driver, protocol=4))
-    for h, data in enumerate(hosts):
-        (tmp / f"host-{h:03d}.pkl").write_bytes(data)
+    files = {DRIVER_FILE: pickle.dumps(driver, protocol=4), **{f"host-{h:03d}.pkl": data for h, data in enumerate(hosts)}}
+    for name, data in files.items():
+        (tmp / name).write_bytes(data)
+    (tmp / MANIFEST).write_text(json.dumps({"round": round, "files": {n: _entry(d) for n, d in files.items()}}))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for old in parent.iterdir():
@@ -139,12 +151,112 @@ def write(parent: Path, round: int, driver: dict[str, Any], hosts: list[bytes]) 
     return final
 
 
-def latest(parent: Path) -> Path | None:
-    """The newest complete checkpoint of a strategy, if any."""
+def _all(parent: Path) -> list[Path]:
+    """A strategy's checkpoints, oldest first: every ``round-NNNNN`` folder (each was
+    renamed into place complete, so one that lacks a file is damaged, not unfinished)."""
     if not parent.is_dir():
-        return None
-    done = sorted(p for p in parent.iterdir() if p.name.startswith("round-") and (p / DRIVER_FILE).exists())
+        return []
+    return sorted(p for p in parent.iterdir() if p.name.startswith("round-") and p.is_dir())
+
+
+def latest(parent: Path) -> Path | None:
+    """The newest checkpoint of a strategy, if any (``verify`` tells whether it is whole)."""
+    done = _all(parent)
     return done[-1] if done else None
+
+
+def restart_point(path: Path) -> str:
+    """Where a strategy starts if its checkpoint ``path`` is deleted: an older one, or round 1."""
+    older = [p for p in _all(path.parent) if p.name < path.name]
+    return f"its {older[-1].name} checkpoint" if older else "round 1"
+
+
+def host_files(path: Path) -> list[str]:
+    return sorted(p.name for p in path.glob("host-*.pkl"))
+
+
+def _entry(data: bytes) -> dict[str, Any]:
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _file_problem(path: Path, expected: dict[str, Any] | None) -> str | None:
+    """What is wrong with one file: missing, another size or digest than ``expected``, or
+    (no manifest) a pickle that does not load; None if it is whole."""
+    if not path.is_file():
+        return f"{path.name} is missing"
+    try:
+        if expected is None:
+            pickle.loads(path.read_bytes())
+            return None
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            return f"{path.name} has {size} bytes, {expected['bytes']} were written"
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        if h.hexdigest() != expected["sha256"]:
+            return f"{path.name} does not match its SHA-256 in the manifest"
+    except Exception as exc:  # noqa: BLE001 -- unreadable or not a pickle
+        first = (str(exc).splitlines() or [""])[0][:200]
+        return f"{path.name} cannot be read ({type(exc).__name__}: {first})"
+    return None
+
+
+def _manifest(path: Path, table: str | None) -> tuple[dict[str, Any] | None, str | None]:
+    """A manifest's file table (its ``table`` entry, or the whole file for None): None if
+    there is no manifest; or the problem with it."""
+    if not path.exists():
+        return None, None
+    try:
+        files = json.loads(path.read_text())
+        if table is not None:
+            files = files[table] if isinstance(files, dict) else None
+        if not isinstance(files, dict) or not all(isinstance(v, dict) and {"bytes", "sha256"} <= set(v)
+                                                  for v in files.values()):
+            raise ValueError("not a file table")
+        return files, None
+    except (OSError, ValueError, KeyError) as exc:
+        return None, f"{path.name} cannot be read ({type(exc).__name__})"
+
+
+def verify(path: Path) -> str | None:
+    """What is wrong with the checkpoint folder ``path`` (None: it is whole). With a
+    manifest, every file it lists must have its size and SHA-256; without (written by an
+    older fleetsim), ``driver.pkl`` and each ``host-NNN.pkl`` must unpickle."""
+    files, problem = _manifest(path / MANIFEST, "files")
+    if problem is None and files is not None and DRIVER_FILE not in files:
+        problem = f"{MANIFEST} lists no {DRIVER_FILE}"
+    if problem is not None:
+        return problem
+    if files is not None:
+        extra = sorted(set(host_files(path)) - set(files))
+        if extra:
+            return f"{extra[0]} is not in {MANIFEST}"
+        names = list(files)
+    else:
+        names = [DRIVER_FILE, *host_files(path)]
+        if len(names) == 1:
+            return "it holds no host-NNN.pkl"
+        expected = [f"host-{h:03d}.pkl" for h in range(len(names) - 1)]
+        if names[1:] != expected:
+            return f"{next(n for n in expected if n not in names)} is missing"
+    for name in names:
+        problem = _file_problem(path / name, files[name] if files is not None else None)
+        if problem is not None:
+            return problem
+    return None
+
+
+def verify_cloud(run_dir: Path) -> str | None:
+    """What is wrong with ``checkpoints/cloud.pkl`` (None: whole, or absent)."""
+    d = Path(run_dir) / CHECKPOINTS
+    if not (d / CLOUD_FILE).exists():
+        return None
+    files, problem = _manifest(d / CLOUD_MANIFEST, None)
+    if problem is None and files is not None and CLOUD_FILE not in files:
+        problem = f"{CLOUD_MANIFEST} does not list {CLOUD_FILE}"
+    return problem or _file_problem(d / CLOUD_FILE, files[CLOUD_FILE] if files is not None else None)
 
 
 def read(path: Path) -> dict[str, Any]:
@@ -167,9 +279,8 @@ FINISHED = ("complete", "failed")
 def check_resumable(run_dir: str | Path):
     """The config of the run in ``run_dir`` if it can be resumed; else ``FleetsimError``
     with one line: no run there, another result layout, a paper-protocol run, an edited
-    ``config.toml``, a run still being written, or a run with nothing left to do."""
-    import json
-
+    ``config.toml``, a run still being written, a run with nothing left to do, or a
+    damaged checkpoint or cloud model that the resumed run would read (``verify``)."""
     from simulator import config
     from simulator.errors import FleetsimError
     from simulator.results import LAYOUT_VERSION, _driver_alive
@@ -203,4 +314,15 @@ def check_resumable(run_dir: str | Path):
         raise FleetsimError(f"{where}: summary.json's strategies do not match config.toml's")
     if all(st in FINISHED for st in statuses.values()):
         raise FleetsimError(f"{where}: the run is complete (every strategy finished); nothing to resume")
+    # what the resumed run will read back: whole, or a refusal before anything is changed
+    problem = verify_cloud(d)
+    if problem is not None:
+        raise FleetsimError(f"{where}: {d / CHECKPOINTS / CLOUD_FILE} is damaged: {problem}; delete it and "
+                            f"--resume again to train the cloud model again (same seed, same model)")
+    for name, st in statuses.items():
+        path = latest(folder(d, name)) if st not in FINISHED else None
+        problem = verify(path) if path is not None else None
+        if problem is not None:
+            raise FleetsimError(f"{where}: checkpoint {path} is damaged: {problem}; delete that folder and --resume "
+                                f"again to play {name} from {restart_point(path)}")
     return cfg

@@ -74,6 +74,20 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from simulator.writer import lock_run_dir, unlock_run_dir
+
+    if args.resume is None or not os.path.isdir(args.resume):
+        return _cmd_run(args)
+    # the run folder is this process's before it is read: a second fleetsim on it stops
+    # here with one line (the lock goes with the process, however it ends)
+    lock_run_dir(args.resume, "--resume")
+    try:
+        return _cmd_run(args)
+    finally:
+        unlock_run_dir(args.resume)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
     from simulator import config
     from simulator.run import failed_strategies, format_table, run_experiment
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import gc
 import random
+import re
 import time
 from contextlib import contextmanager
 import traceback
@@ -50,6 +51,21 @@ from simulator.grid import CodeError, FleetGrid, RoundResult, flower_patched
 from simulator.runstate import Played, RunState, quiet_flower, server_failure, summarise  # noqa: F401 (re-exported)
 from simulator.records import array_record
 from simulator.writer import RunWriter
+
+
+class ResumeError(FleetsimError):
+    """A checkpoint or the saved cloud model cannot be restored: bad input (one line, exit
+    code 2); the run folder is left as it was, checkpoints included."""
+
+
+def _one_line(exc: BaseException) -> str:
+    """``Type: first line`` of an exception (a Ray task error: of its cause), without
+    terminal colour codes."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException):
+        exc = cause
+    first = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(exc)).strip().splitlines()
+    return f"{type(exc).__name__}: {first[0][:300]}" if first else type(exc).__name__
 
 
 @contextmanager
@@ -167,7 +183,14 @@ class FleetRun:
     def train_cloud(self) -> None:
         """Train the cloud model every strategy starts from (``NonFiniteError`` if it diverges)."""
         c = self.cfg.cloud
-        saved = checkpoint.load_cloud(self.writer.dir) if self.checkpoints and self.resume else None
+        saved = None
+        if self.checkpoints and self.resume:
+            try:
+                saved = checkpoint.load_cloud(self.writer.dir)
+            except Exception as exc:  # noqa: BLE001 -- damaged: refuse, touching nothing
+                path = self.writer.dir / checkpoint.CHECKPOINTS / checkpoint.CLOUD_FILE
+                raise ResumeError(f"--resume {self.writer.dir}: {path} cannot be read ({_one_line(exc)}); delete it "
+                                  f"and --resume again to train the cloud model again (same seed, same model)") from None
         if saved is not None:
             self.initial, self.cloud_losses = saved
         else:
@@ -203,8 +226,6 @@ class FleetRun:
         host process that died also gets the next strategy a new pool. Ctrl-C and
         ``SystemExit`` mark it ``interrupted`` and are re-raised.
         """
-        if self.state is not None:
-            self.state.start(name)
         t_start = t_prepared = time.perf_counter()
         warnings: list[CodeError] = []
 
@@ -238,10 +259,14 @@ class FleetRun:
         if ckpt_dir is not None:
             hook = self._checkpointing(name, strategy, grid, result, ckpt_dir, hook, n_rounds,
                                        lambda: (time.perf_counter() - t_start, t_prepared - t_start))
+        _reset_process_state(self.seed)
+        if saved is not None:  # a failure here is the checkpoint's, not the strategy's: nothing is recorded
+            restored = self._restore(name, strategy, grid, result, saved)
+        if self.state is not None:
+            self.state.start(name)
         try:
-            _reset_process_state(self.seed)
             if saved is not None:
-                first, arrays, (wall_s, prep_s), rngs = self._restore(name, strategy, grid, result, saved)
+                first, arrays, (wall_s, prep_s), rngs = restored
                 t_start = time.perf_counter() - wall_s
                 t_prepared = t_start + prep_s
             else:
@@ -304,11 +329,16 @@ class FleetRun:
                 self.pool = None
         finally:
             if self.writer is not None and self._opened:
-                statuses = [s.get("status") for s in self.writer.summary["strategies"].values()]
-                if self.checkpoints and not self.cfg.experiment.keep_checkpoints and statuses and \
-                        all(st in ("complete", "failed") for st in statuses):
-                    checkpoint.drop(self.writer.dir / checkpoint.CHECKPOINTS)
-                self.writer.release()
+                try:
+                    statuses = [s.get("status") for s in self.writer.summary["strategies"].values()]
+                    if self.checkpoints and not self.cfg.experiment.keep_checkpoints and statuses and \
+                            all(st in ("complete", "failed") for st in statuses):
+                        checkpoint.drop(self.writer.dir / checkpoint.CHECKPOINTS)
+                    self.writer.release()
+                finally:
+                    self.writer.unlock()
+            elif self.writer is not None:
+                self.writer.unlock()
 
     # -- checkpoints ---------------------------------------------------------------------
 
@@ -338,17 +368,33 @@ class FleetRun:
 
     def _restore(self, name: str, strategy: FleetMixin, grid: FleetGrid, result: Result, path):
         """Set strategy, grid, hosts and records back to the checkpoint at ``path``;
-        returns the first round to play, the arrays, the clock and the random states."""
-        saved = checkpoint.read(path)
-        rnd = saved["round"]
+        returns the first round to play, the arrays, the clock and the random states.
+
+        Everything that can fail (reading the files, the hosts taking their states, the
+        strategy's ``restore``) comes before the first change to the run folder (the round
+        files past the checkpoint dropped); a failure is a ``ResumeError`` (one line) and
+        leaves every file as it was."""
+        try:
+            saved = checkpoint.read(path)
+            hosts = checkpoint.host_files(path)
+            if len(hosts) != self.pool.n_hosts:
+                raise ValueError(f"it holds {len(hosts)} host state(s), this run has {self.pool.n_hosts} hosts "
+                                 f"(experiment.hosts = {self.cfg.experiment.hosts}; 0: one per CPU)")
+            rnd = saved["round"]
+            self.pool.load_states(path)
+            strategy.restore(saved["strategy"], self.cloud)
+            checkpoint.restore_grid(grid, saved["grid"], self.writer.dir, name)
+            for k, v in vars(saved["result"]).items():
+                setattr(result, k, v)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- a damaged or incompatible checkpoint
+            raise ResumeError(f"--resume {self.writer.dir}: cannot restore {name} from {path} ({_one_line(exc)}); "
+                              f"nothing was changed; delete that folder and --resume again to play {name} from "
+                              f"{checkpoint.restart_point(path)}") from None
+        grid._checkpointed = rnd
         self.writer.discard_rounds(name, after=rnd, error_log_bytes=saved["error_log_bytes"])
         self.writer._logged |= saved["logged"]
-        strategy.restore(saved["strategy"], self.cloud)
-        checkpoint.restore_grid(grid, saved["grid"], self.writer.dir, name)
-        grid._checkpointed = rnd
-        for k, v in vars(saved["result"]).items():
-            setattr(result, k, v)
-        self.pool.load_states(path)
         self.log(f"fleetsim: {name}: resumed from its round-{rnd} checkpoint")
         return rnd + 1, saved["arrays"], saved["clock"], saved["rng"]
 

@@ -58,11 +58,13 @@ def run_experiment(cfg: ExperimentConfig, out: str, *, ray_address: str | None =
 
         bar = tqdm(total=fleet.timeline.n_rounds * len(strategies), disable=not progress, unit="round",
                    dynamic_ncols=True)
-        for name, strategy in strategies:
-            bar.set_description(name)
-            run.play(name, strategy, on_round=lambda _result: bar.update(1))
-        bar.close()
-        restore()
+        try:
+            for name, strategy in strategies:
+                bar.set_description(name)
+                run.play(name, strategy, on_round=lambda _result: bar.update(1))
+        finally:  # also when a checkpoint cannot be restored (a one-line ResumeError)
+            bar.close()
+            restore()
     return run.summary
 
 

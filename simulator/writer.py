@@ -2,6 +2,7 @@
 goes to a temporary name and is renamed, readable by all (0666 less the umask)."""
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -37,6 +38,70 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+# -- one process per run folder ------------------------------------------------------------
+
+_LOCKS: dict[str, list[int]] = {}  # run folder (real path) -> [fd, holders in this process]
+
+
+def _lock_holder(path: Path, fd: int) -> int | None:
+    """The pid holding the flock on the open directory ``fd`` (``/proc/locks``), else
+    the pid in the folder's ``PID_FILE``, else None."""
+    st = os.fstat(fd)
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        for line in Path("/proc/locks").read_text().splitlines():
+            f = line.split()
+            if len(f) > 5 and f[1] == "FLOCK" and f[5] == key and f[4].isdigit():
+                return int(f[4])
+    except OSError:
+        pass
+    try:
+        return int((path / PID_FILE).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def lock_run_dir(path: str | Path, flag: str) -> None:
+    """Take the run folder ``path`` (an existing directory) for this process: an exclusive,
+    non-blocking ``flock`` on the directory itself (no file is added; the kernel drops it
+    when the process ends, however it ends). Re-entrant within a process (each call needs
+    an ``unlock_run_dir``). Another process holding it: ``FleetsimError`` naming its pid
+    (``flag`` is the option that named the folder, for the message)."""
+    import fcntl
+
+    path = Path(path)
+    key = os.path.realpath(path)
+    if key in _LOCKS:
+        _LOCKS[key][1] += 1
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as exc:
+        raise FleetsimError(f"{flag} {path}: cannot open the run folder ({exc.strerror or exc})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            pid = _lock_holder(path, fd)
+            os.close(fd)
+            raise FleetsimError(f"{flag} {path}: another fleetsim process is running in {path} "
+                                f"(pid {pid if pid is not None else 'unknown'})") from None
+        # a file system without flock (some network mounts): run unlocked, as before
+    _LOCKS[key] = [fd, 1]
+
+
+def unlock_run_dir(path: str | Path) -> None:
+    """Undo one ``lock_run_dir``; the last one releases the folder (no-op if not held)."""
+    key = os.path.realpath(path)
+    held = _LOCKS.get(key)
+    if held is None:
+        return
+    held[1] -= 1
+    if held[1] <= 0:
+        del _LOCKS[key]
+        os.close(held[0])
 
 
 def _jsonable(x: Any) -> Any:
@@ -75,6 +140,10 @@ class RunWriter:
 
     The constructor only checks ``out`` (nothing is written); ``create()`` makes the
     folder once the run is sure to start, so bad input never leaves anything behind.
+
+    The folder is locked for this process (``lock_run_dir``) as soon as it exists: by the
+    constructor if it exists already, else by ``create()``, and by ``reopen()``; a second
+    fleetsim process on the same folder stops with one line. ``unlock()`` releases it.
     """
 
     def __init__(self, out: str | Path) -> None:
@@ -91,15 +160,35 @@ class RunWriter:
             raise FleetsimError(f"--out {self.dir}: not writable ({existing} is not a writable directory)")
         self.summary: dict[str, Any] = {"layout_version": LAYOUT_VERSION, "strategies": {}}
         self._logged: set[tuple[str, str]] = set()
+        self._locked = self._resumed = False
+        if self.dir.is_dir():  # e.g. an empty folder made for the run: nobody else may start in it now
+            self._lock()
 
     @classmethod
     def reopen(cls, out: str | Path) -> RunWriter:
-        """The writer of an existing run folder (``--resume``), its summary read back."""
+        """The writer of an existing run folder (``--resume``), its summary read back once
+        the folder is locked."""
         self = cls.__new__(cls)
-        self.dir, self._created = Path(out), False
-        self.summary = json.loads((self.dir / "summary.json").read_text())
+        self.dir, self._created, self._locked, self._resumed = Path(out), False, False, True
+        self._lock()
+        try:
+            self.summary = json.loads((self.dir / "summary.json").read_text())
+        except BaseException:
+            self.unlock()
+            raise
         self._logged = set()
         return self
+
+    def _lock(self) -> None:
+        if not self._locked:
+            lock_run_dir(self.dir, "--resume" if self._resumed else "--out")
+            self._locked = True
+
+    def unlock(self) -> None:
+        """Release the folder's lock taken by this writer (idempotent)."""
+        if self._locked:
+            self._locked = False
+            unlock_run_dir(self.dir)
 
     def discard_rounds(self, strategy: str, after: int, error_log_bytes: int | None = None) -> None:
         """Drop a strategy's round files past round ``after`` (written after its last
@@ -126,6 +215,14 @@ class RunWriter:
         """Make the run folder and (``mark_running``) mark it as in progress (``PID_FILE``)."""
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FleetsimError(f"--out {self.dir}: not writable ({exc.strerror or exc})") from None
+        self._lock()
+        if not self._resumed and ((self.dir / "config.toml").exists() or (self.dir / "summary.json").exists()):
+            # another run started in the folder after this one checked it (and has finished)
+            self.unlock()
+            raise FleetsimError(f"--out {self.dir}: already holds results; choose another directory")
+        try:
             if mark_running:
                 _atomic_write_bytes(self.dir / PID_FILE, f"{os.getpid()} {_start_time(os.getpid())}".encode())
         except OSError as exc:
@@ -140,6 +237,7 @@ class RunWriter:
 
     def discard_if_empty(self) -> None:
         """Remove the run folder again if this writer created it and wrote nothing."""
+        self.unlock()
         if self._created and self.dir.is_dir() and not any(self.dir.iterdir()):
             self.dir.rmdir()
 
