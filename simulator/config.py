@@ -30,6 +30,9 @@ from simulator.errors import ConfigError, FleetsimError
 from strategies.registry import SHORT_NAMES, make_strategy
 
 DEFAULT_STRATEGIES = ("cloud_only", "local_finetune", "fedavg")
+# Most host actors a run starts (experiment.hosts): each is a process; a run never starts
+# more than it has devices either (devices.pool).
+MAX_HOSTS = 1024
 DEFAULT_EXPERIMENT = Path(__file__).resolve().parent.parent / "experiments" / "quickstart.toml"
 
 
@@ -65,8 +68,9 @@ class ExperimentSection:
                                   f"a short name ({', '.join(SHORT_NAMES)}) or an import path 'package.module:Class'")
         if not 0 <= self.seed < 2**63:  # numpy SeedSequence rejects negatives, torch > 64 bits
             raise ConfigError("experiment.seed", self.seed, "an integer in [0, 2**63)")
-        if self.hosts < 0:
-            raise ConfigError("experiment.hosts", self.hosts, "0 (one per CPU) or a positive integer")
+        if not 0 <= self.hosts <= MAX_HOSTS:
+            raise ConfigError("experiment.hosts", self.hosts,
+                              f"0 (one per CPU) or a positive integer, at most {MAX_HOSTS}")
         for key in ("deadline_s", "wait_s"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"experiment.{key}", getattr(self, key), "a positive number of seconds")

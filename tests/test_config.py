@@ -123,6 +123,36 @@ def test_overrides_applied_and_typed():
     assert cfg.data.n_items == 1000  # untouched keys keep the file's values
 
 
+@pytest.mark.parametrize("raw, key, bound", [
+    ({"data": {"n_devices": 10**12}}, "data.n_devices", "100,000,000"),
+    ({"data": {"n_items": 10**10}}, "data.n_items", "10,000,000"),
+    ({"data": {"latent_dim": 10**8}}, "data.latent_dim", "1,024"),
+    ({"data": {"n_rounds": 10**11}}, "data.n_rounds", "100,000"),
+    ({"data": {"mean_daily_interactions": 1e12}}, "data.mean_daily_interactions", "10,000"),
+    ({"data": {"history_days": 1e300}}, "data.history_days", "36,500"),
+    ({"data": {"round_hours": 1e300}}, "data.round_hours", "8,760"),
+    ({"data": {"round_hours": 1e-300}}, "data.round_hours", "1/60"),
+    ({"data": {"source": "movielens", "path": "r.csv", "n_rounds": 10**11}}, "data.n_rounds", "100,000"),
+    ({"model": {"dim": 10**8}}, "model.dim", "4,096"),
+    ({"model": {"window": 10**8}}, "model.window", "1,024"),
+    ({"experiment": {"hosts": 100_000}}, "experiment.hosts", "1024"),
+])
+def test_sizes_have_upper_bounds(raw, key, bound):
+    with pytest.raises(ConfigError) as e:
+        config.from_dict(raw)
+    assert e.value.key == key and bound in e.value.allowed
+
+
+def test_sizes_at_their_bounds_are_valid():
+    cfg = config.from_dict({
+        "experiment": {"hosts": 1024},
+        "data": {"n_devices": 100_000_000, "n_items": 10_000_000, "latent_dim": 1024, "n_rounds": 100_000,
+                 "mean_daily_interactions": 10_000.0, "history_days": 36_500.0, "round_hours": 8_760.0},
+        "model": {"dim": 4096, "window": 1024}})
+    assert (cfg.data.n_devices, cfg.model.dim, cfg.experiment.hosts) == (100_000_000, 4096, 1024)
+    assert config.from_dict({"data": {"round_hours": 1 / 60}}).data.round_hours == 1 / 60
+
+
 def test_override_creates_missing_section():
     cfg = load(EXPERIMENTS / "movielens.toml", ["data.path=r.csv", "device.lr=0.1"])  # no [device] in the file
     assert cfg.device == DeviceSettings(lr=0.1)
