@@ -212,11 +212,14 @@ def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``section.key=value`` -> (path, value); the value is TOML, else a bare string."""
+    """``section.key=value`` -> (path, value); the value is TOML, else a bare string.
+
+    The path is a TOML dotted key, so a quoted part may hold dots and colons
+    (``strategies."pkg.mod:Cls".lr=0.1``); a path that is not one is split on its dots."""
     if "=" not in text:
         raise FleetsimError(f"--set {text!r}: expected section.key=value")
     path, _, value = text.partition("=")
-    keys = [k.strip() for k in path.strip().split(".")]
+    keys = _dotted_key(path)
     if len(keys) < 2 or not all(keys):
         raise FleetsimError(f"--set {text!r}: expected section.key=value")
     try:
@@ -224,6 +227,19 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     except tomllib.TOMLDecodeError:
         parsed = value.strip()
     return keys, parsed
+
+
+def _dotted_key(path: str) -> list[str]:
+    """The parts of a dotted key as TOML reads it (quotes removed), else split on dots."""
+    try:
+        node = tomllib.loads(f"{path.strip()} = 0")
+    except tomllib.TOMLDecodeError:
+        return [k.strip() for k in path.strip().split(".")]
+    keys = []
+    while isinstance(node, dict) and len(node) == 1:
+        (key, node), = node.items()
+        keys.append(key)
+    return keys
 
 
 def load(path: str | Path | None = None, overrides: list[str] = (), seed: int | None = None) -> ExperimentConfig:

@@ -300,6 +300,15 @@ def test_unknown_parameter_of_kwargs_strategy(fleetsim, tmp_path):
     assert_one_line_error(code, err, "strategies.fedavg", "unexpected keyword argument 'fraction_trian'")
 
 
+def test_parameter_of_a_strategy_named_by_import_path(fleetsim, tmp_path):
+    # the quoted key reaches the strategy's own rule (it was kept with its quotes, a
+    # "strategy not in experiment.strategies")
+    name = "strategies.local_finetune:LocalFinetune"
+    code, _, err = fleetsim("run", write_experiment(tmp_path), "--set", f'experiment.strategies=["{name}"]',
+                            "--set", f'strategies."{name}".fraction_train=0', "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, f"strategies.{name}.fraction_train = 0 is invalid: a number in (0, 1]")
+
+
 def test_strategy_parameter_out_of_range(fleetsim, tmp_path):
     code, _, err = fleetsim("run", write_experiment(tmp_path), "--set", 'experiment.strategies=["local_finetune"]',
                             "--set", "strategies.local_finetune.fraction_train=0", "--out", str(tmp_path / "o"))

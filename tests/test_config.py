@@ -91,6 +91,11 @@ def test_movielens_with_path_override():
     ("model.enabled=true", ["model", "enabled"], True),
     (" data.n_rounds = 7 ", ["data", "n_rounds"], 7),
     ("strategies.fedavg.fraction_train=0.5", ["strategies", "fedavg", "fraction_train"], 0.5),
+    # the path is a TOML dotted key: a quoted part (a strategy's import path) loses its quotes
+    ('strategies."pkg:Cls".x=1', ["strategies", "pkg:Cls", "x"], 1),
+    ('strategies."pkg.mod:Cls".lr=0.1', ["strategies", "pkg.mod:Cls", "lr"], 0.1),
+    ("strategies.'pkg.mod:Cls'.lr = 0.1", ["strategies", "pkg.mod:Cls", "lr"], 0.1),
+    ("strategies.mod:Cls.lr=0.1", ["strategies", "mod:Cls", "lr"], 0.1),  # not TOML: split on dots, as before
 ])
 def test_parse_override(text, keys, value):
     got_keys, got = parse_override(text)
@@ -98,7 +103,7 @@ def test_parse_override(text, keys, value):
     assert got == value and type(got) is type(value)
 
 
-@pytest.mark.parametrize("text", ["foo", "n_devices=3", "=3", "data.=3", ".n_devices=3", "data..x=1"])
+@pytest.mark.parametrize("text", ["foo", "n_devices=3", "=3", "data.=3", ".n_devices=3", "data..x=1", 'data."".x=1'])
 def test_parse_override_malformed(text):
     with pytest.raises(FleetsimError, match="expected section.key=value"):
         parse_override(text)
@@ -121,6 +126,14 @@ def test_overrides_applied_and_typed():
     assert cfg.data.drift == "sudden" and cfg.data.drift_rounds == (2, 4)
     assert cfg.strategies["fedavg"] == {"fraction_train": 0.5}
     assert cfg.data.n_items == 1000  # untouched keys keep the file's values
+
+
+def test_override_sets_parameters_of_a_strategy_named_by_import_path(tmp_path):
+    path = tmp_path / "e.toml"
+    path.write_text('[experiment]\nstrategies = ["strategies.fedavg:FedAvg"]\n')
+    cfg = config.load(path, ['strategies."strategies.fedavg:FedAvg".fraction_train=0.25'])
+    assert cfg.strategies == {"strategies.fedavg:FedAvg": {"fraction_train": 0.25}}
+    assert tomllib.loads(cfg.to_toml())["strategies"] == cfg.strategies  # and config.toml says the same
 
 
 @pytest.mark.parametrize("raw, key, bound", [
