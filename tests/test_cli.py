@@ -493,6 +493,19 @@ def processes(tmp_path_factory):
     return {k: (d, finish(proc)) for k, (d, proc) in cases.items()}
 
 
+@pytest.mark.parametrize("source, needles", [
+    ("def f(:\n    pass\n", ["cannot import module 'plug_broken'", "SyntaxError at ", "plug_broken.py:1: "]),
+    ("import os\nraise RuntimeError('import-time boom')\n",
+     ["cannot import module 'plug_broken'", "importing it raised RuntimeError: import-time boom"]),
+])
+def test_process_plug_in_module_that_does_not_import(tmp_path, source, needles):
+    (tmp_path / "plug_broken.py").write_text(source)
+    result = finish(start_process(tmp_path, "run", "--set", 'experiment.strategies=["plug_broken:Mine"]',
+                                  "--out", "out"))
+    assert_process_error(result, "experiment.strategies = 'plug_broken:Mine'", *needles)
+    assert not (tmp_path / "out").exists()
+
+
 def test_process_bad_seed(tmp_path):
     assert_process_error(finish(start_process(tmp_path, "run", "--seed", "abc")), "invalid int value: 'abc'")
     assert list(tmp_path.iterdir()) == []
