@@ -11,6 +11,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+# Most rounds a fleet is cut into (data.n_rounds of every built-in source): each round is a
+# Flower round and a record per strategy, so more is a typo, not an experiment.
+MAX_ROUNDS = 100_000
+
 
 @dataclass
 class Interactions:

@@ -42,6 +42,13 @@ BACKBONES = tuple(REGISTRY)  # the built-in ones: ("gru4rec", "din", "sasrec")
 BACKBONE_MARKERS = {name: b.marker for name, b in REGISTRY.items()}
 
 
+# Upper bounds of model.dim and model.window (README, "[model]"): every interaction's
+# window is window item ids and every item an embedding of dim floats, for each of its
+# samples, so beyond these a run fails allocating them instead of at validation.
+MAX_DIM = 4096
+MAX_WINDOW = 1024
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Shape of the backbone: which one (``BACKBONES``), catalogue size, embedding dim, window L."""
@@ -59,6 +66,9 @@ class ModelSpec:
         for key in ("n_items", "dim", "window"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"model.{key}", getattr(self, key), "a positive integer")
+        for key, most in (("dim", MAX_DIM), ("window", MAX_WINDOW)):
+            if getattr(self, key) > most:
+                raise ConfigError(f"model.{key}", getattr(self, key), f"a positive integer, at most {most:,}")
         check = backbone.check
         if check is not None:
             check(self)

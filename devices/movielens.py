@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from devices.data import DataSource, Interactions, Timeline
+from devices.data import MAX_ROUNDS, DataSource, Interactions, Timeline
 from devices.errors import ConfigError, DataError
 
 __all__ = ["load_ratings", "load_ratings_with_epoch", "movielens_timeline"]
@@ -47,6 +47,11 @@ _NUMBER = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*")
 _INT64_MAX = np.iinfo(np.int64).max
 _INT64_MIN = np.iinfo(np.int64).min
 _DTYPES = {"user": np.int64, "item": np.int64, "rating": np.float64, "timestamp": np.float64}
+# Timestamps are Unix seconds of years 1 to 9999 (Python's datetime range): beyond them a
+# file holds no real date, and one such time stretches the timeline until its rounds are
+# empty (a run that scores nothing).
+_TIME_MIN, _TIME_MAX = -62_135_596_800.0, 253_402_300_799.0
+_TIME_RANGE = "not a Unix time in seconds of the years 1 to 9999"
 
 
 def load_ratings(path: str | Path) -> Interactions:
@@ -226,6 +231,8 @@ def _read_fast(
     # Short rows parse with NaN in the missing float columns, "inf" parses as a number.
     if not (np.isfinite(rating).all() and np.isfinite(times).all()):
         raise _locate_error(p, shown, fmt, ValueError("missing or non-finite rating or timestamp"))
+    if len(times) and not (_TIME_MIN <= times.min() and times.max() <= _TIME_MAX):
+        raise _locate_error(p, shown, fmt, ValueError(f"a timestamp is {_TIME_RANGE}"))
     return df["user"].to_numpy(), df["item"].to_numpy(), times
 
 
@@ -261,6 +268,8 @@ def _line_problem(text: str, fmt: _Format) -> str | None:
     for name, value in zip(("rating", "timestamp"), fields[2:]):
         if not _NUMBER.fullmatch(value):
             return f"{name} {_clip(value)!r} is not a number"
+    if not _TIME_MIN <= float(fields[3]) <= _TIME_MAX:
+        return f"timestamp {_clip(fields[3].strip())!r} is {_TIME_RANGE}"
     return None
 
 
@@ -351,8 +360,8 @@ class MovieLensConfig:
                 raise ConfigError(f"data.{key}", value, "an integer >= 0 (0: keep all)")
             if value and self.protocol != "leave_last":
                 raise ConfigError(f"data.{key}", value, '0 unless data.protocol = "leave_last"')
-        if self.n_rounds <= 0:
-            raise ConfigError("data.n_rounds", self.n_rounds, "a positive integer")
+        if not 0 < self.n_rounds <= MAX_ROUNDS:
+            raise ConfigError("data.n_rounds", self.n_rounds, f"a positive integer, at most {MAX_ROUNDS:,}")
         if not 0 < self.history_fraction < 1:
             raise ConfigError("data.history_fraction", self.history_fraction, "a number strictly between 0 and 1")
 

@@ -179,15 +179,17 @@ class HostProcesses:
     Ray's own start (its GCS and raylet), then the host process importing torch. Begun
     before the fleet is built, they run beside the build, whose single-threaded parts
     leave a core idle. ``HostPool(..., processes=...)`` then gives each started host its
-    shard (``DeviceHost.load``). Hosts beyond the fleet's size are stopped there.
+    shard (``DeviceHost.load``). No more hosts are started than ``max_hosts`` (the fleet's
+    devices, when known): a host without a device would only be stopped again.
 
     Args:
         n_hosts: host count (0: one per CPU of the cluster).
         ray_address: the cluster to join (None: an embedded Ray, started here).
+        max_hosts: at most this many hosts (None: no bound but ``n_hosts``).
     """
 
-    def __init__(self, n_hosts: int = 0, ray_address: str | None = None) -> None:
-        self.n_hosts, self.ray_address = n_hosts, ray_address
+    def __init__(self, n_hosts: int = 0, ray_address: str | None = None, max_hosts: int | None = None) -> None:
+        self.n_hosts, self.ray_address, self.max_hosts = n_hosts, ray_address, max_hosts
         self.actors: list[Any] = []
         self.node_of: list[str | None] = []
         self._error: BaseException | None = None
@@ -201,7 +203,8 @@ class HostProcesses:
             logging.getLogger("ray._private.worker").addFilter(_NOT_MAIN_THREAD)
             init_ray(self.ray_address)
             actor = host_actor()
-            for h in range(cluster_hosts(self.n_hosts)):
+            n = cluster_hosts(self.n_hosts)
+            for h in range(n if self.max_hosts is None else max(1, min(n, self.max_hosts))):
                 self.actors.append(actor.options(scheduling_strategy=placement(h, self.node_of)).remote(None))
         except BaseException as exc:  # noqa: BLE001 -- raised in the caller's thread by take()
             self._error = exc

@@ -160,6 +160,13 @@ def load_object(path: str, key: str, what: str) -> Any:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigError(key, path, f"cannot import module {module_name!r} ({exc})") from None
+    except SyntaxError as exc:  # the user's module (or one it imports) is not valid Python
+        raise ConfigError(key, path, f"cannot import module {module_name!r}: SyntaxError at "
+                                     f"{exc.filename}:{exc.lineno}: {exc.msg}") from None
+    except Exception as exc:  # noqa: BLE001 -- the module's own code raised while it was imported
+        first = (str(exc).splitlines() or [""])[0][:300]
+        raise ConfigError(key, path, f"cannot import module {module_name!r}: importing it raised "
+                                     f"{type(exc).__name__}" + (f": {first}" if first else "")) from None
     obj = getattr(module, attr, None)
     if obj is None:
         raise ConfigError(key, path, f"module {module_name!r} has no {attr!r}")

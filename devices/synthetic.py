@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from devices.data import DataSource, DriftEvent, Interactions, Timeline
+from devices.data import MAX_ROUNDS, DataSource, DriftEvent, Interactions, Timeline
 from devices.errors import ConfigError
 
 DRIFT_KINDS = ("none", "gradual", "sudden", "recurring")
@@ -51,6 +51,18 @@ _SAMPLER_CELLS = 1 << 22
 _ITEM_MAJOR_ROWS = 1024
 # Threads drawing chunks at once (at most the CPUs): the draws are the same on any number.
 _SAMPLER_THREADS = 4
+
+# Upper bounds of the size settings (README, "[data] synthetic"): generous for a 100M-device
+# fleet, small enough that a typo (1e12) is a config error, not a numpy allocation failure
+# or numpy's Poisson limit ("lam value too large") in the middle of a run. Item ids are
+# int32 (``Interactions.items``); each user's tastes are (n_rounds + 1) x latent_dim floats.
+MAX_DEVICES = 100_000_000
+MAX_ITEMS = 10_000_000
+MAX_LATENT_DIM = 1024
+MAX_DAILY_INTERACTIONS = 10_000.0
+MAX_HISTORY_DAYS = 36_500.0  # a century
+MIN_ROUND_HOURS = 1 / 60  # a minute: shorter rounds hold no interactions to score
+MAX_ROUND_HOURS = 8_760.0  # a year
 
 
 def _is_int(x: object) -> bool:
@@ -90,10 +102,17 @@ class SyntheticConfig:
             v = getattr(self, name)
             if not _is_int(v) or v < 1:
                 raise ConfigError(k + name, v, "an integer >= 1")
-        for name in ("mean_daily_interactions", "history_days", "round_hours"):
+        for name, most in (("n_devices", MAX_DEVICES), ("n_items", MAX_ITEMS), ("latent_dim", MAX_LATENT_DIM),
+                           ("n_rounds", MAX_ROUNDS)):
+            if getattr(self, name) > most:
+                raise ConfigError(k + name, getattr(self, name), f"an integer from 1 to {most:,}")
+        for name, most in (("mean_daily_interactions", MAX_DAILY_INTERACTIONS), ("history_days", MAX_HISTORY_DAYS)):
             v = getattr(self, name)
-            if not _is_real(v) or v <= 0:
-                raise ConfigError(k + name, v, "a number > 0")
+            if not _is_real(v) or not 0 < v <= most:
+                raise ConfigError(k + name, v, f"a number > 0 and <= {most:,g}")
+        if not _is_real(self.round_hours) or not MIN_ROUND_HOURS <= self.round_hours <= MAX_ROUND_HOURS:
+            raise ConfigError(k + "round_hours", self.round_hours,
+                              f"a number of hours from 1/60 (a minute) to {MAX_ROUND_HOURS:,g} (a year)")
         for name in ("popularity_zipf", "taste_strength", "drift_rate"):
             v = getattr(self, name)
             if not _is_real(v) or v < 0:

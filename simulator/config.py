@@ -30,6 +30,9 @@ from simulator.errors import ConfigError, FleetsimError
 from strategies.registry import SHORT_NAMES, make_strategy
 
 DEFAULT_STRATEGIES = ("cloud_only", "local_finetune", "fedavg")
+# Most host actors a run starts (experiment.hosts): each is a process; a run never starts
+# more than it has devices either (devices.pool).
+MAX_HOSTS = 1024
 DEFAULT_EXPERIMENT = Path(__file__).resolve().parent.parent / "experiments" / "quickstart.toml"
 
 
@@ -65,8 +68,9 @@ class ExperimentSection:
                                   f"a short name ({', '.join(SHORT_NAMES)}) or an import path 'package.module:Class'")
         if not 0 <= self.seed < 2**63:  # numpy SeedSequence rejects negatives, torch > 64 bits
             raise ConfigError("experiment.seed", self.seed, "an integer in [0, 2**63)")
-        if self.hosts < 0:
-            raise ConfigError("experiment.hosts", self.hosts, "0 (one per CPU) or a positive integer")
+        if not 0 <= self.hosts <= MAX_HOSTS:
+            raise ConfigError("experiment.hosts", self.hosts,
+                              f"0 (one per CPU) or a positive integer, at most {MAX_HOSTS}")
         for key in ("deadline_s", "wait_s"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"experiment.{key}", getattr(self, key), "a positive number of seconds")
@@ -208,11 +212,14 @@ def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``section.key=value`` -> (path, value); the value is TOML, else a bare string."""
+    """``section.key=value`` -> (path, value); the value is TOML, else a bare string.
+
+    The path is a TOML dotted key, so a quoted part may hold dots and colons
+    (``strategies."pkg.mod:Cls".lr=0.1``); a path that is not one is split on its dots."""
     if "=" not in text:
         raise FleetsimError(f"--set {text!r}: expected section.key=value")
     path, _, value = text.partition("=")
-    keys = [k.strip() for k in path.strip().split(".")]
+    keys = _dotted_key(path)
     if len(keys) < 2 or not all(keys):
         raise FleetsimError(f"--set {text!r}: expected section.key=value")
     try:
@@ -220,6 +227,19 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     except tomllib.TOMLDecodeError:
         parsed = value.strip()
     return keys, parsed
+
+
+def _dotted_key(path: str) -> list[str]:
+    """The parts of a dotted key as TOML reads it (quotes removed), else split on dots."""
+    try:
+        node = tomllib.loads(f"{path.strip()} = 0")
+    except tomllib.TOMLDecodeError:
+        return [k.strip() for k in path.strip().split(".")]
+    keys = []
+    while isinstance(node, dict) and len(node) == 1:
+        (key, node), = node.items()
+        keys.append(key)
+    return keys
 
 
 def load(path: str | Path | None = None, overrides: list[str] = (), seed: int | None = None) -> ExperimentConfig:

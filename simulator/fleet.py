@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from devices.data import Interactions, Timeline
+from devices.errors import DataError, FleetsimError
 from devices.profiles import Profiles, make_profiles
 from simulator import metrics
 
@@ -57,12 +58,55 @@ def build_fleet(cfg) -> Fleet:
     from devices.sources import resolve_source
 
     seed = cfg.experiment.seed
-    inter, timeline = resolve_source(cfg.source).load(cfg.data, seed)
-    profiles = make_profiles(inter.n_users, cfg.profiles, seed)
-    fleet = assemble(inter, timeline, profiles, cfg.source)
+    try:
+        inter, timeline = resolve_source(cfg.source).load(cfg.data, seed)
+        check_fleet(inter, timeline, cfg)
+        profiles = make_profiles(inter.n_users, cfg.profiles, seed)
+        fleet = assemble(inter, timeline, profiles, cfg.source)
+    except MemoryError:  # sizes within their bounds, but too much together for this machine
+        sizes = [f"data.{k} = {getattr(cfg.data, k)!r}" for k in _SIZE_KEYS if hasattr(cfg.data, k)]
+        if not sizes and hasattr(cfg.data, "path"):
+            sizes = [f"data.path = {cfg.data.path!r}"]
+        sizes = ", ".join(sizes) or "its [data] settings"
+        raise FleetsimError(f"not enough memory to build the fleet ({sizes}); make it smaller") from None
     fleet.eval_users = cfg.experiment.eval_users
     fleet.evaluated = eval_sample(fleet.n_devices, fleet.eval_users, seed)
     return fleet
+
+
+# The [data] settings that size a fleet (named when it does not fit in memory).
+_SIZE_KEYS = ("n_devices", "n_items", "latent_dim", "n_rounds", "mean_daily_interactions", "history_days",
+              "round_hours")
+
+
+def check_fleet(inter: Interactions, timeline: Timeline, cfg) -> None:
+    """``DataError`` for a fleet a run cannot score or sample, before any run folder exists:
+
+    - no interaction falls in rounds 1..n_rounds (prequential scoring would score nothing,
+      and the run would still end "complete");
+    - a user has interacted with every item (no negative can be drawn for its samples:
+      each pairs an interaction with items the user never interacted with)."""
+    lo, hi = timeline.history_end, timeline.history_end + timeline.n_rounds * timeline.round_seconds
+    if not np.any((inter.times >= lo) & (inter.times < hi)):
+        hint = ("the timestamps of data.path" if hasattr(cfg.data, "path") else
+                "data.round_hours, data.n_rounds, data.n_devices or data.mean_daily_interactions")
+        raise DataError(f"no interaction falls in rounds 1..{timeline.n_rounds} (from {lo:g} s to {hi:g} s): "
+                        f"nothing would be scored; look at {hint}")
+    counts = inter.counts
+    heavy = np.flatnonzero(counts >= inter.n_items)  # only these can have seen every item
+    if len(heavy):
+        c = counts[heavy]
+        user = np.repeat(heavy, c)
+        rows = np.repeat(inter.indptr[heavy] - (np.cumsum(c) - c), c) + np.arange(len(user))
+        pairs = np.unique(user * inter.n_items + inter.items[rows].astype(np.int64))
+        seen_all = np.flatnonzero(np.bincount(pairs // inter.n_items, minlength=inter.n_users) >= inter.n_items)
+        if len(seen_all):
+            u = int(seen_all[0])
+            uid = int(inter.user_ids[u]) if inter.user_ids is not None else u
+            where = f"{cfg.data.path}: " if hasattr(cfg.data, "path") else ""
+            raise DataError(f"{where}user {uid} has interacted with every one of the {inter.n_items} items "
+                            f"({len(seen_all)} such user(s)): no negative can be drawn for its samples; "
+                            "samples need items a user never interacted with")
 
 
 _EVAL_SAMPLE_TAG = 0xE7A1

@@ -153,15 +153,15 @@ class FleetRun:
         self._connected = True
         from devices.sources import resolve_source
 
-        if not resolve_source(self.cfg.source).reads_files:
-            self.processes = HostProcesses(self.n_hosts, self.ray_address)
+        if not resolve_source(self.cfg.source).reads_files:  # a device per host at most (if the config says how many)
+            self.processes = HostProcesses(self.n_hosts, self.ray_address, getattr(self.cfg.data, "n_devices", None))
 
     def build_fleet(self) -> Fleet:
         self.fleet = build_fleet(self.cfg)
         m = self.cfg.model
         self.spec = m.spec(self.fleet.interactions.n_items)
         if self._connected and self.processes is None:  # read: the hosts start beside the cloud's training
-            self.processes = HostProcesses(self.n_hosts, self.ray_address)
+            self.processes = HostProcesses(self.n_hosts, self.ray_address, self.fleet.n_devices)
         return self.fleet
 
     def open(self, names: list[str], *, fleet: bool = True, mark_running: bool = True) -> None:

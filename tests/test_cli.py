@@ -202,6 +202,74 @@ def test_negative_seed(fleetsim, tmp_path):
     assert_one_line_error(code, err, "experiment.seed = -1")
 
 
+@pytest.mark.parametrize("setting, needles", [
+    ("data.n_devices=1000000000000", ["data.n_devices = 1000000000000", "from 1 to 100,000,000"]),
+    ("data.n_items=10000000000", ["data.n_items = 10000000000", "from 1 to 10,000,000"]),
+    ("data.n_rounds=100000000000", ["data.n_rounds = 100000000000", "from 1 to 100,000"]),
+    ("data.mean_daily_interactions=1e12", ["data.mean_daily_interactions = 1000000000000.0", "<= 10,000"]),
+    ("data.history_days=1e300", ["data.history_days = 1e+300", "<= 36,500"]),
+    ("data.round_hours=1e300", ["data.round_hours = 1e+300", "8,760 (a year)"]),
+    ("data.round_hours=1e-300", ["data.round_hours = 1e-300", "from 1/60 (a minute)"]),  # rounds that hold nothing
+    ("model.dim=100000000", ["model.dim = 100000000", "at most 4,096"]),
+    ("model.window=100000000", ["model.window = 100000000", "at most 1,024"]),
+    ("experiment.hosts=100000", ["experiment.hosts = 100000", "at most 1024"]),
+])
+def test_oversized_setting(fleetsim, tmp_path, setting, needles):
+    """A size far beyond what the code can hold is a config error: before the fleet is
+    built (the guards), before the folder is made (model.dim/window used to be refused only
+    in cloud training, after config.toml and summary.json were written)."""
+    out = tmp_path / "out"
+    code, _, err = fleetsim("run", write_experiment(tmp_path), "--set", setting, "--out", str(out))
+    line = assert_one_line_error(code, err, *needles)
+    assert line.count(" = ") == 1 and len(line) < 200
+    assert not out.exists()
+
+
+def test_fleet_too_large_for_memory(fleetsim, tmp_path, monkeypatch):
+    def no_memory(cfg, seed):
+        raise MemoryError("Unable to allocate 6.4 TiB")
+
+    monkeypatch.setattr("devices.synthetic.generate", no_memory)
+    out = tmp_path / "out"
+    code, _, err = fleetsim("run", write_experiment(tmp_path), "--out", str(out))
+    assert_one_line_error(code, err, "not enough memory to build the fleet", "data.n_devices = 30",
+                          "data.n_rounds = 2", "make it smaller")
+    assert not out.exists()
+
+
+def test_rounds_without_interactions(fleetsim, tmp_path):
+    """Valid settings whose rounds hold no interaction: the run would score nothing and
+    still say "complete"."""
+    out = tmp_path / "out"
+    code, _, err = fleetsim("run", write_experiment(tmp_path), "--out", str(out), "--set", "data.n_devices=1",
+                            "--set", "data.mean_daily_interactions=0.01", "--set", "data.round_hours=0.02")
+    assert_one_line_error(code, err, "no interaction falls in rounds 1..2", "nothing would be scored",
+                          "data.round_hours")
+    assert not out.exists()
+
+
+def test_movielens_timestamp_beyond_any_date(fleetsim, tmp_path):
+    data = tmp_path / "ratings.csv"
+    data.write_text("userId,movieId,rating,timestamp\n1,10,4.0,100\n1,11,4.0,200\n2,10,3.0,150\n"
+                    "2,12,3.0,1e300\n")
+    out = tmp_path / "out"
+    code, _, err = fleetsim("run", movielens_experiment(tmp_path, data), "--out", str(out))
+    assert_one_line_error(code, err, f"{data}:5: timestamp '1e300'", "years 1 to 9999")
+    assert not out.exists()
+
+
+def test_movielens_user_who_has_seen_every_item(fleetsim, tmp_path):
+    """One user (so every item is one it rated): no negative can be drawn for it. Refused
+    when the data is loaded, not in cloud training after the folder is written."""
+    data = tmp_path / "ratings.csv"
+    data.write_text("userId,movieId,rating,timestamp\n" + "".join(f"7,{i},4.0,{100 * i}\n" for i in range(1, 30)))
+    out = tmp_path / "out"
+    code, _, err = fleetsim("run", movielens_experiment(tmp_path, data), "--out", str(out))
+    assert_one_line_error(code, err, f"{data}: user 7 has interacted with every one of the 29 items",
+                          "no negative can be drawn")
+    assert not out.exists()
+
+
 # Strategies ------------------------------------------------------------------------------
 
 
@@ -230,6 +298,15 @@ def test_unknown_parameter_of_kwargs_strategy(fleetsim, tmp_path):
     code, _, err = fleetsim("run", write_experiment(tmp_path), "--set", "strategies.fedavg.fraction_trian=0.5",
                             "--out", str(tmp_path / "o"))
     assert_one_line_error(code, err, "strategies.fedavg", "unexpected keyword argument 'fraction_trian'")
+
+
+def test_parameter_of_a_strategy_named_by_import_path(fleetsim, tmp_path):
+    # the quoted key reaches the strategy's own rule (it was kept with its quotes, a
+    # "strategy not in experiment.strategies")
+    name = "strategies.local_finetune:LocalFinetune"
+    code, _, err = fleetsim("run", write_experiment(tmp_path), "--set", f'experiment.strategies=["{name}"]',
+                            "--set", f'strategies."{name}".fraction_train=0', "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, f"strategies.{name}.fraction_train = 0 is invalid: a number in (0, 1]")
 
 
 def test_strategy_parameter_out_of_range(fleetsim, tmp_path):
@@ -414,6 +491,19 @@ def processes(tmp_path_factory):
     cases["previous"] = d, start_process(d, "run", write_experiment(d), "--out", str(d / "previous"))
 
     return {k: (d, finish(proc)) for k, (d, proc) in cases.items()}
+
+
+@pytest.mark.parametrize("source, needles", [
+    ("def f(:\n    pass\n", ["cannot import module 'plug_broken'", "SyntaxError at ", "plug_broken.py:1: "]),
+    ("import os\nraise RuntimeError('import-time boom')\n",
+     ["cannot import module 'plug_broken'", "importing it raised RuntimeError: import-time boom"]),
+])
+def test_process_plug_in_module_that_does_not_import(tmp_path, source, needles):
+    (tmp_path / "plug_broken.py").write_text(source)
+    result = finish(start_process(tmp_path, "run", "--set", 'experiment.strategies=["plug_broken:Mine"]',
+                                  "--out", "out"))
+    assert_process_error(result, "experiment.strategies = 'plug_broken:Mine'", *needles)
+    assert not (tmp_path / "out").exists()
 
 
 def test_process_bad_seed(tmp_path):

@@ -91,6 +91,11 @@ def test_movielens_with_path_override():
     ("model.enabled=true", ["model", "enabled"], True),
     (" data.n_rounds = 7 ", ["data", "n_rounds"], 7),
     ("strategies.fedavg.fraction_train=0.5", ["strategies", "fedavg", "fraction_train"], 0.5),
+    # the path is a TOML dotted key: a quoted part (a strategy's import path) loses its quotes
+    ('strategies."pkg:Cls".x=1', ["strategies", "pkg:Cls", "x"], 1),
+    ('strategies."pkg.mod:Cls".lr=0.1', ["strategies", "pkg.mod:Cls", "lr"], 0.1),
+    ("strategies.'pkg.mod:Cls'.lr = 0.1", ["strategies", "pkg.mod:Cls", "lr"], 0.1),
+    ("strategies.mod:Cls.lr=0.1", ["strategies", "mod:Cls", "lr"], 0.1),  # not TOML: split on dots, as before
 ])
 def test_parse_override(text, keys, value):
     got_keys, got = parse_override(text)
@@ -98,7 +103,7 @@ def test_parse_override(text, keys, value):
     assert got == value and type(got) is type(value)
 
 
-@pytest.mark.parametrize("text", ["foo", "n_devices=3", "=3", "data.=3", ".n_devices=3", "data..x=1"])
+@pytest.mark.parametrize("text", ["foo", "n_devices=3", "=3", "data.=3", ".n_devices=3", "data..x=1", 'data."".x=1'])
 def test_parse_override_malformed(text):
     with pytest.raises(FleetsimError, match="expected section.key=value"):
         parse_override(text)
@@ -121,6 +126,44 @@ def test_overrides_applied_and_typed():
     assert cfg.data.drift == "sudden" and cfg.data.drift_rounds == (2, 4)
     assert cfg.strategies["fedavg"] == {"fraction_train": 0.5}
     assert cfg.data.n_items == 1000  # untouched keys keep the file's values
+
+
+def test_override_sets_parameters_of_a_strategy_named_by_import_path(tmp_path):
+    path = tmp_path / "e.toml"
+    path.write_text('[experiment]\nstrategies = ["strategies.fedavg:FedAvg"]\n')
+    cfg = config.load(path, ['strategies."strategies.fedavg:FedAvg".fraction_train=0.25'])
+    assert cfg.strategies == {"strategies.fedavg:FedAvg": {"fraction_train": 0.25}}
+    assert tomllib.loads(cfg.to_toml())["strategies"] == cfg.strategies  # and config.toml says the same
+
+
+@pytest.mark.parametrize("raw, key, bound", [
+    ({"data": {"n_devices": 10**12}}, "data.n_devices", "100,000,000"),
+    ({"data": {"n_items": 10**10}}, "data.n_items", "10,000,000"),
+    ({"data": {"latent_dim": 10**8}}, "data.latent_dim", "1,024"),
+    ({"data": {"n_rounds": 10**11}}, "data.n_rounds", "100,000"),
+    ({"data": {"mean_daily_interactions": 1e12}}, "data.mean_daily_interactions", "10,000"),
+    ({"data": {"history_days": 1e300}}, "data.history_days", "36,500"),
+    ({"data": {"round_hours": 1e300}}, "data.round_hours", "8,760"),
+    ({"data": {"round_hours": 1e-300}}, "data.round_hours", "1/60"),
+    ({"data": {"source": "movielens", "path": "r.csv", "n_rounds": 10**11}}, "data.n_rounds", "100,000"),
+    ({"model": {"dim": 10**8}}, "model.dim", "4,096"),
+    ({"model": {"window": 10**8}}, "model.window", "1,024"),
+    ({"experiment": {"hosts": 100_000}}, "experiment.hosts", "1024"),
+])
+def test_sizes_have_upper_bounds(raw, key, bound):
+    with pytest.raises(ConfigError) as e:
+        config.from_dict(raw)
+    assert e.value.key == key and bound in e.value.allowed
+
+
+def test_sizes_at_their_bounds_are_valid():
+    cfg = config.from_dict({
+        "experiment": {"hosts": 1024},
+        "data": {"n_devices": 100_000_000, "n_items": 10_000_000, "latent_dim": 1024, "n_rounds": 100_000,
+                 "mean_daily_interactions": 10_000.0, "history_days": 36_500.0, "round_hours": 8_760.0},
+        "model": {"dim": 4096, "window": 1024}})
+    assert (cfg.data.n_devices, cfg.model.dim, cfg.experiment.hosts) == (100_000_000, 4096, 1024)
+    assert config.from_dict({"data": {"round_hours": 1 / 60}}).data.round_hours == 1 / 60
 
 
 def test_override_creates_missing_section():

@@ -267,3 +267,18 @@ def test_real_ml_latest_small_counts():
     assert inter.n_users == 610
     assert inter.n_items == 9724
     assert len(inter.items) == 100836
+
+
+@pytest.mark.parametrize("stamp", ["1e300", "-1e12", "253402300800"])
+def test_timestamp_outside_the_years_1_to_9999_is_reported_on_its_line(tmp_path, stamp):
+    p = tmp_path / "ratings.csv"
+    p.write_text(f"userId,movieId,rating,timestamp\n1,10,4.0,100\n2,11,3.0,{stamp}\n")
+    problem = f"ratings.csv:3: timestamp '{stamp}' is not a Unix time in seconds of the years 1 to 9999"
+    with pytest.raises(DataError, match=problem):
+        load_ratings(p)
+
+
+def test_timestamps_of_the_years_1_to_9999_are_accepted(tmp_path):
+    p = tmp_path / "ratings.csv"
+    p.write_text("userId,movieId,rating,timestamp\n1,10,4.0,-62135596800\n2,11,3.0,253402300799\n")
+    assert sorted(load_ratings(p).times) == [0.0, 253402300799.0 + 62135596800.0]

@@ -239,8 +239,8 @@ def test_host_processes_start_before_a_generated_fleet_and_after_one_read_from_f
     events: list[str] = []
 
     class Started:
-        def __init__(self, n_hosts, address):
-            events.append(f"hosts({n_hosts})")
+        def __init__(self, n_hosts, address, max_hosts=None):
+            events.append(f"hosts({n_hosts}, at most {max_hosts})")  # no more hosts than devices
 
         def close(self):
             events.append("closed")
@@ -259,20 +259,44 @@ def test_host_processes_start_before_a_generated_fleet_and_after_one_read_from_f
             run.close()
         return list(events)
 
-    assert steps(small_config()) == ["hosts(3)", "build", "closed"]
-    rows = ["userId,movieId,rating,timestamp"] + [f"{u},{i},4.0,{1000 + 10 * u + i}" for u in range(1, 5)
+    assert steps(small_config()) == ["hosts(3, at most 40)", "build", "closed"]
+    rows = ["userId,movieId,rating,timestamp"] + [f"{u},{i + u},4.0,{1000 + 10 * u + i}" for u in range(1, 5)
                                                   for i in range(1, 9)]
     (tmp_path / "ratings.csv").write_text("\n".join(rows) + "\n")
     from simulator import config
 
     movielens = lambda name: config.from_dict({"experiment": {"strategies": ["fedavg"]}, "data": {
         "source": "movielens", "path": str(tmp_path / name), "n_rounds": 2}})
-    assert steps(movielens("ratings.csv")) == ["build", "hosts(3)", "closed"]
+    assert steps(movielens("ratings.csv")) == ["build", "hosts(3, at most 4)", "closed"]
     (tmp_path / "bad.csv").write_text("userId,movieId,rating,timestamp\n1,2,x,3\n")
     with pytest.raises(DataError, match="bad.csv:2"):
         steps(movielens("bad.csv"))
     assert events == ["build"]
     assert steps(small_config(), use_ray=False) == ["build"]
+
+
+def test_host_processes_start_no_more_hosts_than_devices(monkeypatch):
+    """experiment.hosts far above the fleet's devices starts one host per device (it started
+    every host asked for, for minutes at 100,000, only for the pool to stop the extra ones)."""
+    from devices import pool
+
+    created: list[int] = []
+
+    class Actor:
+        def options(self, **_):
+            return self
+
+        def remote(self, shard):
+            created.append(len(created))
+            return f"actor{len(created)}"
+
+    monkeypatch.setattr(pool, "init_ray", lambda address: None)
+    monkeypatch.setattr(pool, "host_actor", Actor)
+    monkeypatch.setattr(pool, "placement", lambda h, node_of: None)
+    actors, _ = pool.HostProcesses(1000, None, max_hosts=3).take()
+    assert actors == ["actor1", "actor2", "actor3"] and len(created) == 3
+    created.clear()
+    assert len(pool.HostProcesses(2, None, max_hosts=40).take()[0]) == 2 == len(created)
 
 
 def test_host_processes_that_failed_to_start_raise_in_the_callers_thread(monkeypatch):
