@@ -63,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR: finished strategies are "
                      "kept, the one in flight restarts from its last checkpoint (experiment.checkpoint_every)")
     run.add_argument("--ray-address", help="join an existing Ray cluster (default: start an embedded one)")
+    run.add_argument("--hosts", type=int, metavar="N", help="Ray device host actors (overrides experiment.hosts; "
+                     "0 = one per CPU of the Ray cluster)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--no-report", action="store_true", help="do not write report.html and figures into the run folder")
     rep = sub.add_parser("report", help="compare strategies of one or more runs: report.html, figure PNGs, summary.csv")
@@ -95,12 +97,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from simulator.checkpoint import check_resumable
 
         given = [flag for flag, v in (("EXPERIMENT", args.experiment), ("--out", args.out), ("--set", args.overrides),
-                                      ("--seed", args.seed)) if v]
+                                      ("--seed", args.seed), ("--hosts", args.hosts is not None)) if v]
         if given:
             raise FleetsimError(f"--resume takes the run's own config and folder; drop {', '.join(given)}")
         cfg, out = check_resumable(args.resume), args.resume
     else:
-        cfg = config.load(args.experiment, args.overrides, args.seed)
+        hosts = [] if args.hosts is None else [f"experiment.hosts={args.hosts}"]  # checked as the setting is
+        cfg = config.load(args.experiment, [*args.overrides, *hosts], args.seed)
         out = args.out or os.path.join("runs", f"{cfg.experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     t0 = time.perf_counter()

@@ -189,6 +189,35 @@ def test_non_positive_size(fleetsim, tmp_path, setting, key):
     assert_one_line_error(code, err, f"{key} = {value}")
 
 
+def test_hosts_flag_is_checked_as_the_setting(fleetsim, tmp_path):
+    """--hosts N is experiment.hosts, checked by the same rule; --resume keeps the run's own."""
+    for bad in ("-1", "2000"):
+        code, _, err = fleetsim("run", write_experiment(tmp_path), "--hosts", bad, "--out", str(tmp_path / "o"))
+        assert_one_line_error(code, err, f"experiment.hosts = {bad}")
+    assert not (tmp_path / "o").exists()
+    code, _, err = fleetsim("run", "--resume", str(tmp_path / "o"), "--hosts", "0")
+    assert_one_line_error(code, err, "--resume takes the run's own config and folder; drop --hosts")
+
+
+def test_hosts_flag_sets_the_pool_and_the_recorded_config(monkeypatch, capsys, tmp_path):
+    from devices.pool import HostPool
+
+    hosts_in_process(monkeypatch)
+    made: list[int] = []
+
+    def pool(*a, **k):
+        made.append(k["n_hosts"])
+        return HostPool(*a, **{**k, "use_ray": False})
+
+    monkeypatch.setattr("simulator.fleetrun.HostPool", pool)
+    out = tmp_path / "h"
+    code = cli.main(["run", write_experiment(tmp_path), "--hosts", "3", "--set", "experiment.hosts=1", "--out", str(out),
+                     "--no-progress", "--no-report"])
+    assert code == 0, capsys.readouterr().err
+    assert tomllib.loads((out / "config.toml").read_text())["experiment"]["hosts"] == 3
+    assert made and set(made) == {3}
+
+
 def test_non_positive_movielens_rounds(fleetsim, tmp_path):
     data = tmp_path / "ratings.csv"
     data.write_text("userId,movieId,rating,timestamp\n1,10,4.0,100\n")
