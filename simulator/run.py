@@ -29,6 +29,18 @@ def run_experiment(cfg: ExperimentConfig, out: str, *, ray_address: str | None =
     first): finished strategies are kept, the one in flight continues from its last
     checkpoint, the others run.
     """
+    # SIGTERM from the start: one while the fleet builds or the cloud model trains ends the
+    # run as one during a strategy does (one line, exit 143, Ray and the hosts stopped)
+    restore_early = _terminate_on_sigterm()
+    try:
+        return _run_experiment(cfg, out, ray_address=ray_address, use_ray=use_ray, progress=progress, log=log,
+                               resume=resume)
+    finally:
+        restore_early()
+
+
+def _run_experiment(cfg: ExperimentConfig, out: str, *, ray_address: str | None, use_ray: bool, progress: bool,
+                    log, resume: bool) -> dict[str, Any]:
     run = FleetRun(cfg, out, use_ray=use_ray, ray_address=ray_address, log=log, resume=resume)
     strategies = [(name, make_strategy(name, cfg.strategies.get(name, {}))) for name in cfg.experiment.strategies]
     if resume:
@@ -53,7 +65,7 @@ def run_experiment(cfg: ExperimentConfig, out: str, *, ray_address: str | None =
         log(f"fleet: {fleet.n_devices} devices ({fleet.source}), {fleet.timeline.n_rounds} rounds; cloud model "
             f"ready in {time.perf_counter() - t0:.1f} s {trained}")
         run.start_pool()
-        restore = _terminate_on_sigterm()  # after ray.init: Ray's own handler would call sys.exit
+        restore = _terminate_on_sigterm()  # again after ray.init: Ray's own handler would call sys.exit
         from tqdm import tqdm
 
         bar = tqdm(total=fleet.timeline.n_rounds * len(strategies), disable=not progress, unit="round",

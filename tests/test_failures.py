@@ -625,6 +625,36 @@ def test_ctrl_c_or_sigterm_marks_the_strategy_in_flight_interrupted(tmp_path, si
     assert not (tmp_path / "out" / ".fleetsim-run.pid").exists()
 
 
+def test_sigterm_while_the_cloud_model_trains_is_one_line_and_leaves_nothing(tmp_path):
+    """Before any strategy starts (the cloud model training): exit 143, the one
+    "terminated" line, no traceback, every strategy still pending, no process left."""
+    exp = experiment(tmp_path, ["cloud_only"], n_devices=300)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "simulator.cli", "run", str(exp), "--out", "out", "--no-progress",
+                             "--set", "cloud.epochs=400"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    seen: dict[int, int] = {}
+    try:
+        assert _wait_for(lambda: (seen.update(descendants(proc.pid)) or True)
+                         and (tmp_path / "out" / "summary.json").exists(), 120)
+        time.sleep(1.0)  # into the training
+        seen.update(descendants(proc.pid))
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    no_traceback(err)
+    assert err.splitlines()[-1] == "fleetsim: terminated (SIGTERM); rounds already written are kept"
+    assert "cloud model ready" not in err  # the signal came while it trained
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())["strategies"]
+    assert [v["status"] for v in s.values()] == ["pending"]
+    assert seen  # Ray's processes and the reaper
+    alive = lambda: [p for p, start in seen.items() if _start_time(p) == start]
+    assert _wait_for(lambda: not alive(), 30), f"still alive after 30 s: {alive()}"
+
+
 def _start_time(pid: int) -> int | None:
     from devices.reaper import proc_stat
 
