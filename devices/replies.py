@@ -15,9 +15,10 @@ def check_replies(fn, sent: Payload, replies: list[Payload], ids: np.ndarray) ->
     """Raise ``ValueError`` naming the device if a reply is malformed, so the call is a code
     error of the device function (not a failure of whoever reads the reply later):
 
-    - an array under a name it was sent (the same record and key) with another shape: an
-      update that no longer fits the model it updates, which averaged in would broadcast
-      silently (arrays under new names -- samples, patches -- are not constrained);
+    - an array under a name it was sent (the same record and key) with another shape, or
+      not float where a float was sent: an update that no longer fits the model it
+      updates, which averaged in would broadcast or truncate silently (arrays under new
+      names -- samples, patches -- are not constrained);
     - a metric value Flower's ``MetricRecord`` refuses (a numpy scalar, a bool, a mixed list).
     """
     for j, r in enumerate(replies):
@@ -32,9 +33,16 @@ def check_replies(fn, sent: Payload, replies: list[Payload], ids: np.ndarray) ->
             if not given:
                 continue
             for k, a in arrays.items():
-                if k in given and np.shape(a) != np.shape(given[k]):
+                if k not in given:
+                    continue
+                if np.shape(a) != np.shape(given[k]):
                     raise ValueError(f"{getattr(fn, '__name__', fn)} returned {rec}/{k} of shape {tuple(np.shape(a))} "
                                      f"for device {int(ids[j])}; it was sent with shape {tuple(np.shape(given[k]))}")
+                sent_kind, kind = np.asarray(given[k]).dtype.kind, np.asarray(a).dtype.kind
+                if sent_kind in "fc" and kind not in "fc":
+                    raise ValueError(f"{getattr(fn, '__name__', fn)} returned {rec}/{k} as {np.asarray(a).dtype} for "
+                                     f"device {int(ids[j])}; it was sent as {np.asarray(given[k]).dtype} (an update "
+                                     f"of a float parameter must be float)")
 
 
 def _metric_value(v) -> bool:

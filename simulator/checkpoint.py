@@ -227,6 +227,8 @@ def verify(path: Path) -> str | None:
     files, problem = _manifest(path / MANIFEST, "files")
     if problem is None and files is not None and DRIVER_FILE not in files:
         problem = f"{MANIFEST} lists no {DRIVER_FILE}"
+    if files is None and problem is None and (path.parent.parent / CLOUD_MANIFEST).exists():
+        problem = f"{MANIFEST} is missing (this run writes one with every checkpoint)"  # not an older fleetsim's
     if problem is not None:
         return problem
     if files is not None:

@@ -324,6 +324,9 @@ def test_check_replies_names_the_device_and_what_flower_would_refuse():
             check_replies(fn, sent, [good[0], reply], np.array([5, 9]))
     with pytest.raises(ValueError, match=r"returned arrays/w of shape \(6,\) for device 9; it was sent with shape \(2, 3\)"):
         check_replies(fn, sent, [good[0], Payload(arrays={"arrays": {"w": np.ones(6, np.float32)}})], np.array([5, 9]))
+    with pytest.raises(ValueError, match=r"returned arrays/w as int32 for device 9; it was sent as float32"):
+        check_replies(fn, sent, [good[0], Payload(arrays={"arrays": {"w": np.ones((2, 3), np.int32)}})], np.array([5, 9]))
+    check_replies(fn, sent, [Payload(arrays={"arrays": {"w": np.ones((2, 3), np.float64)}})], np.array([5]))  # float
 
 
 def test_weighted_mean_refuses_replies_of_other_names_or_shapes():

@@ -68,8 +68,13 @@ DAMAGE = {
     "truncated host": (lambda c: truncate(c / "host-001.pkl"), "host-001.pkl has {} bytes, {} were written"),
     "no host": (lambda c: (c / "host-001.pkl").unlink(), "host-001.pkl is missing"),
     "altered host": (lambda c: flip_last_byte(c / "host-000.pkl"), "host-000.pkl does not match its SHA-256"),
-    "truncated host, no manifest": (lambda c: ((c / "manifest.json").unlink(missing_ok=True), truncate(c / "host-001.pkl")),
+    "truncated host, no manifest": (lambda c: ((c / "manifest.json").unlink(missing_ok=True),
+                                               (c.parent.parent / "cloud.manifest.json").unlink(missing_ok=True),
+                                               truncate(c / "host-001.pkl")),
                                     "host-001.pkl cannot be read (UnpicklingError"),
+    # a run that writes manifests (cloud.manifest.json) lost one: not taken for an older run's
+    "altered host, manifest removed": (lambda c: ((c / "manifest.json").unlink(), flip_last_byte(c / "host-000.pkl")),
+                                       "manifest.json is missing (this run writes one with every checkpoint)"),
 }
 
 
