@@ -20,6 +20,7 @@ then the strategy's exchanges of round r run. The round advances when the strate
 """
 from __future__ import annotations
 
+import math
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -371,7 +372,7 @@ class FleetGrid(Grid):
         return replies
 
     def _check_sent_finite(self, payloads: Iterable[Payload]) -> None:
-        """Raise ``NonFiniteError`` if an array the strategy sends holds NaN/Inf: a model
+        """Raise ``NonFiniteError`` if an array (or a float config value) the strategy sends holds NaN/Inf: a model
         that is not a number must stop the strategy where it was made (its aggregation or
         configure step), not reach devices that would score with it. Each array shared by
         many messages is checked once."""
@@ -384,10 +385,13 @@ class FleetGrid(Grid):
                 seen.add(id(arrays))
                 bad += [f"{rec}/{k}" for k, a in arrays.items()
                         if a.dtype.kind in "fc" and not np.isfinite(a).all() and f"{rec}/{k}" not in bad]
+            for rec, values in p.configs.items():  # an lr of NaN is a NaN model one step later
+                bad += [f"{rec}/{k}" for k, v in values.items()
+                        if isinstance(v, float) and not math.isfinite(v) and f"{rec}/{k}" not in bad]
         if bad:
             more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
             raise NonFiniteError("the strategy's server side", "its aggregate_train / configure_train (or its server lr)",
-                                 f"round {self.round}: arrays it sends to devices hold NaN/Inf "
+                                 f"round {self.round}: what it sends to devices holds NaN/Inf "
                                  f"({', '.join(bad[:3])}{more})", round=self.round)
 
     def _all_quarantined(self, n: int) -> NonFiniteError:

@@ -268,6 +268,14 @@ def hold_nan(ctx, payload):
 
 class HoldsNaN(FedAvg):
     device_app = DeviceApp({MessageType.TRAIN: hold_nan})
+
+
+class NaNLr(FedAvg):
+    """FedAvg that asks devices to train with lr = NaN from round 2."""
+
+    def configure_train(self, server_round, arrays, config, grid):
+        config["lr"] = float("nan") if server_round >= 2 else 0.05
+        return super().configure_train(server_round, arrays, config, grid)
 '''
 
 
@@ -363,8 +371,21 @@ def test_nan_sent_by_the_server_fails_the_strategy_before_a_device_adopts_it(mon
     assert sorted(devices["round"].unique()) == [1, 2] and not devices["nonfinite"].any()
     msg = [line for line in lines if "NaNAggregate" in line]
     assert len(msg) == 1 and msg[0].startswith("fleetsim: error: nan_mod:NaNAggregate failed: the strategy's server "
-                                               "side: round 2: arrays it sends to devices hold NaN/Inf (arrays/")
+                                               "side: round 2: what it sends to devices holds NaN/Inf (arrays/")
     assert run_mod.failed_strategies({"strategies": s}) == ["nan_mod:NaNAggregate"]
+
+
+def test_a_nan_config_value_sent_by_the_server_fails_the_strategy(monkeypatch, tmp_path):
+    (tmp_path / "nan_mod.py").write_text(NAN_SERVER)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    in_process(monkeypatch)
+    cfg = small_config(experiment={"strategies": ["nan_mod:NaNLr"]},
+                       strategies={"nan_mod:NaNLr": {"min_available_nodes": 1, "min_train_nodes": 1}})
+    s = run_experiment(cfg, str(tmp_path / "out"), use_ray=False, progress=False, log=lambda _: None)["strategies"]
+    err = s["nan_mod:NaNLr"]["error"]
+    assert s["nan_mod:NaNLr"]["status"] == "failed" and err["kind"] == "non-finite" and err["round"] == 2
+    assert err["stage"] == "the strategy's server side" and "holds NaN/Inf (config/lr)" in err["message"]
 
 
 def test_nan_scores_are_a_status_an_exit_code_and_no_significance(monkeypatch, tmp_path):
