@@ -212,6 +212,15 @@ def in_process(monkeypatch):
     hosts_in_process(monkeypatch)
 
 
+def plug_in(monkeypatch, tmp_path: Path, module: str, source: str) -> None:
+    """A plug-in strategy module ``module`` importable from ``tmp_path`` (the working
+    directory), and runs with in-process hosts."""
+    (tmp_path / f"{module}.py").write_text(source)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    in_process(monkeypatch)
+
+
 AGG_BUG = '''\
 from strategies.fedavg import FedAvg
 
@@ -299,10 +308,7 @@ class Shrinks(FedAvg):
 
 
 def test_a_reply_of_another_shape_is_a_code_error_not_a_broadcast(monkeypatch, tmp_path):
-    (tmp_path / "shape_mod.py").write_text(SHAPES)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    in_process(monkeypatch)
+    plug_in(monkeypatch, tmp_path, "shape_mod", SHAPES)
     cfg = small_config(experiment={"strategies": ["shape_mod:Shrinks"]},
                        strategies={"shape_mod:Shrinks": {"fraction_train": 1.0}})
     s = run_experiment(cfg, str(tmp_path / "out"), use_ray=False, progress=False, log=lambda _: None)["strategies"]
@@ -354,10 +360,7 @@ def test_weighted_mean_refuses_replies_of_other_names_or_shapes():
 
 
 def test_nan_sent_by_the_server_fails_the_strategy_before_a_device_adopts_it(monkeypatch, tmp_path):
-    (tmp_path / "nan_mod.py").write_text(NAN_SERVER)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    in_process(monkeypatch)
+    plug_in(monkeypatch, tmp_path, "nan_mod", NAN_SERVER)
     lines: list[str] = []
     cfg = small_config(experiment={"strategies": ["nan_mod:NaNAggregate", "cloud_only"]},
                        strategies={"nan_mod:NaNAggregate": {"min_available_nodes": 1, "min_train_nodes": 1}})
@@ -376,10 +379,7 @@ def test_nan_sent_by_the_server_fails_the_strategy_before_a_device_adopts_it(mon
 
 
 def test_a_nan_config_value_sent_by_the_server_fails_the_strategy(monkeypatch, tmp_path):
-    (tmp_path / "nan_mod.py").write_text(NAN_SERVER)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    in_process(monkeypatch)
+    plug_in(monkeypatch, tmp_path, "nan_mod", NAN_SERVER)
     cfg = small_config(experiment={"strategies": ["nan_mod:NaNLr"]},
                        strategies={"nan_mod:NaNLr": {"min_available_nodes": 1, "min_train_nodes": 1}})
     s = run_experiment(cfg, str(tmp_path / "out"), use_ray=False, progress=False, log=lambda _: None)["strategies"]
@@ -391,10 +391,7 @@ def test_a_nan_config_value_sent_by_the_server_fails_the_strategy(monkeypatch, t
 def test_nan_scores_are_a_status_an_exit_code_and_no_significance(monkeypatch, tmp_path):
     """Devices that hold a NaN model score NaN: the means leave them out, so the table and
     the report say so, the run's exit code is 1, and no comparison claims significance."""
-    (tmp_path / "nan_mod.py").write_text(NAN_SERVER)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    in_process(monkeypatch)
+    plug_in(monkeypatch, tmp_path, "nan_mod", NAN_SERVER)
     cfg = small_config(experiment={"strategies": ["cloud_only", "nan_mod:HoldsNaN", "fedavg"]},
                        strategies={"nan_mod:HoldsNaN": {"min_available_nodes": 1, "min_train_nodes": 1}})
     summary = run_experiment(cfg, str(tmp_path / "out"), use_ray=False, progress=False, log=lambda _: None)
