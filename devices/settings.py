@@ -147,6 +147,11 @@ def check_choice(key: str, value: object, choices: typing.Sequence[str]) -> str:
     return value  # type: ignore[return-value]
 
 
+# import path ("package.module:NAME") -> source file of its module, for every plug-in
+# ``load_object`` resolved in this process (a run records their digest: ``simulator.provenance``)
+PLUGIN_FILES: dict[str, str] = {}
+
+
 def load_object(path: str, key: str, what: str) -> Any:
     """The object an import path ``package.module:NAME`` names -- how a setting names a user
     strategy, backbone or data source. The current directory is importable (as under
@@ -170,4 +175,6 @@ def load_object(path: str, key: str, what: str) -> Any:
     obj = getattr(module, attr, None)
     if obj is None:
         raise ConfigError(key, path, f"module {module_name!r} has no {attr!r}")
+    if getattr(module, "__file__", None):
+        PLUGIN_FILES[path] = module.__file__
     return obj

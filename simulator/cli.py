@@ -62,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="run seed (overrides experiment.seed)")
     run.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR: finished strategies are "
                      "kept, the one in flight restarts from its last checkpoint (experiment.checkpoint_every)")
+    run.add_argument("--allow-code-change", action="store_true",
+                     help="with --resume: go on although fleetsim's code, a plug-in module, a library version or the "
+                     "CPU model differs from the run's start (recorded in summary.json and the report); changed "
+                     "data are never accepted")
     run.add_argument("--ray-address", help="join an existing Ray cluster (default: start an embedded one)")
     run.add_argument("--hosts", type=int, metavar="N", help="Ray device host actors (overrides experiment.hosts; "
                      "0 = one per CPU of the Ray cluster)")
@@ -101,6 +105,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if given:
             raise FleetsimError(f"--resume takes the run's own config and folder; drop {', '.join(given)}")
         cfg, out = check_resumable(args.resume), args.resume
+    elif args.allow_code_change:
+        raise FleetsimError("--allow-code-change goes with --resume DIR only")
     else:
         hosts = [] if args.hosts is None else [f"experiment.hosts={args.hosts}"]  # checked as the setting is
         cfg = config.load(args.experiment, [*args.overrides, *hosts], args.seed)
@@ -114,7 +120,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(format_paper_table(summary))
     else:
         summary = run_experiment(cfg, out, ray_address=args.ray_address, progress=not args.no_progress, log=log,
-                                 resume=args.resume is not None)
+                                 resume=args.resume is not None, allow_code_change=args.allow_code_change)
         print(format_table(summary))
     print(f"\nresults: {out}  (wall {time.perf_counter() - t0:.1f} s)")
     failed = failed_strategies(summary)

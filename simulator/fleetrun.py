@@ -41,7 +41,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from devices.models import ModelSpec
 from devices.pool import HostPool, HostProcesses, RayUnreachable, init_ray
-from simulator import checkpoint
+from simulator import checkpoint, provenance
 from strategies.base import FleetMixin
 from strategies.cloud import CloudContext, train_cloud_model
 from simulator.config import ExperimentConfig
@@ -107,12 +107,16 @@ class FleetRun:
         ray_address: join this Ray cluster instead of starting an embedded one.
         n_hosts: host count (default ``experiment.hosts``; 0 = one per CPU).
         log: where one-line messages go.
+        resume: continue the run in ``out``; ``open`` first checks that its data, code and
+            environment are those it started with (``simulator.provenance``), other code or
+            environment accepted (and recorded) only with ``allow_code_change``.
     """
 
     def __init__(self, cfg: ExperimentConfig, out: str | None = None, *, use_ray: bool = True,
                  ray_address: str | None = None, n_hosts: int | None = None,
-                 log: Callable[[str], None] = print, resume: bool = False) -> None:
+                 log: Callable[[str], None] = print, resume: bool = False, allow_code_change: bool = False) -> None:
         self.cfg, self.log = cfg, log
+        self.allow_code_change = allow_code_change  # resume: other code or environment accepted (recorded)
         self.seed = cfg.experiment.seed
         self.use_ray, self.ray_address = use_ray, ray_address
         self.n_hosts = cfg.experiment.hosts if n_hosts is None else n_hosts
@@ -169,12 +173,19 @@ class FleetRun:
         strategy in ``names`` as ``pending``."""
         if self.writer is None:
             return
+        if self.resume:  # the same data, code and environment as when the run started, or a refusal
+            saved = self.writer.summary.get("provenance")
+            entry = provenance.check_resume(f"--resume {self.writer.dir}", saved, self.fleet,
+                                            (self.writer.dir / "config.toml").read_text(), self.allow_code_change)
         self.writer.create(mark_running=mark_running)
         self._opened = True
         if self.resume:  # the folder, its config and its fleet files are the run's own
+            if entry is not None:
+                saved.setdefault("resumes", []).append(entry)
             return
         toml = self.cfg.to_toml()
         self.writer.summary["config_sha256"] = checkpoint.config_digest(toml)  # --resume refuses an edited config
+        self.writer.summary["provenance"] = provenance.record(self.fleet if fleet else None, toml)
         self.writer.write_config(toml)
         if fleet:
             self.writer.write_fleet(self.fleet)

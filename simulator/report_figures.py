@@ -229,7 +229,7 @@ def fig_user_gain(entries: Sequence[Entry], baseline: Entry, path: Path) -> None
     from matplotlib.lines import Line2D
 
     fig = _figure(path.name)
-    others = [e for e in entries if e is not baseline and e.fleet_key == baseline.fleet_key]
+    others = [e for e in entries if e is not baseline and e.same_fleet(baseline)]
     ncols = min(max(len(others), 1), 3)
     nrows = max(1, math.ceil(len(others) / ncols))
     grid = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False)

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import pandas as pd
 
+from simulator import provenance
 from simulator.report_figures import FIGURES
 from simulator.report_stats import N_BOOT
 from simulator.report_tables import COMPARISON_COLUMNS, SUMMARY_COLUMNS, Entry, _fmt
@@ -84,9 +85,10 @@ def _runs_html(runs: Sequence[Run]) -> str:
         rows.append([r.name, f.get("source", data.get("source", "")), f.get("n_devices"),
                      f.get("evaluated_devices", f.get("n_devices")), f.get("n_rounds"),
                      _fmt((f.get("round_seconds") or math.nan) / 3600, "{:.3g}"),
-                     r.config.get("experiment", {}).get("seed"), drift, ", ".join(r.strategies)])
+                     r.config.get("experiment", {}).get("seed"), drift, ", ".join(r.strategies),
+                     provenance.describe(r.summary)])
     head = "".join(f"<th>{h}</th>" for h in ["run", "data", "devices", "evaluated users", "rounds",
-                                              "round length (h)", "seed", "drift", "strategies"])
+                                              "round length (h)", "seed", "drift", "strategies", "code and versions"])
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from simulator import metrics
+from simulator import metrics, provenance
 from simulator.errors import FleetsimError
 from simulator.report_stats import N_BOOT, bootstrap_mean_ci, paired_comparison
 from simulator.results import Run
@@ -50,11 +50,17 @@ class Entry:
     def summary(self) -> dict[str, Any]:
         return self.run.summary["strategies"][self.strategy]
 
-    @property
-    def fleet_key(self) -> str:
-        """Runs with the same data settings and seed have the same users (pairable)."""
-        cfg = self.run.config
-        return json.dumps([cfg.get("data"), cfg.get("experiment", {}).get("seed")], sort_keys=True)
+    def same_fleet(self, other: Entry) -> bool:
+        """Whether the two entries' users can be paired: the same seed (the same evaluation
+        samples) and the same interaction data -- by the data digest both runs recorded
+        (``simulator.provenance``), else by equal data settings."""
+        mine, theirs = self.run.config, other.run.config
+        if mine.get("experiment", {}).get("seed") != theirs.get("experiment", {}).get("seed"):
+            return False
+        a, b = provenance.fleet_id(self.run.summary), provenance.fleet_id(other.run.summary)
+        if a is not None and b is not None:
+            return a == b
+        return json.dumps(mine.get("data"), sort_keys=True) == json.dumps(theirs.get("data"), sort_keys=True)
 
 
 def strategy_colours(strategies: Sequence[str]) -> list[str]:
@@ -209,8 +215,8 @@ def comparison_table(entries: Sequence[Entry], baseline: Entry, *, n_boot: int =
         if e is baseline:
             continue
         row: dict[str, Any] = {"strategy": e.label, "baseline": baseline.label}
-        if e.fleet_key != baseline.fleet_key:
-            rows.append({**row, "paired_users": 0, "significant": "n/a: other fleet (data settings or seed differ)"})
+        if not e.same_fleet(baseline):
+            rows.append({**row, "paired_users": 0, "significant": "n/a: other fleet (data or seed differ)"})
             continue
         pc = paired_comparison(*paired_users(e, baseline), n_boot=n_boot, seed=i)
         if pc.n_users == 0:
@@ -230,7 +236,7 @@ def bucket_table(entries: Sequence[Entry], baseline: Entry, *, n_boot: int = N_B
     over the baseline with its CI (NaN for the baseline and for other fleets)."""
     rows = []
     for i, e in enumerate(entries):
-        comparable = e is not baseline and e.fleet_key == baseline.fleet_key
+        comparable = e is not baseline and e.same_fleet(baseline)
         pe, pb = paired_users(e, baseline) if comparable else (e.users, baseline.users)
         for j, b in enumerate(metrics.BUCKETS):
             u = e.users[e.users["bucket"] == b]

@@ -18,7 +18,8 @@ from strategies.registry import make_strategy, resolve_strategy  # noqa: F401 (r
 
 
 def run_experiment(cfg: ExperimentConfig, out: str, *, ray_address: str | None = None, use_ray: bool = True,
-                   progress: bool = True, log=print, resume: bool = False) -> dict[str, Any]:
+                   progress: bool = True, log=print, resume: bool = False,
+                   allow_code_change: bool = False) -> dict[str, Any]:
     """Run every strategy of ``cfg`` on one fleet; write results to ``out``; return the summary.
 
     A strategy that fails (a device or server code error, non-finite training) is
@@ -27,33 +28,37 @@ def run_experiment(cfg: ExperimentConfig, out: str, *, ray_address: str | None =
 
     ``resume``: continue the run in ``out`` (``simulator.checkpoint.check_resumable``
     first): finished strategies are kept, the one in flight continues from its last
-    checkpoint, the others run.
+    checkpoint, the others run. It is refused (``simulator.provenance``) if the fleet's data
+    changed since the run started, or its code or environment did and not
+    ``allow_code_change``.
     """
     # SIGTERM from the start: one while the fleet builds or the cloud model trains ends the
     # run as one during a strategy does (one line, exit 143, Ray and the hosts stopped)
     restore_early = _terminate_on_sigterm()
     try:
         return _run_experiment(cfg, out, ray_address=ray_address, use_ray=use_ray, progress=progress, log=log,
-                               resume=resume)
+                               resume=resume, allow_code_change=allow_code_change)
     finally:
         restore_early()
 
 
 def _run_experiment(cfg: ExperimentConfig, out: str, *, ray_address: str | None, use_ray: bool, progress: bool,
-                    log, resume: bool) -> dict[str, Any]:
-    run = FleetRun(cfg, out, use_ray=use_ray, ray_address=ray_address, log=log, resume=resume)
+                    log, resume: bool, allow_code_change: bool) -> dict[str, Any]:
+    run = FleetRun(cfg, out, use_ray=use_ray, ray_address=ray_address, log=log, resume=resume,
+                   allow_code_change=allow_code_change)
     strategies = [(name, make_strategy(name, cfg.strategies.get(name, {}))) for name in cfg.experiment.strategies]
     if resume:
         done = [n for n, _ in strategies if run.summary["strategies"].get(n, {}).get("status") in ("complete", "failed")]
         strategies = [(n, s) for n, s in strategies if n not in done]
-        log(f"fleetsim: resuming {out}: kept {', '.join(done) or 'no finished strategy'}; to run: "
-            f"{', '.join(n for n, _ in strategies)}")
     names = [name for name, _ in strategies]
     run.connect()  # an unreachable cluster fails here, before --out is touched
     t0 = time.perf_counter()
     with run:
         fleet = run.build_fleet()
-        run.open(names)  # resume: reopens the folder, keeps its statuses
+        run.open(names)  # resume: checks the data, code and environment, reopens the folder, keeps its statuses
+        if resume:
+            log(f"fleetsim: resuming {out}: kept {', '.join(done) or 'no finished strategy'}; to run: "
+                f"{', '.join(names)}")
         try:
             run.train_cloud()
         except NonFiniteError as exc:  # every strategy starts from the cloud model: none can run

@@ -72,6 +72,7 @@ def cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
 
 def comparable_summary(run: Path) -> dict:
     s = json.loads((run / "summary.json").read_text())
+    s.get("provenance", {}).pop("resumes", None)  # what each resume found (tests/test_provenance.py)
     for entry in s["strategies"].values():
         for k in WALL_KEYS:
             entry.pop(k)
@@ -224,12 +225,13 @@ def test_resume_refusals_in_process(tmp_path, capsys, make, argv, needle):
 # In process: every built-in strategy, interrupted after round 2, resumed -----------------
 
 
-def _play_all(cfg, out, *, resume=False, stop_at=None):
+def _play_all(cfg, out, *, resume=False, stop_at=None, allow_code_change=False):
     from simulator.fleetrun import FleetRun
     from strategies.registry import make_strategy
 
     names = list(cfg.experiment.strategies)
-    run = FleetRun(cfg, str(out), use_ray=False, n_hosts=2, resume=resume, log=lambda m: None)
+    run = FleetRun(cfg, str(out), use_ray=False, n_hosts=2, resume=resume, log=lambda m: None,
+                   allow_code_change=allow_code_change)
 
     def on_round(result):
         if stop_at is not None and result.round == stop_at[1] and current[0] == stop_at[0]:
