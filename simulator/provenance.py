@@ -150,12 +150,13 @@ def check_resume(where: str, saved: dict[str, Any] | None, fleet: Any, config_te
     if not isinstance(saved, dict):
         return None
     now = record(fleet, config_text)
-    for key, what in (("data_sha256", "the devices' interaction data"), ("profiles_sha256", "the devices' profiles")):
+    for key, what, why in (("data_sha256", "the devices' interaction data", "a data file edited?"),
+                           ("profiles_sha256", "the devices' profiles", "the code that draws them changed?")):
         if saved.get(key) is not None and saved[key] != now.get(key):
             raise ProvenanceError(
                 f"{where}: {what} differ from the run's start (digest {_short(saved[key])}, now {_short(now.get(key))}; "
-                f"a data file edited?), so its written rounds would not compare with the rest: restore the data, or "
-                f"run the config into a new --out")
+                f"{why}), so its written rounds would not compare with the rest: restore what changed, or run the "
+                f"config into a new --out")
     changes = []
     if saved.get("code_sha256") not in (None, now["code_sha256"]):
         changes.append(f"fleetsim's code or a plug-in module (sources {_short(saved['code_sha256'])} -> "
