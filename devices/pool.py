@@ -20,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from devices.data import Interactions, Timeline
+from devices.errors import FleetsimError
 from devices.host import DeviceHost, JobResult, Shard
 from devices.models import ModelSpec
 from devices.recovery import Recovery, hush_worker_death_notes, placement
@@ -57,6 +58,14 @@ def shard_of(inter: Interactions, timeline: Timeline, ids: np.ndarray, evaluated
 
 class RayUnreachable(ConnectionError):
     """``--ray-address`` names no Ray cluster that answers."""
+
+
+class RayStartError(FleetsimError):
+    """The embedded Ray did not start (an unwritable or full temp folder, a file-size
+    limit, no free port ...): one line, exit 2. Ray may still hold threads, so the CLI
+    ends the process at once after the line."""
+
+    hard_exit = True
 
 
 RAY_CONNECT_TIMEOUT_S = 20.0
@@ -106,7 +115,14 @@ def init_ray(address: str | None, timeout: float = RAY_CONNECT_TIMEOUT_S) -> Non
                                   "PYTHONPATH": os.pathsep.join([os.getcwd(), *filter(None, [os.environ.get("PYTHONPATH")])])}},
     )
     if not address:
-        ray.init(**kwargs)
+        try:
+            ray.init(**kwargs)
+        except Exception as exc:  # noqa: BLE001 -- the machine's, not the run's: one line
+            first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+            where = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+            raise RayStartError(f"cannot start Ray ({type(exc).__name__}: {first}); Ray needs a writable folder with "
+                                f"free space in {where} (RAY_TMPDIR, else TMPDIR, else /tmp) and no file-size limit "
+                                f"(ulimit -f)") from None
         return
     outcome: list[BaseException | None] = []
 

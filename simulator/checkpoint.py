@@ -43,7 +43,7 @@ import torch
 from devices.scoring import ScoreHistogram
 from simulator.grid import FleetGrid, RoundResult
 from simulator.results import strategy_dirname
-from simulator.writer import _atomic_write_bytes
+from simulator.writer import _atomic_write_bytes, writing
 
 CHECKPOINTS = "checkpoints"
 CLOUD_FILE = "cloud.pkl"
@@ -69,8 +69,9 @@ def folder(run_dir: Path, strategy: str) -> Path:
 
 def save_cloud(run_dir: Path, initial: dict[str, np.ndarray], losses: list[float]) -> None:
     d = Path(run_dir) / CHECKPOINTS
-    d.mkdir(exist_ok=True)
-    (d / CLOUD_MANIFEST).unlink(missing_ok=True)  # a stale one would not describe the new file
+    with writing(d / CLOUD_FILE):
+        d.mkdir(exist_ok=True)
+        (d / CLOUD_MANIFEST).unlink(missing_ok=True)  # a stale one would not describe the new file
     data = pickle.dumps((initial, losses), protocol=4)
     _atomic_write_bytes(d / CLOUD_FILE, data)
     _atomic_write_bytes(d / CLOUD_MANIFEST, json.dumps({CLOUD_FILE: _entry(data)}).encode())
@@ -134,17 +135,23 @@ def restore_grid(grid: FleetGrid, state: dict[str, Any], run_dir: Path, strategy
 def write(parent: Path, round: int, driver: dict[str, Any], hosts: list[bytes]) -> Path:
     """Write one checkpoint atomically (a folder renamed when complete); drop older ones.
     Returns the folder."""
-    parent.mkdir(parents=True, exist_ok=True)
     final = parent / f"round-{round:05d}"
     tmp = parent / f".partial-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    files = {DRIVER_FILE: pickle.dumps(driver, protocol=4), **{f"host-{h:03d}.pkl": data for h, data in enumerate(hosts)}}
-    for name, data in files.items():
-        (tmp / name).write_bytes(data)
-    (tmp / MANIFEST).write_text(json.dumps({"round": round, "files": {n: _entry(d) for n, d in files.items()}}))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    with writing(final):  # a full disk: one line; the earlier checkpoint stays the latest
+        parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            tmp.mkdir()
+            files = {DRIVER_FILE: pickle.dumps(driver, protocol=4),
+                     **{f"host-{h:03d}.pkl": data for h, data in enumerate(hosts)}}
+            for name, data in files.items():
+                (tmp / name).write_bytes(data)
+            (tmp / MANIFEST).write_text(json.dumps({"round": round, "files": {n: _entry(d) for n, d in files.items()}}))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
     for old in parent.iterdir():
         if old != final:
             shutil.rmtree(old, ignore_errors=True)

@@ -12,6 +12,7 @@ strategy in flight marked ``interrupted``.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -24,6 +25,10 @@ from simulator.errors import FleetsimError  # noqa: E402
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+# OSErrors of the machine, not of the code: a full disk or quota, a file-size limit, a
+# read-only file system, no permission (results written under the run folder are
+# ``ResultsWriteError``s already; these are the rest, e.g. stdout redirected to a full disk)
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 
 
 def _drop_expected_flower_warning(record: logging.LogRecord) -> bool:
@@ -153,6 +158,13 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.flush()
             sys.stdout.flush()
             os._exit(EXIT_USAGE)
+        return EXIT_USAGE
+    except OSError as exc:
+        if exc.errno not in _ENVIRONMENT_ERRNOS:  # a code error: its traceback
+            raise
+        # the console's file (stdout redirected to a full disk) or another of the user's files
+        print(f"fleetsim: error: {exc.strerror}" + (f": {exc.filename}" if exc.filename else " (writing the output)"),
+              file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as exc:
         from simulator.errors import Terminated

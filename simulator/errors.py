@@ -21,3 +21,11 @@ class Terminated(KeyboardInterrupt):
     (Ray's ``get``) re-raises the interrupt as a plain ``KeyboardInterrupt``."""
 
     received = False
+
+
+class ResultsWriteError(FleetsimError):
+    """Writing into the run folder failed: a full disk, a quota, a file-size limit, a
+    read-only or vanished folder (``simulator.writer.writing``). Not the strategy's fault:
+    one line, exit 2; every file written before stays whole (each is replaced atomically),
+    the strategy in flight is left ``interrupted`` where the summary can still be written,
+    and ``--resume`` continues once the folder takes files again."""

@@ -45,7 +45,7 @@ from simulator import checkpoint, provenance
 from strategies.base import FleetMixin
 from strategies.cloud import CloudContext, train_cloud_model
 from simulator.config import ExperimentConfig
-from simulator.errors import FleetsimError, NonFiniteError, RayAddressError, StrategyFailure
+from simulator.errors import FleetsimError, NonFiniteError, RayAddressError, ResultsWriteError, StrategyFailure
 from simulator.fleet import Fleet, build_fleet
 from simulator.grid import CodeError, FleetGrid, RoundResult, flower_patched
 from simulator.runstate import Played, RunState, quiet_flower, server_failure, summarise  # noqa: F401 (re-exported)
@@ -234,8 +234,9 @@ class FleetRun:
 
         A ``StrategyFailure``, a ``FleetsimError`` raised while it runs (e.g. it waits for
         more devices than exist) or any exception of its code ends it as ``failed``; a
-        host process that died also gets the next strategy a new pool. Ctrl-C and
-        ``SystemExit`` mark it ``interrupted`` and are re-raised.
+        host process that died also gets the next strategy a new pool. Ctrl-C,
+        ``SystemExit`` and a ``ResultsWriteError`` (the run folder takes no more files)
+        mark it ``interrupted`` and are re-raised.
         """
         t_start = t_prepared = time.perf_counter()
         warnings: list[CodeError] = []
@@ -260,7 +261,7 @@ class FleetRun:
         if grid is None:
             grid = self.new_grid(strategy, round_done, on_code_error)
         played = Played("complete", grid)
-        hosts_lost = False
+        hosts_lost = write_failed = False
         resumable = isinstance(strategy, FleetMixin)  # has the state contract and a resumable start()
         ckpt_dir = checkpoint.folder(self.writer.dir, name) if self.checkpoints and resumable else None
         saved = checkpoint.latest(ckpt_dir) if ckpt_dir is not None and self.resume else None
@@ -302,6 +303,10 @@ class FleetRun:
         except KeyboardInterrupt:
             played.status = "interrupted"
             raise
+        except ResultsWriteError as exc:  # the run folder takes no more files: not the strategy's fault
+            played.status, write_failed = "interrupted", True
+            raise ResultsWriteError(f"--out {self.writer.dir}: {exc}; {name} stops here: free space (or make the "
+                                    f"folder writable), then fleetsim run --resume {self.writer.dir}") from None
         except FleetsimError as exc:  # the strategy asked the fleet for the impossible
             played.failure, played.status = StrategyFailure(str(exc), round=grid.round or None, stage="strategy",
                                                             error_type=type(exc).__name__), "failed"
@@ -320,7 +325,11 @@ class FleetRun:
             played.status = "interrupted"
             raise
         finally:
-            self._end(name, played, t_start, t_prepared)
+            try:
+                self._end(name, played, t_start, t_prepared)
+            except ResultsWriteError:
+                if not write_failed:
+                    raise  # else the first failed write is the one to report
             if ckpt_dir is not None and played.status != "interrupted" and not self.cfg.experiment.keep_checkpoints:
                 checkpoint.drop(ckpt_dir)  # finished (complete or failed): nothing to resume
         if hosts_lost:  # a host process died: the next strategy gets a fresh pool
@@ -440,6 +449,8 @@ class FleetRun:
             return
         failed_in = failure.info.get("round") if failure is not None else None
         done = sum(1 for r in grid.results if not failed_in or r.round < failed_in)  # the failed round is not complete
+        if played.status == "interrupted":  # stopped in a round's writing (Ctrl-C, a full disk): what is on disk
+            done = sum(1 for r in grid.results if self.writer.has_round(name, r.round))
         self.state.end(name, summary, played.status, failure, rounds=done)
         if summary.get("quarantined") and not (failure is not None and failure.info.get("kind") == "non-finite"):
             self.log(f"fleetsim: warning: {name}: {summary['quarantined']} device replies were quarantined (non-finite "

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from simulator.errors import FleetsimError
+from simulator.errors import FleetsimError, ResultsWriteError
 from simulator.results import LAYOUT_VERSION, PID_FILE, _start_time, strategy_dirname
 
 
@@ -27,17 +28,31 @@ def _file_mode() -> int:
     return 0o666 & ~mask
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+@contextmanager
+def writing(path: Path):
+    """An ``OSError`` while writing ``path`` (ENOSPC, EDQUOT, EFBIG, EROFS, EACCES ...;
+    pyarrow's carry no file name) becomes a one-line ``ResultsWriteError`` naming it."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        yield
+    except ResultsWriteError:
         raise
+    except OSError as exc:
+        reason = exc.strerror or (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ResultsWriteError(f"cannot write {path} ({reason}); the files written before it are whole") from None
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    with writing(path):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, _file_mode())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
 
 
 # -- one process per run folder ------------------------------------------------------------
@@ -122,17 +137,18 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def _write_part(folder: Path, name: str, table: pa.Table) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, folder / name)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with writing(folder / name):
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
+        os.close(fd)
+        try:
+            pq.write_table(table, tmp)
+            os.chmod(tmp, _file_mode())
+            os.replace(tmp, folder / name)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
 
 
 class RunWriter:
@@ -194,18 +210,19 @@ class RunWriter:
         """Drop a strategy's round files past round ``after`` (written after its last
         checkpoint) and cut its ``error.log`` back to ``error_log_bytes`` (None: remove it)."""
         folder = self.dir / strategy_dirname(strategy)
-        for name in ("devices.parquet", "rounds.parquet"):
-            parts = folder / name
-            for part in parts.glob("round-*.parquet") if parts.is_dir() else []:
-                if int(part.stem.split("-")[1]) > after:
-                    part.unlink()
-        log = folder / "error.log"
-        if log.exists():
-            if error_log_bytes:
-                with open(log, "r+b") as f:
-                    f.truncate(error_log_bytes)
-            else:
-                log.unlink()
+        with writing(folder):
+            for name in ("devices.parquet", "rounds.parquet"):
+                parts = folder / name
+                for part in parts.glob("round-*.parquet") if parts.is_dir() else []:
+                    if int(part.stem.split("-")[1]) > after:
+                        part.unlink()
+            log = folder / "error.log"
+            if log.exists():
+                if error_log_bytes:
+                    with open(log, "r+b") as f:
+                        f.truncate(error_log_bytes)
+                else:
+                    log.unlink()
 
     def error_log_bytes(self, strategy: str) -> int:
         log = self.dir / strategy_dirname(strategy) / "error.log"
@@ -232,7 +249,7 @@ class RunWriter:
         """The run is over (finished, failed or interrupted): drop the in-progress mark."""
         try:
             (self.dir / PID_FILE).unlink()
-        except FileNotFoundError:
+        except OSError:  # gone, or the folder turned read-only: the mark names a dead process
             pass
 
     def discard_if_empty(self) -> None:
@@ -250,9 +267,10 @@ class RunWriter:
             if (strategy, once_key) in self._logged:
                 return path
             self._logged.add((strategy, once_key))
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            f.write(f"== {headline}\n{tb.rstrip()}\n\n" if tb else f"== {headline}\n\n")
+        with writing(path):
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as f:
+                f.write(f"== {headline}\n{tb.rstrip()}\n\n" if tb else f"== {headline}\n\n")
         return path
 
     def write_config(self, toml_text: str) -> None:
@@ -282,11 +300,7 @@ class RunWriter:
     def write_fleet_files(self, facts: dict[str, Any], devices: dict[str, np.ndarray]) -> None:
         """``fleet.json`` (the fleet's facts) and ``fleet_devices.parquet`` (one row per device)."""
         write_json(self.dir / "fleet.json", facts)
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".", suffix=".tmp")
-        os.close(fd)
-        pq.write_table(pa.table(devices), tmp)
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, self.dir / "fleet_devices.parquet")
+        _write_part(self.dir, "fleet_devices.parquet", pa.table(devices))
 
     def write_round(self, strategy: str, result) -> None:
         """Append one round of one strategy (device rows + the round's fleet facts)."""
@@ -296,6 +310,10 @@ class RunWriter:
                     pa.Table.from_pandas(df, preserve_index=False))
         _write_part(folder / "rounds.parquet", f"round-{result.round:05d}.parquet",
                     pa.Table.from_pylist([result.info]))
+
+    def has_round(self, strategy: str, round: int) -> bool:
+        """Whether ``write_round`` finished for this round (its second file is in place)."""
+        return (self.dir / strategy_dirname(strategy) / "rounds.parquet" / f"round-{round:05d}.parquet").is_file()
 
     def write_summary(self, strategy: str, summary: dict[str, Any]) -> None:
         self.summary["strategies"][strategy] = summary

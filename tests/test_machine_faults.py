@@ -1,0 +1,142 @@
+"""Faults of the machine, not of the run: a disk that fills up while results are written,
+and a Ray that cannot start. Each is one line and exit code 2, never a traceback and never
+a strategy marked ``failed``; what was written stays whole, and ``--resume`` continues
+to the uninterrupted run's results."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import small_config
+from simulator.errors import ResultsWriteError
+from test_resume import _play_all, comparable_summary
+
+ROOT = Path(__file__).resolve().parent.parent
+STRATEGIES = ["fedavg", "local_finetune"]
+
+
+def disk_fills_after(monkeypatch, n_parts: int) -> list[int]:
+    """``pyarrow.parquet.write_table`` (every round file) fails with ENOSPC from its
+    ``n_parts + 1``-th call on; returns the call counter."""
+    import simulator.writer as writer
+
+    calls, real = [0], writer.pq.write_table
+
+    def write_table(table, where, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] > n_parts:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(table, where, *args, **kwargs)
+
+    monkeypatch.setattr(writer.pq, "write_table", write_table)
+    return calls
+
+
+def test_disk_full_mid_strategy_interrupts_it_and_resume_gives_the_uninterrupted_results(tmp_path, monkeypatch):
+    cfg = small_config(experiment={"strategies": STRATEGIES}, data={"n_rounds": 4})
+    _play_all(cfg, tmp_path / "a")
+    with monkeypatch.context() as m:
+        # fleet_devices.parquet, FedAvg's 4 rounds (2 files each), local_finetune's round 1;
+        # its round 2 fails
+        disk_fills_after(m, 1 + 2 * 4 + 2)
+        with pytest.raises(ResultsWriteError) as info:
+            _play_all(cfg, tmp_path / "b")
+    line = str(info.value)
+    assert "\n" not in line and line.startswith(f"--out {tmp_path / 'b'}: cannot write ")
+    assert "round-00002.parquet (No space left on device)" in line
+    assert line.endswith(f"local_finetune stops here: free space (or make the folder writable), then fleetsim run "
+                         f"--resume {tmp_path / 'b'}")
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())["strategies"]
+    assert summary["fedavg"]["status"] == "complete"
+    assert (summary["local_finetune"]["status"], summary["local_finetune"]["rounds_completed"]) == ("interrupted", 1)
+    assert not (tmp_path / "b" / "local_finetune" / "error.log").exists()  # not the strategy's failure
+    assert (tmp_path / "b" / "checkpoints" / "local_finetune" / "round-00001").is_dir()
+    _play_all(cfg, tmp_path / "b", resume=True)
+    assert comparable_summary(tmp_path / "a") == comparable_summary(tmp_path / "b")
+
+
+def test_a_checkpoint_that_does_not_fit_leaves_the_one_before_it(tmp_path, monkeypatch):
+    import simulator.checkpoint as checkpoint
+
+    cfg = small_config(experiment={"strategies": ["fedavg"]}, data={"n_rounds": 4})
+    real, calls = checkpoint._entry, [0]
+
+    def entry(data):  # one call per file: cloud.pkl, then the driver and 2 hosts a checkpoint
+        calls[0] += 1
+        if calls[0] == 1 + 3 + 2:  # round 2's second file: the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(data)
+
+    monkeypatch.setattr(checkpoint, "_entry", entry)
+    with pytest.raises(ResultsWriteError, match=r"cannot write .*checkpoints/fedavg/round-00002 \(No space left"):
+        _play_all(cfg, tmp_path / "b")
+    monkeypatch.undo()
+    folder = tmp_path / "b" / "checkpoints" / "fedavg"
+    assert sorted(p.name for p in folder.iterdir()) == ["round-00001"]  # no partial folder; round 1's whole
+    assert checkpoint.verify(folder / "round-00001") is None
+    _play_all(cfg, tmp_path / "b", resume=True)
+    _play_all(cfg, tmp_path / "a")
+    assert comparable_summary(tmp_path / "a") == comparable_summary(tmp_path / "b")
+
+
+SITECUSTOMIZE = """\
+import errno, os
+import pyarrow.parquet as pq
+
+_real, _calls = pq.write_table, [0]
+
+
+def _write_table(*args, **kwargs):
+    _calls[0] += 1
+    if _calls[0] > int(os.environ["FLEETSIM_TEST_PARTS"]):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return _real(*args, **kwargs)
+
+
+pq.write_table = _write_table
+"""
+
+
+def test_cli_disk_full_is_one_line_exit_2_and_resume_completes(tmp_path):
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    exp = tmp_path / "exp.toml"
+    exp.write_text('[experiment]\nseed = 3\nstrategies = ["fedavg"]\nhosts = 1\n[data]\nn_devices = 40\nn_items = 150\n'
+                   'n_rounds = 3\nhistory_days = 7.0\n[cloud]\nepochs = 1\n')
+    env = {**os.environ, "FLEETSIM_TEST_PARTS": "3",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path / "inject"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "simulator.cli", "run", *a, "--no-progress", "--no-report"],
+                                    cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    res = run(str(exp), "--out", "out")
+    assert res.returncode == 2, res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in res.stderr and last.startswith("fleetsim: error: --out out: cannot write out/fedavg/")
+    assert last.endswith("(No space left on device); the files written before it are whole; fedavg stops here: free "
+                         "space (or make the folder writable), then fleetsim run --resume out")
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["strategies"]["fedavg"]["status"] == "interrupted"
+    env["FLEETSIM_TEST_PARTS"] = "1000"  # space again
+    res = run("--resume", "out")
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["strategies"]["fedavg"]["status"] == "complete"
+
+
+def test_ray_that_cannot_start_is_one_line_exit_2(tmp_path):
+    (tmp_path / "not-a-folder").write_text("")
+    env = {**os.environ, "TMPDIR": str(tmp_path / "not-a-folder"), "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_TMPDIR", None)
+    res = subprocess.run([sys.executable, "-m", "simulator.cli", "run", "--out", "out", "--no-progress", "--no-report",
+                          "--set", "data.n_devices=40", "--set", "data.n_rounds=2", "--set",
+                          'experiment.strategies=["cloud_only"]'], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("fleetsim: error: cannot start Ray (NotADirectoryError: ")
+    assert last.endswith(f"Ray needs a writable folder with free space in {tmp_path / 'not-a-folder'} (RAY_TMPDIR, "
+                         f"else TMPDIR, else /tmp) and no file-size limit (ulimit -f)")
