@@ -80,6 +80,8 @@ def load_ratings_with_epoch(path: str | Path) -> tuple[Interactions, float]:
             f"data file not found: {path} is a directory; "
             "give the ratings file (u.data, ratings.dat or ratings.csv)"
         )
+    if not p.is_file():  # a FIFO or a device: reading it could wait forever
+        raise DataError(f"{path}: not a regular file (a pipe or a device?); give the ratings file")
     first = _first_line(p, path)
     if first is None:
         raise DataError(f"{path}: empty file, no ratings")

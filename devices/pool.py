@@ -169,6 +169,17 @@ def cluster_hosts(n_hosts: int) -> int:
     return n_hosts if n_hosts > 0 else max(1, int(ray.available_resources().get("CPU", 1)))
 
 
+def oversubscribed(n_hosts: int, cpus: float) -> str | None:
+    """A warning when a pool has more host processes than the cluster has CPUs, else None.
+    Each host is a process (about 0.3 GB with torch): beyond one per CPU they only take
+    turns on the cores (a drill: 64 hosts on 2 CPUs, 18 GB and 10x the wall time)."""
+    if n_hosts <= max(1, int(cpus)):
+        return None
+    return (f"fleetsim: warning: {n_hosts} device hosts on a Ray cluster of {int(cpus)} CPUs: each host is a process "
+            f"(about 0.3 GB) and they take turns on the cores, which is slower and may exhaust memory; "
+            f"experiment.hosts = 0 (or --hosts 0) starts one per CPU")
+
+
 def host_actor() -> Any:
     """``DeviceHost`` as a Ray actor class; a host takes no CPU from Ray's accounting (one
     host per CPU is the pool's own rule)."""
@@ -238,9 +249,14 @@ class HostProcesses:
         self._taken = True
         return self.actors, self.node_of
 
-    def close(self) -> None:
-        """Stop the started actors unless a pool took them (a run that ended before its pool)."""
-        self._done.wait()
+    def close(self, wait_s: float = 10.0) -> None:
+        """Stop the started actors unless a pool took them (a run that ended before its pool).
+
+        A start still under way after ``wait_s`` is left to the process's end (Ray's
+        processes die with the driver, ``devices.reaper``): a SIGTERM sent to the whole
+        process group also kills Ray's GCS, and Ray's start would then wait 60 s for it."""
+        if not self._done.wait(wait_s):
+            return
         if self._taken or not self.actors:
             return
         import ray

@@ -171,7 +171,11 @@ def main(argv: list[str] | None = None) -> int:
 
         if isinstance(exc, Terminated) or Terminated.received:
             print("fleetsim: terminated (SIGTERM); rounds already written are kept", file=sys.stderr)
-            return 143
+            # at once: every file is written whole already, and Ray's exit handler could wait a minute for a GCS
+            # the same signal killed (sent to the process group); Ray's processes die with this one (devices.reaper)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(143)
         print("fleetsim: interrupted; rounds already written are kept", file=sys.stderr)
         return 130
 

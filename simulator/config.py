@@ -245,8 +245,10 @@ def _dotted_key(path: str) -> list[str]:
 def load(path: str | Path | None = None, overrides: list[str] = (), seed: int | None = None) -> ExperimentConfig:
     """Read an experiment file (default: the quickstart), apply ``--set`` and ``--seed``."""
     p = Path(path) if path else DEFAULT_EXPERIMENT
+    if p.exists() and not p.is_file() and not p.is_dir():  # a FIFO or a device: reading it could wait forever
+        raise FleetsimError(f"{p}: not a regular file (a pipe or a device?); give the experiment's TOML file")
     try:
-        raw = tomllib.loads(p.read_text())
+        raw = tomllib.loads(p.read_text(encoding="utf-8-sig"))  # a BOM (some Windows editors) is not TOML's
     except FileNotFoundError:
         raise FleetsimError(f"experiment file not found: {p}") from None
     except IsADirectoryError:

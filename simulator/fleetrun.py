@@ -40,7 +40,7 @@ import torch
 from flwr.serverapp.strategy import Result, Strategy
 
 from devices.models import ModelSpec
-from devices.pool import HostPool, HostProcesses, RayUnreachable, init_ray
+from devices.pool import HostPool, HostProcesses, RayUnreachable, init_ray, oversubscribed
 from simulator import checkpoint, provenance
 from strategies.base import FleetMixin
 from strategies.cloud import CloudContext, train_cloud_model
@@ -217,6 +217,13 @@ class FleetRun:
         self.pool = HostPool(self.fleet.interactions, self.fleet.timeline, self.spec, self.cfg.device, self.seed,
                              n_hosts=self.n_hosts, use_ray=self.use_ray, ray_address=self.ray_address,
                              log=self.log, evaluated=self.fleet.evaluated, processes=self.processes)
+        if self.pool.use_ray:
+            import ray
+
+            if ray.is_initialized():
+                warning = oversubscribed(self.pool.n_hosts, ray.cluster_resources().get("CPU", 1))
+                if warning:
+                    self.log(warning)
         return self.pool
 
     def new_grid(self, strategy: Strategy, on_round: Callable[[RoundResult], None] | None = None,

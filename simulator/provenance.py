@@ -150,7 +150,8 @@ def check_resume(where: str, saved: dict[str, Any] | None, fleet: Any, config_te
     if not isinstance(saved, dict):
         return None
     now = record(fleet, config_text)
-    for key, what, why in (("data_sha256", "the devices' interaction data", "a data file edited?"),
+    for key, what, why in (("data_sha256", "the devices' interaction data",
+                            "a data file edited, or a relative data.path read from another directory?"),
                            ("profiles_sha256", "the devices' profiles", "the code that draws them changed?")):
         if saved.get(key) is not None and saved[key] != now.get(key):
             raise ProvenanceError(

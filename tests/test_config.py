@@ -207,6 +207,18 @@ def test_load_file_errors(tmp_path):
     bad.write_text("[data\n")
     with pytest.raises(FleetsimError, match="not valid TOML"):
         load(bad)
+    import os
+
+    os.mkfifo(tmp_path / "pipe.toml")  # reading it would wait for a writer forever
+    with pytest.raises(FleetsimError, match=r"pipe\.toml: not a regular file \(a pipe or a device\?\)"):
+        load(tmp_path / "pipe.toml")
+
+
+def test_a_utf8_bom_is_read_past(tmp_path):
+    """Some Windows editors start UTF-8 files with a byte-order mark, which TOML refuses."""
+    p = tmp_path / "bom.toml"
+    p.write_bytes(b"\xef\xbb\xbf[data]\r\nn_devices = 77\r\n")
+    assert load(p).data.n_devices == 77
 
 
 # to_toml ---------------------------------------------------------------------------------

@@ -140,3 +140,30 @@ def test_ray_that_cannot_start_is_one_line_exit_2(tmp_path):
     assert last.startswith("fleetsim: error: cannot start Ray (NotADirectoryError: ")
     assert last.endswith(f"Ray needs a writable folder with free space in {tmp_path / 'not-a-folder'} (RAY_TMPDIR, "
                          f"else TMPDIR, else /tmp) and no file-size limit (ulimit -f)")
+
+
+def test_closing_a_host_start_stuck_on_a_dead_ray_returns(monkeypatch):
+    """SIGTERM to the process group kills Ray's GCS too; a host start waiting for it must
+    not hold the driver's exit (it used to wait 60 s, then Ray ended the process with 1)."""
+    import threading
+    import time
+
+    from devices import pool
+
+    stuck = threading.Event()
+    monkeypatch.setattr(pool.HostProcesses, "_start", lambda self: stuck.wait())  # never sets _done
+    processes = pool.HostProcesses(2)
+    t0 = time.monotonic()
+    processes.close(wait_s=0.2)
+    assert time.monotonic() - t0 < 2.0
+    stuck.set()
+
+
+def test_more_hosts_than_cpus_is_warned_once_with_the_way_out():
+    from devices.pool import oversubscribed
+
+    assert oversubscribed(2, 2.0) is None and oversubscribed(1, 0.5) is None and oversubscribed(8, 16.0) is None
+    line = oversubscribed(64, 2.0)
+    assert line == ("fleetsim: warning: 64 device hosts on a Ray cluster of 2 CPUs: each host is a process (about "
+                    "0.3 GB) and they take turns on the cores, which is slower and may exhaust memory; "
+                    "experiment.hosts = 0 (or --hosts 0) starts one per CPU")

@@ -167,6 +167,11 @@ def test_missing_file_and_directory(tmp_path):
         load_ratings(missing)
     with pytest.raises(DataError, match=r"^data file not found: .* is a directory"):
         load_ratings(tmp_path)
+    import os
+
+    os.mkfifo(tmp_path / "ratings.csv")  # reading it would wait for a writer forever
+    with pytest.raises(DataError, match=r"ratings\.csv: not a regular file \(a pipe or a device\?\)"):
+        load_ratings(tmp_path / "ratings.csv")
 
 
 @pytest.mark.parametrize("name", FORMATS + ["mystery.txt"])
