@@ -7,7 +7,7 @@ Every user error (config, data, arguments, output folder, an unreachable
 never touched. A strategy that fails (a code error, non-finite training) is one line on
 stderr; the other strategies still run and the exit code is 1 (as when a strategy's
 devices scored NaN/Inf: its means would cover the other devices only). Ctrl-C: exit 130, with the
-strategy in flight marked ``interrupted``.
+strategy in flight marked ``interrupted``; SIGTERM 143 and SIGHUP 129 the same way.
 """
 from __future__ import annotations
 
@@ -170,12 +170,16 @@ def main(argv: list[str] | None = None) -> int:
         from simulator.errors import Terminated
 
         if isinstance(exc, Terminated) or Terminated.received:
-            print("fleetsim: terminated (SIGTERM); rounds already written are kept", file=sys.stderr)
+            import signal
+
+            signum = int(Terminated.received or signal.SIGTERM)
+            print(f"fleetsim: terminated ({signal.Signals(signum).name}); rounds already written are kept",
+                  file=sys.stderr)
             # at once: every file is written whole already, and Ray's exit handler could wait a minute for a GCS
             # the same signal killed (sent to the process group); Ray's processes die with this one (devices.reaper)
             sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(143)
+            os._exit(128 + signum)
         print("fleetsim: interrupted; rounds already written are kept", file=sys.stderr)
         return 130
 

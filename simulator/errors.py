@@ -15,12 +15,14 @@ class RayAddressError(FleetsimError):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM: handled like Ctrl-C (the strategy in flight is marked ``interrupted``).
+    """SIGTERM or SIGHUP: handled like Ctrl-C (the strategy in flight is marked
+    ``interrupted``).
 
-    ``received`` stays set once the signal came, so the exit code is 143 even if a library
-    (Ray's ``get``) re-raises the interrupt as a plain ``KeyboardInterrupt``."""
+    ``received`` stays set once the signal came, so the exit code is 128 + its number (143,
+    129) even if a library (Ray's ``get``) re-raises the interrupt as a plain
+    ``KeyboardInterrupt``."""
 
-    received = False
+    received = 0  # the signal's number once one came (SIGTERM 15, SIGHUP 1)
 
 
 class ResultsWriteError(FleetsimError):

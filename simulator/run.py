@@ -86,8 +86,9 @@ def _run_experiment(cfg: ExperimentConfig, out: str, *, ray_address: str | None,
 
 
 def _terminate_on_sigterm():
-    """SIGTERM raises ``Terminated`` (a KeyboardInterrupt) in the main thread, so a killed run
-    ends like Ctrl-C: the strategy in flight is marked interrupted. Returns the restorer."""
+    """SIGTERM, and SIGHUP (the terminal closed), raise ``Terminated`` (a KeyboardInterrupt)
+    in the main thread, so a killed run ends like Ctrl-C: the strategy in flight is marked
+    interrupted. Returns the restorer."""
     import signal
     import threading
 
@@ -95,11 +96,11 @@ def _terminate_on_sigterm():
         return lambda: None
 
     def terminate(signum, frame):
-        Terminated.received = True
+        Terminated.received = signum
         raise Terminated()
 
-    previous = signal.signal(signal.SIGTERM, terminate)
-    return lambda: signal.signal(signal.SIGTERM, previous)
+    previous = {sig: signal.signal(sig, terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    return lambda: [signal.signal(sig, handler) for sig, handler in previous.items()]
 
 
 def format_table(summary: dict[str, Any]) -> str:

@@ -620,7 +620,8 @@ def test_kill_9_leaves_no_process_and_a_readable_partial_run(tmp_path):
 
 @pytest.mark.parametrize("sig, code, last_line", [
     (signal.SIGINT, 130, "fleetsim: interrupted; rounds already written are kept"),
-    (signal.SIGTERM, 143, "fleetsim: terminated (SIGTERM); rounds already written are kept")])
+    (signal.SIGTERM, 143, "fleetsim: terminated (SIGTERM); rounds already written are kept"),
+    (signal.SIGHUP, 129, "fleetsim: terminated (SIGHUP); rounds already written are kept")])
 def test_ctrl_c_or_sigterm_marks_the_strategy_in_flight_interrupted(tmp_path, sig, code, last_line):
     exp = experiment(tmp_path, ["cloud_only", "local_finetune", "fedavg"], n_devices=500, n_rounds=100)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
