@@ -41,18 +41,24 @@ def writing(path: Path):
         raise ResultsWriteError(f"cannot write {path} ({reason}); the files written before it are whole") from None
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def _replace_atomically(path: Path, write: Any) -> None:
+    """``write(tmp)`` into a temporary file beside ``path``, then rename it to ``path``
+    (readable by all, 0666 less the umask); an ``OSError`` is a ``ResultsWriteError``."""
     with writing(path):
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+            write(tmp)
             os.chmod(tmp, _file_mode())
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    _replace_atomically(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 # -- one process per run folder ------------------------------------------------------------
@@ -139,16 +145,7 @@ def write_json(path: Path, obj: Any) -> None:
 def _write_part(folder: Path, name: str, table: pa.Table) -> None:
     with writing(folder / name):
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
-        os.close(fd)
-        try:
-            pq.write_table(table, tmp)
-            os.chmod(tmp, _file_mode())
-            os.replace(tmp, folder / name)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+    _replace_atomically(folder / name, lambda tmp: pq.write_table(table, tmp))
 
 
 class RunWriter:
