@@ -94,6 +94,7 @@ def load_ratings_with_epoch(path: str | Path) -> tuple[Interactions, float]:
     users, items, times = _read_fast(p, path, fmt, skip)
     if len(users) == 0:
         raise DataError(f"{path}: no ratings" + (" after the header" if fmt.header else ""))
+    _check_not_cut_off(p, path, fmt, times)
     return _to_interactions(users, items, times)
 
 
@@ -236,6 +237,31 @@ def _read_fast(
     if len(times) and not (_TIME_MIN <= times.min() and times.max() <= _TIME_MAX):
         raise _locate_error(p, shown, fmt, ValueError(f"a timestamp is {_TIME_RANGE}"))
     return df["user"].to_numpy(), df["item"].to_numpy(), times
+
+
+def _check_not_cut_off(p: Path, shown: str | Path, fmt: _Format, times: np.ndarray) -> None:
+    """A file cut off in its last line's timestamp (a copy or download that stopped) parses:
+    ``...,1527007152`` cut to ``...,15`` is a rating of 1970 that stretches the whole
+    timeline. Refused when the last line has no line end and its timestamp has fewer
+    digits than every other line's; a whole last line without a line end is read as usual."""
+    if len(times) < 2:
+        return
+    with p.open("rb") as f:
+        f.seek(max(0, p.stat().st_size - 4096))
+        tail = f.read()
+    if not tail or tail.endswith((b"\n", b"\r")):
+        return
+    fields = _decode(tail.rsplit(b"\n", 1)[-1]).split(fmt.sep)
+    stamp = fields[-1].strip().lstrip("+")
+    others = float(times[:-1].min())
+    if len(fields) != 4 or not re.fullmatch(r"\d+(\.\d*)?", stamp) or others < 1:
+        return
+    if len(stamp.split(".")[0]) < len(str(int(others))):
+        with p.open("rb") as f:
+            lineno = 1 + sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+        raise DataError(f"{shown}:{lineno}: the file looks cut off: its last line has no line end and its timestamp "
+                        f"{_clip(stamp)!r} has fewer digits than any other line's (copy the file again; if the "
+                        f"line is whole, end it with a newline)")
 
 
 def _locate_error(p: Path, shown: str | Path, fmt: _Format, cause: BaseException) -> DataError:

@@ -257,6 +257,9 @@ def load(path: str | Path | None = None, overrides: list[str] = (), seed: int | 
         raise FleetsimError(f"{p}: not valid TOML: {exc}") from None
     except UnicodeDecodeError:
         raise FleetsimError(f"{p}: not a text file") from None
+    if not raw:  # a file emptied or cut to its comments by mistake would run other settings unnoticed
+        raise FleetsimError(f"{p}: sets nothing (empty, or only comments); write the experiment's settings in it "
+                            f"(see {DEFAULT_EXPERIMENT.name}), or leave the file out to run the quickstart")
     for text in overrides:
         keys, value = parse_override(text)
         node = raw

@@ -30,4 +30,9 @@ class ResultsWriteError(FleetsimError):
     read-only or vanished folder (``simulator.writer.writing``). Not the strategy's fault:
     one line, exit 2; every file written before stays whole (each is replaced atomically),
     the strategy in flight is left ``interrupted`` where the summary can still be written,
-    and ``--resume`` continues once the folder takes files again."""
+    and ``--resume`` continues once the folder takes files again. ``cause`` is the
+    failed write alone ("cannot write PATH (reason)")."""
+
+    def __init__(self, message: str, cause: str | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause or message

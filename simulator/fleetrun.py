@@ -186,10 +186,16 @@ class FleetRun:
         toml = self.cfg.to_toml()
         self.writer.summary["config_sha256"] = checkpoint.config_digest(toml)  # --resume refuses an edited config
         self.writer.summary["provenance"] = provenance.record(self.fleet if fleet else None, toml)
-        self.writer.write_config(toml)
-        if fleet:
-            self.writer.write_fleet(self.fleet)
-        self.state.pending(list(names))
+        try:
+            self.writer.write_config(toml)
+            if fleet:
+                self.writer.write_fleet(self.fleet)
+            self.state.pending(list(names))
+        except ResultsWriteError as exc:  # half a run folder would be refused by --resume and by a new run
+            self.writer.remove_opened()
+            self._opened = False
+            raise ResultsWriteError(f"--out {self.writer.dir}: {exc.cause}; the run did not start and its files are "
+                                    f"removed again: free space (or make the folder writable), then run again") from None
 
     def train_cloud(self) -> None:
         """Train the cloud model every strategy starts from (``NonFiniteError`` if it diverges)."""

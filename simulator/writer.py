@@ -38,7 +38,8 @@ def writing(path: Path):
         raise
     except OSError as exc:
         reason = exc.strerror or (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise ResultsWriteError(f"cannot write {path} ({reason}); the files written before it are whole") from None
+        cause = f"cannot write {path} ({reason})"
+        raise ResultsWriteError(f"{cause}; the files written before it are whole", cause) from None
 
 
 def _replace_atomically(path: Path, write: Any) -> None:
@@ -248,6 +249,18 @@ class RunWriter:
             (self.dir / PID_FILE).unlink()
         except OSError:  # gone, or the folder turned read-only: the mark names a dead process
             pass
+
+    def remove_opened(self) -> None:
+        """Undo ``create()`` and the files written after it before any strategy ran
+        (``config.toml``, the fleet's files, ``summary.json``, the in-progress mark), and
+        the folder if this writer made it: what a write that failed there left behind
+        would be refused by ``--resume`` and by a new run alike. Best effort."""
+        for name in ("config.toml", "fleet.json", "fleet_devices.parquet", "summary.json", PID_FILE):
+            try:
+                (self.dir / name).unlink(missing_ok=True)
+            except OSError:
+                pass
+        self.discard_if_empty()
 
     def discard_if_empty(self) -> None:
         """Remove the run folder again if this writer created it and wrote nothing."""

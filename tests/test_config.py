@@ -214,6 +214,19 @@ def test_load_file_errors(tmp_path):
         load(tmp_path / "pipe.toml")
 
 
+@pytest.mark.parametrize("text", ["", "\n\n", "# settings to come\n", "\ufeff"])
+def test_an_experiment_file_that_sets_nothing_is_refused(tmp_path, text):
+    # from_dict({}) is not the quickstart: an emptied file must not run other settings unnoticed
+    p = tmp_path / "exp.toml"
+    p.write_text(text, encoding="utf-8")
+    with pytest.raises(FleetsimError) as e:
+        load(p, ["data.n_devices=50"])
+    assert str(e.value) == (f"{p}: sets nothing (empty, or only comments); write the experiment's settings in it "
+                            f"(see quickstart.toml), or leave the file out to run the quickstart")
+    p.write_text("[data]\n", encoding="utf-8")  # a table, even an empty one, says what it means
+    assert load(p).data == from_dict({}).data
+
+
 def test_a_utf8_bom_is_read_past(tmp_path):
     """Some Windows editors start UTF-8 files with a byte-order mark, which TOML refuses."""
     p = tmp_path / "bom.toml"

@@ -61,6 +61,27 @@ def test_disk_full_mid_strategy_interrupts_it_and_resume_gives_the_uninterrupted
     assert comparable_summary(tmp_path / "a") == comparable_summary(tmp_path / "b")
 
 
+@pytest.mark.parametrize("made_before", [False, True])
+def test_disk_full_before_the_first_strategy_leaves_no_half_run_folder(tmp_path, monkeypatch, made_before):
+    # fleet_devices.parquet, written after config.toml and fleet.json, does not fit
+    cfg = small_config(experiment={"strategies": ["fedavg"]}, data={"n_rounds": 2})
+    out = tmp_path / "b"
+    if made_before:  # an empty folder made for the run stays, empty
+        out.mkdir()
+    with monkeypatch.context() as m:
+        disk_fills_after(m, 0)
+        with pytest.raises(ResultsWriteError) as info:
+            _play_all(cfg, out)
+    line = str(info.value)
+    assert line == (f"--out {out}: cannot write {out / 'fleet_devices.parquet'} (No space left on device); the run "
+                    f"did not start and its files are removed again: free space (or make the folder writable), "
+                    f"then run again")
+    assert out.is_dir() == made_before and (not made_before or list(out.iterdir()) == [])
+    _play_all(cfg, out)  # the same --out takes the run once there is room
+    _play_all(cfg, tmp_path / "a")
+    assert comparable_summary(tmp_path / "a") == comparable_summary(out)
+
+
 def test_a_checkpoint_that_does_not_fit_leaves_the_one_before_it(tmp_path, monkeypatch):
     import simulator.checkpoint as checkpoint
 

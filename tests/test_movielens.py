@@ -287,3 +287,30 @@ def test_timestamps_of_the_years_1_to_9999_are_accepted(tmp_path):
     p = tmp_path / "ratings.csv"
     p.write_text("userId,movieId,rating,timestamp\n1,10,4.0,-62135596800\n2,11,3.0,253402300799\n")
     assert sorted(load_ratings(p).times) == [0.0, 253402300799.0 + 62135596800.0]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_file_cut_off_in_its_last_timestamp_is_refused_on_that_line(tmp_path, fmt):
+    # the drill's case: a copy that stopped after "...,11" of the last line's 1100
+    text = "".join(line + "\n" for line in _lines(fmt, ROWS))
+    p = tmp_path / fmt
+    p.write_text(text[:-3])
+    last = len(text.splitlines())
+    with pytest.raises(DataError) as info:
+        load_ratings(p)
+    assert str(info.value) == (f"{p}:{last}: the file looks cut off: its last line has no line end and its timestamp "
+                               f"'11' has fewer digits than any other line's (copy the file again; if the line is "
+                               f"whole, end it with a newline)")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_whole_last_line_without_a_line_end_is_read(tmp_path, fmt):
+    p = tmp_path / fmt
+    p.write_text("\n".join(_lines(fmt, ROWS)))  # no final newline; the last timestamp has all its digits
+    inter, epoch = load_ratings_with_epoch(p)
+    _check_expected(inter)
+    assert epoch == EPOCH
+    p.write_text("\n".join(_lines(fmt, ROWS)) + "\n")  # cut by hand, then ended: the user vouched for it
+    cut = p.read_text()[:-4] + "\n"
+    p.write_text(cut)
+    assert load_ratings(p).n_users == 3
