@@ -69,6 +69,20 @@ class RayStartError(FleetsimError):
 
 
 RAY_CONNECT_TIMEOUT_S = 20.0
+# An embedded Ray that has not started in this long never will: under a process-count
+# limit (a cgroup's pids.max, ulimit -u) its core worker waits for a raylet that cannot
+# start its threads, without a message and holding the GIL (devices.reaper.watchdog ends
+# it). A normal start takes 3-15 s, 40 s on a loaded machine.
+RAY_START_TIMEOUT_S = 180.0
+# Host processes that have not answered in this long (plus HOST_START_S_PER_HOST each:
+# 64 hosts importing torch on 2 cores take minutes) never will: under the same limits Ray
+# starts its GCS and raylet but no worker, and waits for one without a message. After
+# HOST_START_NOTE_S the user is told what is being waited for.
+HOST_START_TIMEOUT_S = 240.0
+HOST_START_S_PER_HOST = 5.0
+HOST_START_NOTE_S = 60.0
+_WHY_NOTHING = ("Ray names no cause: its processes may be unable to start threads (a process-count limit: "
+                "ulimit -u, a container's or cgroup's pids.max), or the machine is overloaded")
 
 
 def _check_reachable(address: str, timeout: float) -> None:
@@ -115,8 +129,14 @@ def init_ray(address: str | None, timeout: float = RAY_CONNECT_TIMEOUT_S) -> Non
                                   "PYTHONPATH": os.pathsep.join([os.getcwd(), *filter(None, [os.environ.get("PYTHONPATH")])])}},
     )
     if not address:
+        from devices.reaper import watchdog
+
         try:
-            ray.init(**kwargs)
+            # a start that blocks holds the GIL (see RAY_START_TIMEOUT_S): only the reaper can end it
+            with watchdog(RAY_START_TIMEOUT_S, f"fleetsim: error: Ray's start did not finish within "
+                                               f"{RAY_START_TIMEOUT_S:.0f} s, and {_WHY_NOTHING}; the run is "
+                                               f"stopped (Ray held the driver's Python, so it is killed)"):
+                ray.init(**kwargs)
         except Exception as exc:  # noqa: BLE001 -- the machine's, not the run's: one line
             first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
             where = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
@@ -296,6 +316,7 @@ class HostPool(Recovery):
     ) -> None:
         """``processes``: hosts started beforehand (Ray only); they set the host count."""
         self.use_ray = use_ray
+        self.spec = spec  # the devices' model: FleetGrid checks what a strategy sends against its shapes
         self.log = log or _stderr
         started: list[Any] = []
         if use_ray and processes is not None:
@@ -324,13 +345,34 @@ class HostPool(Recovery):
             self._node_of: list[str | None] = []
             if not started:
                 self.hosts = [self._new_actor(h) for h in range(n_hosts)]
+                self._await_hosts([h.pid.remote() for h in self.hosts])
             else:
                 for extra in started[n_hosts:]:  # a fleet smaller than the hosts started
                     ray.kill(extra)
                 self.hosts, self._node_of = started[:n_hosts], node_of[:n_hosts]
+                self._await_hosts([h.pid.remote() for h in self.hosts])
                 self._call("load", [(self._shards[h], *self._args) for h in range(n_hosts)])
         else:
             self.hosts = [DeviceHost(s, spec, settings, seed) for s in shards]
+
+    def _await_hosts(self, answers: list[Any]) -> None:
+        """Wait for every host process's first answer (``answers``: one call's futures per
+        host), for at most ``HOST_START_TIMEOUT_S`` + ``HOST_START_S_PER_HOST`` a host:
+        one note after ``HOST_START_NOTE_S``, then ``RayStartError``. A host that died
+        answers with its error, raised by the pool's next call as usual."""
+        import ray
+
+        limit = HOST_START_TIMEOUT_S + HOST_START_S_PER_HOST * len(answers)
+        _, pending = ray.wait(answers, num_returns=len(answers), timeout=min(HOST_START_NOTE_S, limit))
+        if pending:
+            self.log(f"fleetsim: {len(answers) - len(pending)} of {len(answers)} device hosts have started after "
+                     f"{HOST_START_NOTE_S:.0f} s; waiting up to {limit:.0f} s in all")
+            _, pending = ray.wait(answers, num_returns=len(answers), timeout=max(limit - HOST_START_NOTE_S, 0.0))
+        if pending:
+            for h in self.hosts:
+                ray.kill(h)
+            raise RayStartError(f"{len(pending)} of {len(answers)} device host processes did not start within "
+                                f"{limit:.0f} s, and {_WHY_NOTHING}")
 
     def _call(self, method: str, args_per_host: list[tuple | None], round: int = 0, logged: bool = False) -> list[Any]:
         """``method`` on every host with arguments (None: not that host); ``logged``: it

@@ -13,7 +13,14 @@ hit). When the pipe reaches end-of-file the driver is gone, however it died: the
 reaper SIGKILLs every recorded process still alive and exits. On a normal exit Ray has
 already stopped its processes and there is nothing left to kill.
 
-Linux only (``/proc``); elsewhere ``start_reaper`` does nothing.
+It is also the run's watchdog for calls that can block the driver's whole Python:
+``watchdog(seconds, line)`` arms it around such a call (Ray's start holds the GIL while
+its core worker waits for a raylet that cannot start its threads, so no thread, signal
+handler or Ctrl-C of the driver runs). If the call has not returned in time, the reaper
+writes ``line`` to the driver's stderr, SIGKILLs the driver (exit status 137: nothing
+else can end it) and then the driver's processes, as above.
+
+Linux only (``/proc``); elsewhere ``start_reaper`` and ``watchdog`` do nothing.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 POLL_S = 0.5
 
@@ -73,15 +81,51 @@ def _kill(recorded: dict[int, int]) -> None:
 
 
 def watch(driver: int) -> None:
-    """Record ``driver``'s descendants until stdin closes, then kill those still alive."""
+    """Record ``driver``'s descendants until stdin closes, then kill those still alive.
+    Lines on stdin arm (``arm SECONDS LINE``) and disarm (``disarm``) the watchdog."""
     recorded: dict[int, int] = {}
+    pending, deadline, line = b"", None, ""
     while True:
         recorded.update(descendants(driver))
         ready, _, _ = select.select([sys.stdin], [], [], POLL_S)
-        if ready and not os.read(sys.stdin.fileno(), 4096):
+        if ready:
+            data = os.read(sys.stdin.fileno(), 4096)
+            if not data:
+                break
+            *commands, pending = (pending + data).split(b"\n")
+            for command in commands:
+                word, _, rest = command.decode(errors="replace").partition(" ")
+                if word == "arm":
+                    seconds, _, line = rest.partition(" ")
+                    deadline = time.monotonic() + float(seconds)
+                elif word == "disarm":
+                    deadline = None
+        if deadline is not None and time.monotonic() > deadline:
+            try:
+                with open(f"/proc/{driver}/fd/2", "a") as err:
+                    err.write(line + "\n")
+            except OSError:
+                pass
+            if proc_stat(driver) is not None:
+                os.kill(driver, signal.SIGKILL)
             break
     time.sleep(POLL_S)  # let a normal shutdown finish first
     _kill(recorded)
+
+
+@contextmanager
+def watchdog(seconds: float, line: str):
+    """Within this block the driver is ended after ``seconds`` (``line`` on its stderr,
+    then SIGKILL) unless the block has finished: for a call that may block the whole
+    interpreter. No-op without a reaper (``start_reaper``)."""
+    armed = bool(_pipes) and _reaper is not None and _reaper.poll() is None
+    if armed:
+        os.write(_pipes[0], f"arm {seconds} {' '.join(line.split())}\n".encode())
+    try:
+        yield
+    finally:
+        if armed:
+            os.write(_pipes[0], b"disarm\n")
 
 
 def start_reaper() -> subprocess.Popen | None:
@@ -96,7 +140,7 @@ def start_reaper() -> subprocess.Popen | None:
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                                close_fds=True)
     os.close(read)
-    _pipes.append(write)  # kept open (never written) for the life of this process
+    _pipes.append(write)  # kept open for the life of this process; written by watchdog()
     return _reaper
 
 

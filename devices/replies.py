@@ -19,6 +19,9 @@ def check_replies(fn, sent: Payload, replies: list[Payload], ids: np.ndarray) ->
       not float where a float was sent: an update that no longer fits the model it
       updates, which averaged in would broadcast or truncate silently (arrays under new
       names -- samples, patches -- are not constrained);
+    - a record the server sent, returned without some of its arrays: averaged, the model
+      would lose a parameter, or Flower refuses the round's replies naming no device (a
+      partial update goes under a new record name);
     - a metric value Flower's ``MetricRecord`` refuses (a numpy scalar, a bool, a mixed list).
     """
     for j, r in enumerate(replies):
@@ -32,6 +35,12 @@ def check_replies(fn, sent: Payload, replies: list[Payload], ids: np.ndarray) ->
             given = sent.arrays.get(rec)
             if not given:
                 continue
+            missing = [k for k in given if k not in arrays]
+            if missing:
+                shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+                raise ValueError(f"{getattr(fn, '__name__', fn)} returned {rec} without {shown} for device "
+                                 f"{int(ids[j])}; it was sent {len(given)} array{'s' if len(given) > 1 else ''} there (a record the server sent "
+                                 f"comes back whole, or under a new name)")
             for k, a in arrays.items():
                 if k not in given:
                     continue

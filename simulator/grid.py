@@ -94,6 +94,8 @@ class FleetGrid(Grid):
             raise ValueError(f"on_device_error must be one of {ON_DEVICE_ERROR}, got {on_device_error!r}")
         self.on_device_error, self.on_code_error = on_device_error, on_code_error
         self.fleet, self.pool, self.app = fleet, pool, device_app
+        spec = getattr(pool, "spec", None)
+        self._shapes = {} if spec is None else {k: tuple(v) for k, v in spec.shapes().items()}
         self.profiles = fleet.profiles
         self.seed, self.deadline_s, self.wait_s = seed, deadline_s, wait_s
         self.on_round = on_round
@@ -374,8 +376,10 @@ class FleetGrid(Grid):
     def _check_sent_finite(self, payloads: Iterable[Payload]) -> None:
         """Raise ``NonFiniteError`` if an array (or a float config value) the strategy sends holds NaN/Inf: a model
         that is not a number must stop the strategy where it was made (its aggregation or
-        configure step), not reach devices that would score with it. Each array shared by
-        many messages is checked once."""
+        configure step), not reach devices that would score with it. An array named like a
+        parameter of the devices' model (``ModelSpec.shapes``) with another shape is a
+        ``ValueError`` of the strategy for the same reason. Each array shared by many
+        messages is checked once."""
         seen: set[int] = set()
         bad: list[str] = []
         for p in payloads:
@@ -383,6 +387,11 @@ class FleetGrid(Grid):
                 if id(arrays) in seen:
                     continue
                 seen.add(id(arrays))
+                for k, a in arrays.items():  # a model parameter of another shape: the device would be blamed
+                    if k in self._shapes and a.shape != self._shapes[k]:
+                        raise ValueError(f"round {self.round}: the strategy sends {rec}/{k} of shape {a.shape}, but "
+                                         f"the devices' model has {k} of shape {self._shapes[k]} (made by its "
+                                         f"configure or aggregate step, before any device ran)")
                 bad += [f"{rec}/{k}" for k, a in arrays.items()
                         if a.dtype.kind in "fc" and not np.isfinite(a).all() and f"{rec}/{k}" not in bad]
             for rec, values in p.configs.items():  # an lr of NaN is a NaN model one step later

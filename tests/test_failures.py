@@ -318,6 +318,21 @@ def test_a_reply_of_another_shape_is_a_code_error_not_a_broadcast(monkeypatch, t
     assert err["message"].endswith("it was sent with shape (150, 32)")
 
 
+DROPS = SHAPES.replace('out[-1].arrays["arrays"]["item_emb"] = np.zeros(1, np.float32)',
+                      'del out[-1].arrays["arrays"]["item_emb"]').replace("Shrinks", "Drops")
+
+
+def test_a_reply_without_an_array_it_was_sent_is_a_code_error_naming_the_device(monkeypatch, tmp_path):
+    plug_in(monkeypatch, tmp_path, "drop_mod", DROPS)
+    cfg = small_config(experiment={"strategies": ["drop_mod:Drops"]},
+                       strategies={"drop_mod:Drops": {"fraction_train": 1.0}})
+    s = run_experiment(cfg, str(tmp_path / "out"), use_ray=False, progress=False, log=lambda _: None)["strategies"]
+    err = s["drop_mod:Drops"]["error"]
+    assert s["drop_mod:Drops"]["status"] == "failed" and err["round"] == 1 and err["error_type"] == "ValueError"
+    assert re.fullmatch(r"train_then_shrink returned arrays without item_emb for device \d+; it was sent 10 arrays "
+                        r"there \(a record the server sent comes back whole, or under a new name\)", err["message"])
+
+
 def test_check_replies_names_the_device_and_what_flower_would_refuse():
     from flwr.app import MetricRecord
     from devices.replies import check_replies
@@ -341,6 +356,9 @@ def test_check_replies_names_the_device_and_what_flower_would_refuse():
     with pytest.raises(ValueError, match=r"returned arrays/w as int32 for device 9; it was sent as float32"):
         check_replies(fn, sent, [good[0], Payload(arrays={"arrays": {"w": np.ones((2, 3), np.int32)}})], np.array([5, 9]))
     check_replies(fn, sent, [Payload(arrays={"arrays": {"w": np.ones((2, 3), np.float64)}})], np.array([5]))  # float
+    with pytest.raises(ValueError, match=r"fn returned arrays without w for device 9; it was sent 1 array there \(a record"):
+        check_replies(fn, sent, [good[0], Payload(arrays={"arrays": {"new": np.ones(7, np.float32)}})],
+                      np.array([5, 9]))
 
 
 def test_weighted_mean_refuses_replies_of_other_names_or_shapes():
@@ -376,6 +394,25 @@ def test_nan_sent_by_the_server_fails_the_strategy_before_a_device_adopts_it(mon
     assert len(msg) == 1 and msg[0].startswith("fleetsim: error: nan_mod:NaNAggregate failed: the strategy's server "
                                                "side: round 2: what it sends to devices holds NaN/Inf (arrays/")
     assert run_mod.failed_strategies({"strategies": s}) == ["nan_mod:NaNAggregate"]
+
+
+WRONG_SHAPE_SERVER = NAN_SERVER.replace("np.full_like(v.numpy(), np.nan)", "v.numpy()[:1]").replace(
+    "NaNAggregate", "CutAggregate")
+
+
+def test_a_model_of_another_shape_sent_by_the_server_fails_the_strategy_not_the_devices(monkeypatch, tmp_path):
+    # its aggregate keeps one row of every parameter: the device function would be blamed for loading it
+    plug_in(monkeypatch, tmp_path, "cut_mod", WRONG_SHAPE_SERVER)
+    cfg = small_config(experiment={"strategies": ["cut_mod:CutAggregate", "cloud_only"]},
+                       strategies={"cut_mod:CutAggregate": {"min_available_nodes": 1, "min_train_nodes": 1}})
+    s = run_experiment(cfg, str(tmp_path / "out"), use_ray=False, progress=False, log=lambda _: None)["strategies"]
+    cut = s["cut_mod:CutAggregate"]
+    assert cut["status"] == "failed" and s["cloud_only"]["status"] == "complete"
+    assert (cut["error"]["round"], cut["error"]["error_type"], cut["rounds_completed"]) == (2, "ValueError", 1)
+    assert cut["error"]["message"] == ("round 2: the strategy sends arrays/item_emb of shape (1, 32), but the devices' "
+                                       "model has item_emb of shape (150, 32) (made by its configure or aggregate "
+                                       "step, before any device ran)")
+    assert (cut["error"]["kind"], cut["error"]["stage"]) == ("failure", "start")  # not a device's code error
 
 
 def test_a_nan_config_value_sent_by_the_server_fails_the_strategy(monkeypatch, tmp_path):

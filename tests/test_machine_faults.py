@@ -180,6 +180,68 @@ def test_closing_a_host_start_stuck_on_a_dead_ray_returns(monkeypatch):
     stuck.set()
 
 
+WATCHED = """
+import ctypes, sys
+from devices.reaper import start_reaper, watchdog
+start_reaper()
+with watchdog(5, "fleetsim: error: it did not finish"):
+    pass  # finished in time: disarmed
+with watchdog({seconds}, "fleetsim: error: it did not finish"):
+    ctypes.PyDLL(None).sleep({blocks})  # libc sleep holding the GIL, as Ray's blocked start does
+print("returned", flush=True)
+"""
+
+
+@pytest.mark.parametrize("seconds, blocks, code", [(1, 30, -9), (20, 2, 0)])
+def test_the_reaper_ends_a_driver_blocked_inside_a_watched_call(tmp_path, seconds, blocks, code):
+    """Under a process-count limit Ray's start blocks holding the GIL: no thread, signal or
+    Ctrl-C of the driver runs (drill B5). The reaper's watchdog prints the line and ends it."""
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", WATCHED.format(seconds=seconds, blocks=blocks)], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == code, proc.stderr
+    if code:
+        assert proc.stderr.splitlines() == ["fleetsim: error: it did not finish"] and proc.stdout == ""
+        assert time.monotonic() - t0 < 15
+    else:
+        assert proc.stdout == "returned\n" and proc.stderr == ""
+
+
+def test_host_processes_that_never_answer_are_one_note_then_one_line(monkeypatch):
+    """Under a looser limit (pids.max 200 here) Ray starts but its workers do not, and the
+    pool's first call used to wait forever."""
+    from types import SimpleNamespace
+
+    import ray
+
+    from devices import pool
+
+    waits, killed, lines = [], [], []
+
+    def wait(answers, num_returns, timeout):
+        waits.append(timeout)
+        return answers[:1], answers[1:]  # one host answers, the others never
+
+    monkeypatch.setattr(ray, "wait", wait)
+    monkeypatch.setattr(ray, "kill", killed.append)
+    fake = SimpleNamespace(log=lines.append, hosts=["h0", "h1", "h2"])
+    with pytest.raises(pool.RayStartError) as info:
+        pool.HostPool._await_hosts(fake, ["a0", "a1", "a2"])
+    limit = pool.HOST_START_TIMEOUT_S + 3 * pool.HOST_START_S_PER_HOST
+    assert waits == [pool.HOST_START_NOTE_S, limit - pool.HOST_START_NOTE_S]
+    assert lines == [f"fleetsim: 1 of 3 device hosts have started after {pool.HOST_START_NOTE_S:.0f} s; waiting up "
+                     f"to {limit:.0f} s in all"]
+    assert str(info.value).startswith(f"2 of 3 device host processes did not start within {limit:.0f} s, and Ray "
+                                      f"names no cause: its processes may be unable to start threads")
+    assert killed == ["h0", "h1", "h2"] and info.value.hard_exit
+    monkeypatch.setattr(ray, "wait", lambda answers, num_returns, timeout: (answers, []))
+    pool.HostPool._await_hosts(fake, ["a0", "a1", "a2"])  # all answered: nothing said
+    assert len(lines) == 1
+
+
 def test_more_hosts_than_cpus_is_warned_once_with_the_way_out():
     from devices.pool import oversubscribed
 
