@@ -118,14 +118,24 @@ def watchdog(seconds: float, line: str):
     """Within this block the driver is ended after ``seconds`` (``line`` on its stderr,
     then SIGKILL) unless the block has finished: for a call that may block the whole
     interpreter. No-op without a reaper (``start_reaper``)."""
-    armed = bool(_pipes) and _reaper is not None and _reaper.poll() is None
-    if armed:
-        os.write(_pipes[0], f"arm {seconds} {' '.join(line.split())}\n".encode())
+    armed = _tell(f"arm {seconds} {' '.join(line.split())}")
     try:
         yield
     finally:
         if armed:
-            os.write(_pipes[0], b"disarm\n")
+            _tell("disarm")
+
+
+def _tell(command: str) -> bool:
+    """One command line to the running reaper (its pipe is the last one made); False if
+    there is none (or it is gone)."""
+    if not _pipes or _reaper is None or _reaper.poll() is not None:
+        return False
+    try:
+        os.write(_pipes[-1], f"{command}\n".encode())
+    except OSError:  # it ended between the check and the write
+        return False
+    return True
 
 
 def start_reaper() -> subprocess.Popen | None:

@@ -38,9 +38,10 @@ def check_replies(fn, sent: Payload, replies: list[Payload], ids: np.ndarray) ->
             missing = [k for k in given if k not in arrays]
             if missing:
                 shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+                sent_n = f"{len(given)} array{'s' if len(given) > 1 else ''}"
                 raise ValueError(f"{getattr(fn, '__name__', fn)} returned {rec} without {shown} for device "
-                                 f"{int(ids[j])}; it was sent {len(given)} array{'s' if len(given) > 1 else ''} there (a record the server sent "
-                                 f"comes back whole, or under a new name)")
+                                 f"{int(ids[j])}; it was sent {sent_n} there (a record the server sent comes back "
+                                 f"whole, or under a new name)")
             for k, a in arrays.items():
                 if k not in given:
                     continue

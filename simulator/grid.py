@@ -268,7 +268,7 @@ class FleetGrid(Grid):
         for m in msgs:
             if id(m.content) not in payloads:
                 payloads[id(m.content)] = to_payload(m.content, decoded)
-        self._check_sent_finite(payloads.values())
+        self._check_sent(payloads.values())
         failed_draw = prof.draw_failures(self.profiles, self.seed, self.round, self.exchange)
         offline = ~self.online[dst]
         dropped = failed_draw[dst] | offline
@@ -373,7 +373,7 @@ class FleetGrid(Grid):
             raise self._all_quarantined(n_quarantined)
         return replies
 
-    def _check_sent_finite(self, payloads: Iterable[Payload]) -> None:
+    def _check_sent(self, payloads: Iterable[Payload]) -> None:
         """Raise ``NonFiniteError`` if an array (or a float config value) the strategy sends holds NaN/Inf: a model
         that is not a number must stop the strategy where it was made (its aggregation or
         configure step), not reach devices that would score with it. An array named like a
