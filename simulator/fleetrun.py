@@ -451,7 +451,16 @@ class FleetRun:
                 grid.finish_round()  # the round in flight, up to the failure, is kept
             except Exception:  # noqa: BLE001 -- the first failure is the one reported
                 pass
-        summary = summarise(grid.results, self.fleet, time.perf_counter() - t_start, grid.clock.t)
+        failed_in = failure.info.get("round") if failure is not None else None
+        if played.status == "failed" and failed_in:  # its numbers are those of the rounds it completed
+            kept = [r for r in grid.results if r.round < failed_in]
+            end = kept[-1].info["t_start"] + kept[-1].info["latency_s"] if kept else self.fleet.timeline.history_end
+            summary = summarise(kept, self.fleet, time.perf_counter() - t_start, end)
+            # the failed round's errors and quarantined replies are part of why it failed
+            summary["errors"] = int(sum(r.info["errors"] for r in grid.results))
+            summary["quarantined"] = int(sum(r.info["quarantined"] for r in grid.results))
+        else:
+            summary = summarise(grid.results, self.fleet, time.perf_counter() - t_start, grid.clock.t)
         summary["prepare_seconds"] = t_prepared - t_start
         result = played.result
         summary["strategy_metrics"] = {str(r): dict(m) for r, m in getattr(result, "train_metrics_clientapp", {}).items()}
@@ -460,7 +469,6 @@ class FleetRun:
         played.summary = summary
         if self.state is None:
             return
-        failed_in = failure.info.get("round") if failure is not None else None
         done = sum(1 for r in grid.results if not failed_in or r.round < failed_in)  # the failed round is not complete
         if played.status == "interrupted":  # stopped in a round's writing (Ctrl-C, a full disk): what is on disk
             done = sum(1 for r in grid.results if self.writer.has_round(name, r.round))

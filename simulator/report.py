@@ -53,6 +53,22 @@ class ReportFiles:
     buckets_csv: Path
 
 
+def _check_out(out_dir: Path, given: str | Path | None, runs: dict[Path, str | Path]) -> None:
+    """Refuse an ``--out`` that would damage a run: inside a run's record folders (a
+    report there makes them unreadable), or another run's folder (its report would be
+    replaced by one about other runs)."""
+    if given is not None and not str(given).strip():
+        raise FleetsimError("--out is empty; give the folder for the report")
+    resolved = out_dir.resolve()
+    for folder in (resolved, *resolved.parents):
+        if folder.suffix == ".parquet":
+            raise FleetsimError(f"--out {out_dir}: inside {folder}, a run's records; a report there would make "
+                                f"them unreadable: choose a folder outside it")
+    if resolved not in runs and (resolved / "summary.json").is_file():
+        raise FleetsimError(f"--out {out_dir}: holds another run, whose own report would be replaced; choose an "
+                            f"empty folder, or that run's folder as one of the runs")
+
+
 def build_report(run_dirs: Sequence[str | Path], out: str | Path | None = None, *, baseline: str | None = None,
                  n_boot: int = N_BOOT) -> ReportFiles:
     """Read ``run_dirs`` and write the report to ``out`` (default: the first run directory).
@@ -64,8 +80,16 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path | None = None, 
     """
     if not run_dirs:
         raise FleetsimError("report: give at least one run directory")
+    seen: dict[Path, str | Path] = {}
+    for d in run_dirs:  # the same run twice would be compared with itself
+        key = Path(d).resolve()
+        if key in seen:
+            also = "" if str(seen[key]) == str(d) else f" (as {seen[key]} too)"
+            raise FleetsimError(f"report: {d} is given twice{also}; give each run once")
+        seen[key] = d
     runs = [load_run(d) for d in run_dirs]
     out_dir = Path(out) if out is not None else Path(run_dirs[0])
+    _check_out(out_dir, out, seen)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

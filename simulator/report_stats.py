@@ -15,6 +15,10 @@ from simulator import metrics
 
 N_BOOT = 1000
 LEVEL = 0.95
+# Below this many values a percentile bootstrap interval says nothing: with 1 value it is
+# that value, with 2 of the same sign it never holds 0. No difference over fewer users is
+# called significant (the report says why).
+MIN_SIGNIFICANT_N = 10
 
 # ---------------------------------------------------------------------------------------
 # Statistics (pure functions)
@@ -32,8 +36,9 @@ class MeanCI:
 
     @property
     def significant(self) -> bool:
-        """True when the interval excludes 0 (a difference that is not noise at this level)."""
-        return self.n > 0 and (self.lo > 0 or self.hi < 0)
+        """True when the interval excludes 0 (a difference that is not noise at this level),
+        over at least ``MIN_SIGNIFICANT_N`` values."""
+        return self.n >= MIN_SIGNIFICANT_N and (self.lo > 0 or self.hi < 0)
 
 
 def bootstrap_mean_ci(values: Sequence[float] | np.ndarray, *, n_boot: int = N_BOOT, level: float = LEVEL,

@@ -14,7 +14,7 @@ import pandas as pd
 
 from simulator import metrics, provenance
 from simulator.errors import FleetsimError
-from simulator.report_stats import N_BOOT, bootstrap_mean_ci, paired_comparison
+from simulator.report_stats import MIN_SIGNIFICANT_N, N_BOOT, bootstrap_mean_ci, paired_comparison
 from simulator.results import Run
 from strategies.registry import STRATEGY_COLOURS
 
@@ -208,7 +208,8 @@ def comparison_table(entries: Sequence[Entry], baseline: Entry, *, n_boot: int =
     """Each other strategy against the baseline, paired over users both evaluated.
 
     ``significant`` is ``yes`` when the 95 % CI excludes 0, ``no`` when it contains 0,
-    and says why when the pair cannot be compared (another fleet, no common user).
+    and says why when the pair cannot be compared (another fleet, no common user, fewer
+    than ``MIN_SIGNIFICANT_N`` paired users).
     """
     rows = []
     for i, e in enumerate(entries):
@@ -225,6 +226,8 @@ def comparison_table(entries: Sequence[Entry], baseline: Entry, *, n_boot: int =
         # devices that scored NaN/Inf are left out of the pairs: the rest are survivors, not a sample
         nan = [f"{x.label} {metrics.nonfinite_status(x.summary)}" for x in (e, baseline) if metrics.nonfinite_status(x.summary)]
         significant = ("n/a: " + "; ".join(nan) + ", left out") if nan else "yes" if pc.diff.significant else "no"
+        if not nan and pc.n_users < MIN_SIGNIFICANT_N:
+            significant = f"n/a: {pc.n_users} paired user{'s' if pc.n_users > 1 else ''} (fewer than {MIN_SIGNIFICANT_N})"
         rows.append({**row, "paired_users": pc.n_users, "mean_uauc_diff": pc.diff.mean, "ci_low": pc.diff.lo,
                      "ci_high": pc.diff.hi, "significant": significant,
                      "frac_users_gain": pc.frac_gain, "frac_users_lose": pc.frac_loss})

@@ -148,7 +148,10 @@ def load_run(run_dir: str | Path) -> Run:
     directory, was written with another result
     layout (``layout_version`` other than ``LAYOUT_VERSION``), or is missing a file.
     Strategies that did not complete are included with their ``status`` and the rounds
-    they wrote; a strategy whose run was killed (``running`` in ``summary.json``, no live
+    they completed (a failed strategy's records of the round it failed in stay on disk,
+    for ``read_devices``, but are not in ``devices``/``rounds``: they are partial, and a
+    report over them would show numbers of a round the strategy never finished); a
+    strategy whose run was killed (``running`` in ``summary.json``, no live
     process) is ``interrupted``, and its summary metrics are computed from its records
     (its pooled ``overall_auc``, kept only in memory during the run, is then None).
     """
@@ -179,43 +182,186 @@ def load_run(run_dir: str | Path) -> Run:
     if not isinstance(finished, dict) or not finished:
         raise FleetsimError(f"{path}: summary.json lists no strategy")
     try:
-        config = tomllib.loads((path / "config.toml").read_text())
+        config_text = (path / "config.toml").read_text()
+        config = tomllib.loads(config_text)
         fleet = json.loads((path / "fleet.json").read_text())
     except FileNotFoundError as exc:
         raise FleetsimError(f"{path}: {Path(exc.filename).name} is missing; not a complete fleetsim run") from None
     except (OSError, ValueError) as exc:
         raise FleetsimError(f"{path}: config.toml or fleet.json unreadable ({str(exc).splitlines()[0]})") from None
+    from simulator.checkpoint import config_digest
+
+    if summary.get("config_sha256") not in (None, config_digest(config_text)):  # files of two runs, mixed
+        raise FleetsimError(f"{path}: summary.json does not belong to config.toml (the config digest it recorded "
+                            f"differs): one of them comes from another run or was edited")
+    _check_fleet(path, fleet, config)
+    _check_entries(path, finished)
     # run order: the experiment's strategy list, restricted to those in the summary
     listed = [s for s in (config.get("experiment", {}).get("strategies") or []) if s in finished]
     if summary.get("protocol") == "leave_last":  # its methods, not experiment.strategies
         listed = []
     strategies = listed + [s for s in finished if s not in listed]
     live = _driver_alive(path)
+    n_devices = fleet["n_devices"]
     status: dict[str, str] = {}
     devices, rounds = [], []
     for s in strategies:
-        entry = finished[s] if isinstance(finished[s], dict) else {}
+        entry = finished[s]
         st = entry.get("status", "complete")
         status[s] = "interrupted" if st == "running" and not live else st
         folder = path / strategy_dirname(s)
         if st == "complete" or (folder / "devices.parquet").exists():
-            devices.append(_read_parquet(folder / "devices.parquet", f"devices of {s}")
-                           .sort_values(["round", "device_id"], kind="stable"))
-            rounds.append(_read_parquet(folder / "rounds.parquet", f"rounds of {s}").sort_values("round"))
+            devices.append(_read_parquet(folder / "devices.parquet", f"devices of {s}"))
+            rounds.append(_read_parquet(folder / "rounds.parquet", f"rounds of {s}"))
+            _check_columns(folder)
+            devices[-1] = devices[-1].sort_values(["round", "device_id"], kind="stable") if len(devices[-1]) else devices[-1]
+            rounds[-1] = rounds[-1].sort_values("round") if len(rounds[-1]) else rounds[-1]
+            _check_records(folder, devices[-1], rounds[-1], n_devices)
         else:  # failed or stopped before its first round
             devices.append(pd.DataFrame())
             rounds.append(pd.DataFrame())
-        _check_rounds(folder, devices[-1], rounds[-1], int(entry.get("rounds_completed") or 0))
+        completed = int(entry.get("rounds_completed") or 0)
+        _check_rounds(folder, devices[-1], rounds[-1], completed)
+        if st == "failed" and len(rounds[-1]):  # the round it failed in is partial: on disk, not in its numbers
+            devices[-1] = devices[-1][devices[-1]["round"] <= completed] if len(devices[-1]) else devices[-1]
+            rounds[-1] = rounds[-1][rounds[-1]["round"] <= completed]
         if st != "pending" and "uauc" not in entry and "overall_auc" not in entry:  # killed mid-strategy
             finished[s] = {**_summary_from_records(devices[-1], rounds[-1], fleet), **entry, "status": status[s]}
         elif status[s] != st:
             finished[s] = {**entry, "status": status[s]}
     return Run(
         path=path, config=config, summary=summary, fleet=fleet,
-        fleet_devices=_read_parquet(path / "fleet_devices.parquet", "per-device fleet facts"),
+        fleet_devices=_check_fleet_devices(path, _read_parquet(path / "fleet_devices.parquet", "per-device fleet facts"),
+                                           n_devices),
         devices=_with_strategy(devices, strategies), rounds=_with_strategy(rounds, strategies),
         strategies=strategies, status=status,
     )
+
+
+STATUSES = ("complete", "failed", "interrupted", "pending", "running")
+# summary.json: what each strategy's entry holds (numbers may be null: NaN, or not measured)
+_NUMBERS = ("overall_auc", "uauc", "user_auc_p10", "user_auc_p50", "user_auc_p90", "user_auc_worst10", "n_users_auc",
+            "ndcg10", "hr10", "logloss", "n_users_evaluated", "n_positives", "bytes_down", "bytes_up",
+            "mb_down_per_device_round", "mb_up_per_device_round", "device_flops", "gflops_per_device_round",
+            "device_seconds", "selected_device_rounds", "nonfinite_score_device_rounds", "errors", "quarantined",
+            "round_latency_s", "simulated_seconds", "wall_seconds", "prepare_seconds", "rounds_completed")
+_TABLES = ("by_bucket", "status_counts", "strategy_metrics", "strategy_eval_metrics", "bucket_thresholds", "error")
+
+
+def _number(x: Any) -> bool:
+    return x is None or (isinstance(x, (int, float)) and not isinstance(x, bool))
+
+
+def _check_entries(path: Path, strategies: dict[str, Any]) -> None:
+    """Raise ``FleetsimError`` naming the strategy and key for a ``summary.json`` entry no
+    fleetsim run writes (an edited or damaged file): a report would print it as a result."""
+    where = path / "summary.json"
+    for name, entry in strategies.items():
+        if not isinstance(entry, dict):
+            raise FleetsimError(f"{where}: strategy {name!r} is {type(entry).__name__}, not an object")
+        if "status" in entry and entry["status"] not in STATUSES:
+            raise FleetsimError(f"{where}: {name}: status {entry['status']!r} is not one of {', '.join(STATUSES)}")
+        bad = next((k for k in _NUMBERS if k in entry and not _number(entry[k])), None)
+        if bad is None and not isinstance(entry.get("rounds_completed", 0), int):
+            bad = "rounds_completed"
+        bad = bad or next((k for k in _TABLES if entry.get(k) is not None and not isinstance(entry[k], dict)), None)
+        bad = bad or next((f"by_bucket/{b}" for b, v in (entry.get("by_bucket") or {}).items() if not isinstance(v, dict)
+                           or not all(_number(x) for x in v.values() if not isinstance(x, (dict, list)))), None)
+        if bad is not None:
+            value = entry
+            for part in bad.split("/"):
+                value = value[part]
+            raise FleetsimError(f"{where}: {name}: {bad} = {json.dumps(value)[:60]} is not what fleetsim writes "
+                                f"(a number, or null)" if bad in _NUMBERS else
+                                f"{where}: {name}: {bad} = {json.dumps(value)[:60]} is not what fleetsim writes")
+
+
+def _check_fleet(path: Path, fleet: Any, config: Any) -> None:
+    """``fleet.json`` and ``config.toml`` hold what the report reads, of the right kinds."""
+    if not isinstance(fleet, dict):
+        raise FleetsimError(f"{path / 'fleet.json'}: not a fleetsim fleet description (expected a JSON object)")
+    n = fleet.get("n_devices")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise FleetsimError(f"{path / 'fleet.json'}: n_devices {n!r} is not a device count")
+    for key in ("history_end_s", "round_seconds"):
+        if not _number(fleet.get(key)):  # None: a paper-protocol run has no timeline
+            raise FleetsimError(f"{path / 'fleet.json'}: {key} {fleet[key]!r} is not a number of seconds")
+    events = fleet.get("drift_events")
+    if events is not None and not (isinstance(events, list) and all(isinstance(e, dict) for e in events)):
+        raise FleetsimError(f"{path / 'fleet.json'}: drift_events is not a list of events")
+    if fleet.get("bucket_thresholds") is not None and not isinstance(fleet["bucket_thresholds"], dict):
+        raise FleetsimError(f"{path / 'fleet.json'}: bucket_thresholds is not an object")
+    for section in ("experiment", "data"):
+        if not isinstance(config.get(section, {}), dict):
+            raise FleetsimError(f"{path / 'config.toml'}: [{section}] is not a table")
+
+
+def _check_fleet_devices(path: Path, fd: pd.DataFrame, n_devices: int) -> pd.DataFrame:
+    where = path / "fleet_devices.parquet"
+    missing = [c for c in ("device_id", "bucket", "history_interactions") if c not in fd.columns]
+    if missing:
+        raise FleetsimError(f"{where}: column(s) {', '.join(missing)} missing; not written by fleetsim")
+    if len(fd) != n_devices or not np.array_equal(np.sort(fd["device_id"].to_numpy()), np.arange(n_devices)):
+        raise FleetsimError(f"{where}: holds {len(fd)} rows, not devices 0..{n_devices - 1} of fleet.json "
+                            f"(a cut or edited file)")
+    return fd
+
+
+# The columns every writer of this layout gives each record (FleetGrid, simulator.paper).
+DEVICE_COLUMNS = ("round", "device_id", "online", "selected", "status", "auc", "ndcg10", "hr10", "logloss", "n_pos",
+                  "n_neg", "nonfinite", "bytes_down", "bytes_up", "device_flops", "device_seconds", "bucket")
+ROUND_COLUMNS = ("round", "t_start", "latency_s", "online", "active", "selected", "exchanges", "ok", "dropped", "late",
+                 "quarantined", "errors", "nonfinite_scores", "host_restarts")
+_RATES = ("auc", "ndcg10", "hr10")  # per-device metrics in [0, 1] (or NaN: nothing to rank)
+
+
+def _check_columns(folder: Path) -> None:
+    """Raise ``FleetsimError`` (one line naming the part file) if a round's records lack a
+    column: read together, the parts' missing values would be filled in as nulls. Reads
+    each part's schema only."""
+    import pyarrow.parquet as pq
+
+    for name, columns in (("devices.parquet", DEVICE_COLUMNS), ("rounds.parquet", ROUND_COLUMNS)):
+        for part in sorted((folder / name).glob("round-*.parquet")):
+            try:
+                have = set(pq.read_schema(part).names)
+            except (OSError, ValueError, pa.ArrowException) as exc:
+                raise FleetsimError(f"{part}: unreadable ({(str(exc).splitlines() or [type(exc).__name__])[0]})") from None
+            if missing := [c for c in columns if c not in have]:
+                raise FleetsimError(f"{part}: column(s) {', '.join(missing)} missing; not written by fleetsim (or by "
+                                    f"another layout)")
+
+
+def _check_records(folder: Path, devices: pd.DataFrame, rounds: pd.DataFrame, n_devices: int) -> None:
+    """Raise ``FleetsimError`` (one line naming the part folder) for records no fleetsim
+    run writes: a round or a device in one round twice, a device id outside the fleet, a
+    rate outside [0, 1], a negative count. A report over them would show plausible
+    numbers of another run. ``devices`` is sorted by round and device."""
+    if len(rounds) and rounds["round"].duplicated().any():
+        raise FleetsimError(f"{folder / 'rounds.parquet'}: round {int(rounds['round'][rounds['round'].duplicated()].iloc[0])} "
+                            f"appears twice; a part file was copied or edited")
+    if not len(devices):
+        return
+    r, d = devices["round"].to_numpy(), devices["device_id"].to_numpy()
+    twice = (r[1:] == r[:-1]) & (d[1:] == d[:-1])
+    problem = None
+    if twice.any():
+        i = int(np.flatnonzero(twice)[0])
+        problem = f"device {int(d[i])} appears twice in round {int(r[i])}"
+    elif d.min() < 0 or d.max() >= n_devices:
+        problem = f"device id {int(d.max() if d.max() >= n_devices else d.min())} is not in the fleet of {n_devices}"
+    else:
+        for c in _RATES:
+            x = devices[c].to_numpy(dtype=np.float64, na_value=np.nan)
+            if ((x < 0) | (x > 1)).any():
+                problem = f"{c} {float(x[(x < 0) | (x > 1)][0]):g} is outside [0, 1]"
+                break
+        else:
+            if (devices["n_pos"].to_numpy() < 0).any() or (devices["n_neg"].to_numpy() < 0).any():
+                problem = "a negative n_pos or n_neg"
+    if problem:
+        raise FleetsimError(f"{folder / 'devices.parquet'}: {problem}; not written by fleetsim (a part file was "
+                            f"copied or edited)")
 
 
 def _check_rounds(folder: Path, devices: pd.DataFrame, rounds: pd.DataFrame, completed: int) -> None:

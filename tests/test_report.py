@@ -308,6 +308,102 @@ def test_cli_report_on_a_run_missing_a_round_part(capsys, run_dir, tmp_path, par
     assert_one_line_error(code, err, str(folder), "round(s) 2 missing")
 
 
+def _edit_part(folder: Path, edit) -> None:
+    part = folder / "round-00002.parquet"
+    edit(pd.read_parquet(part)).to_parquet(part, index=False)
+
+
+def _edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+DAMAGE = [  # (what is done to a copy of the run, the file the line names, what it says)
+    (lambda d: _edit_part(d / "fedavg/devices.parquet", lambda df: pd.concat([df, df.iloc[:1]])),
+     "fedavg/devices.parquet", "appears twice in round 2"),
+    (lambda d: _edit_part(d / "fedavg/devices.parquet", lambda df: df.assign(auc=df["auc"] * 5)),
+     "fedavg/devices.parquet", "is outside [0, 1]"),
+    (lambda d: _edit_part(d / "fedavg/devices.parquet", lambda df: df.assign(device_id=df["device_id"] + 1000)),
+     "fedavg/devices.parquet", "is not in the fleet of 40"),
+    (lambda d: _edit_part(d / "fedavg/rounds.parquet", lambda df: df.drop(columns="active")),
+     "fedavg/rounds.parquet/round-00002.parquet", "column(s) active missing"),
+    (lambda d: _edit_part(d / "fedavg/rounds.parquet", lambda df: pd.concat([df, df])),
+     "fedavg/rounds.parquet", "round 2 appears twice"),
+    (lambda d: pd.read_parquet(d / "fleet_devices.parquet").iloc[:20].to_parquet(d / "fleet_devices.parquet"),
+     "fleet_devices.parquet", "holds 20 rows, not devices 0..39"),
+    (lambda d: (d / "fleet.json").write_text("[]"), "fleet.json", "expected a JSON object"),
+    (lambda d: _edit_json(d / "fleet.json", lambda f: f.update(drift_events="gradual")), "fleet.json",
+     "drift_events is not a list"),
+    (lambda d: _edit_json(d / "summary.json", lambda s: s["strategies"]["fedavg"].update(uauc="high")),
+     "summary.json", 'fedavg: uauc = "high" is not what fleetsim writes'),
+    (lambda d: _edit_json(d / "summary.json", lambda s: s["strategies"].update(fedavg="oops")),
+     "summary.json", "strategy 'fedavg' is str, not an object"),
+    (lambda d: _edit_json(d / "summary.json", lambda s: s["strategies"]["fedavg"].update(status="bogus")),
+     "summary.json", "status 'bogus' is not one of"),
+    (lambda d: (d / "config.toml").write_text((d / "config.toml").read_text().replace("seed = 3", "seed = 4")),
+     "", "summary.json does not belong to config.toml"),
+]
+
+
+@pytest.mark.parametrize("damage, where, what", DAMAGE, ids=[f"{w or 'config'}-{x[:14]}" for _, w, x in DAMAGE])
+def test_cli_report_refuses_records_no_run_writes(capsys, run_dir, tmp_path, damage, where, what):
+    """Edited or mixed run files gave tracebacks or, worse, plausible numbers (a drill: a
+    comparison 'significant' at +0.41 over AUCs x5, another run's summary beside these
+    records)."""
+    bad = tmp_path / "bad"
+    shutil.copytree(run_dir, bad, ignore=shutil.ignore_patterns("*.png", "*.html", "*.csv"))
+    assert (bad / "config.toml").read_text().count("seed = 3") == 1
+    damage(bad)
+    code, _, err = call(capsys, "report", str(bad), "--out", str(tmp_path / "r"))
+    assert_one_line_error(code, err, f"{bad / where}" if where else str(bad), what)
+
+
+def test_cli_report_refuses_an_out_that_would_damage_a_run(capsys, run_dir, tmp_path):
+    twin = tmp_path / "twin"
+    shutil.copytree(run_dir, twin)
+    before = {p: p.stat().st_mtime_ns for p in twin.rglob("*")}
+    inside = twin / "fedavg" / "devices.parquet"
+    for argv, what in ((["--out", str(inside)], f"inside {inside}, a run's records"),
+                       (["--out", str(inside / "x")], f"inside {inside}, a run's records"),
+                       (["--out", str(twin)], "holds another run, whose own report would be replaced"),
+                       (["--out", ""], "--out is empty")):
+        assert_one_line_error(*call(capsys, "report", str(run_dir), *argv)[::2], what)
+    assert_one_line_error(*call(capsys, "report", str(twin), str(twin) + "/", "--out", str(tmp_path / "r"))[::2],
+                          f"{twin}/ is given twice (as {twin} too)")
+    assert {p: p.stat().st_mtime_ns for p in twin.rglob("*")} == before
+    assert call(capsys, "report", str(twin), str(run_dir), "--out", str(twin))[0] == 0  # a run of the report
+
+
+def test_a_failed_strategys_numbers_are_those_of_the_rounds_it_completed(tmp_path):
+    """FedAvg waits for more devices than are online and fails in round 1: its records of
+    round 1 stay on disk, but its summary and report numbers (it completed no round) are
+    empty; they used to be round 1's, shown beside the baseline's three rounds."""
+    cfg = small_config(experiment={"strategies": ["cloud_only", "fedavg"]},
+                       strategies={"fedavg": {"min_available_nodes": 1000}})
+    out = tmp_path / "run"
+    s = run_mod.run_experiment(cfg, str(out), use_ray=False, progress=False, log=lambda msg: None)["strategies"]
+    assert (s["fedavg"]["status"], s["fedavg"]["rounds_completed"], s["fedavg"]["error"]["round"]) == ("failed", 0, 1)
+    assert s["fedavg"].get("uauc") is None or math.isnan(s["fedavg"]["uauc"])
+    assert s["fedavg"].get("n_users_auc", 0) == 0 and s["fedavg"]["simulated_seconds"] == 0.0
+    assert len(read_devices(out, "fedavg")) > 0  # round 1's records, for the diagnosis
+    run = load_run(out)
+    assert (run.devices["strategy"] == "fedavg").sum() == 0
+    files = report.build_report([out], tmp_path / "r")
+    table = pd.read_csv(files.summary_csv).set_index("strategy")
+    assert math.isnan(table.loc["fedavg", "uauc"]) and table.loc["fedavg", "status"] == "failed"
+    assert len(pd.read_csv(files.comparison_csv)) == 0
+
+
+def test_fewer_than_ten_paired_users_are_never_significant():
+    from simulator.report_stats import MIN_SIGNIFICANT_N, bootstrap_mean_ci
+
+    assert MIN_SIGNIFICANT_N == 10
+    assert not bootstrap_mean_ci([0.38]).significant  # a one-user "CI" is the value itself
+    assert not bootstrap_mean_ci([0.3, 0.31] * 4 + [0.3]).significant  # 9 values, all > 0
+    assert bootstrap_mean_ci([0.3, 0.31] * 5).significant  # 10 values, all > 0
+
+
 def test_cli_report_on_an_older_layout(capsys, run_dir, tmp_path):
     old = tmp_path / "old"
     shutil.copytree(run_dir, old)
