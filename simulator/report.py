@@ -100,34 +100,65 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path | None = None, 
     summary = summary_table(every)  # every strategy, finished or not, with its status
     entries = [e for e in every if len(e.records)]  # figures and comparisons need records
     if not entries:  # every strategy failed before (or never reached) its first round: statuses only
-        try:
-            _write_csv(summary, out_dir / "summary.csv")
-            write_html(out_dir / "report.html", runs, every, "No strategy wrote a round: nothing to compare",
+        def statuses(folder: Path) -> None:
+            _write_csv(summary, folder / "summary.csv")
+            write_html(folder / "report.html", runs, every, "No strategy wrote a round: nothing to compare",
                        summary, pd.DataFrame(columns=[c for c, _, _ in COMPARISON_COLUMNS]),
                        pd.DataFrame(columns=["strategy", "bucket", "users", "uauc"]), [])
-        except OSError as exc:
-            raise FleetsimError(f"--out {out_dir}: cannot write the report ({exc.strerror or exc})") from None
+
+        _write_atomically(out_dir, statuses)
         return ReportFiles(out_dir / "report.html", [], out_dir / "summary.csv", out_dir / "comparison.csv",
                            out_dir / "buckets.csv")
-    base, note = pick_baseline(entries, baseline)
+    base, note = pick_baseline(entries, baseline, every)
     comparison = comparison_table(entries, base, n_boot=n_boot)
     buckets = bucket_table(entries, base, n_boot=n_boot)
     overall = {e.label: bootstrap_mean_ci(e.users["auc"].to_numpy(), n_boot=n_boot, seed=3000 + i)
                for i, e in enumerate(entries)}
-    paths = {name: out_dir / name for name in FIGURES}
-    try:
+
+    def everything(folder: Path) -> None:
+        paths = {name: folder / name for name in FIGURES}
         fig_rounds(entries, paths["fig1_rounds.png"])
         fig_ecdf(entries, paths["fig2_user_auc_ecdf.png"])
         fig_buckets(entries, base, buckets, paths["fig3_buckets.png"])
         fig_user_gain(entries, base, paths["fig4_user_gain.png"])
         fig_cost_quality(entries, overall, paths["fig5_cost_quality.png"])
         fig_fleet(entries, paths["fig6_fleet.png"])
-        summary_csv, comparison_csv = out_dir / "summary.csv", out_dir / "comparison.csv"
-        _write_csv(summary, summary_csv)
-        _write_csv(comparison, comparison_csv)
-        _write_csv(buckets, out_dir / "buckets.csv")
-        html_path = out_dir / "report.html"
-        write_html(html_path, runs, entries, note, summary, comparison, buckets, list(paths.values()))
+        _write_csv(summary, folder / "summary.csv")
+        _write_csv(comparison, folder / "comparison.csv")
+        _write_csv(buckets, folder / "buckets.csv")
+        write_html(folder / "report.html", runs, entries, note, summary, comparison, buckets, list(paths.values()))
+
+    _write_atomically(out_dir, everything)
+    return ReportFiles(out_dir / "report.html", [out_dir / name for name in FIGURES], out_dir / "summary.csv",
+                       out_dir / "comparison.csv", out_dir / "buckets.csv")
+
+
+def _write_atomically(out_dir: Path, write) -> None:
+    """``write(folder)`` into a hidden temporary folder in ``out_dir``, then each file
+    renamed into place: a report that cannot be written whole leaves the one before it
+    as it was (a drill: a failed write left three figures of a new report beside the
+    tables of the old). An ``OSError`` is one line naming the file."""
+    import errno
+    import os
+    import shutil
+    import tempfile
+
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".report-"))
     except OSError as exc:
         raise FleetsimError(f"--out {out_dir}: cannot write the report ({exc.strerror or exc})") from None
-    return ReportFiles(html_path, list(paths.values()), summary_csv, comparison_csv, out_dir / "buckets.csv")
+    try:
+        write(tmp)
+        files = sorted(tmp.iterdir())
+        for f in files:  # what a rename would fail on, before any rename
+            if (out_dir / f.name).is_dir():
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(out_dir / f.name))
+        for f in files:
+            os.replace(f, out_dir / f.name)
+    except OSError as exc:
+        name = Path(exc.filename2 or exc.filename).name if (exc.filename2 or exc.filename) else None
+        what = f"{out_dir / name}" if name else "the report"
+        raise FleetsimError(f"--out {out_dir}: cannot write {what} ({exc.strerror or exc}); the report there "
+                            f"before, if any, is unchanged") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -123,22 +123,36 @@ def paired_users(e: Entry, baseline: Entry) -> tuple[pd.DataFrame, pd.DataFrame]
     return users(e), users(baseline)
 
 
-def pick_baseline(entries: Sequence[Entry], name: str | None) -> tuple[Entry, str]:
+def pick_baseline(entries: Sequence[Entry], name: str | None, every: Sequence[Entry] = ()) -> tuple[Entry, str]:
     """The baseline entry and a note on how it was chosen.
 
-    ``name`` matches a label first, then a strategy name (first run holding it). Without
-    a name: ``cloud_only`` if present, else the first strategy.
+    ``name`` matches a label first, then a strategy name, which must then be in one run
+    only. Without a name: ``cloud_only`` if present, else the first strategy. ``entries``
+    are the strategies with records; ``every`` all of them, to say why one without
+    records cannot be the baseline.
     """
+    without = [e for e in every if e not in entries]
     if name is not None:
-        for match in ([e for e in entries if e.label == name], [e for e in entries if e.strategy == name]):
-            if match:
-                return match[0], f"baseline {match[0].label} (--baseline {name})"
+        by_label = [e for e in entries if e.label == name]
+        by_name = [e for e in entries if e.strategy == name]
+        if by_label or len(by_name) == 1:
+            match = by_label or by_name
+            return match[0], f"baseline {match[0].label} (--baseline {name})"
+        if by_name:
+            raise FleetsimError(f"--baseline {name}: in more than one run; name one of "
+                                f"{', '.join(e.label for e in by_name)}")
+        empty = [e for e in without if name in (e.label, e.strategy)]
+        if empty:
+            raise FleetsimError(f"--baseline {name}: it completed no round ({empty[0].run.status.get(empty[0].strategy)}), "
+                                f"so nothing can be compared with it")
         known = ", ".join(e.label for e in entries)
         raise FleetsimError(f"--baseline {name}: no such strategy in the runs (strategies: {known})")
     for e in entries:
         if e.strategy == DEFAULT_BASELINE:
             return e, f"baseline {e.label} (the default)"
-    return entries[0], f"baseline {entries[0].label} ({DEFAULT_BASELINE} is not in the runs; first strategy used)"
+    why = (f"{DEFAULT_BASELINE} completed no round" if any(e.strategy == DEFAULT_BASELINE for e in without)
+           else f"{DEFAULT_BASELINE} is not in the runs")
+    return entries[0], f"baseline {entries[0].label} ({why}; first strategy used)"
 
 
 # ---------------------------------------------------------------------------------------

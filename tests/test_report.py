@@ -395,6 +395,30 @@ def test_a_failed_strategys_numbers_are_those_of_the_rounds_it_completed(tmp_pat
     assert len(pd.read_csv(files.comparison_csv)) == 0
 
 
+def test_a_report_that_cannot_be_written_whole_leaves_the_one_before(capsys, run_dir, tmp_path):
+    out = tmp_path / "r"
+    assert call(capsys, "report", str(run_dir), "--out", str(out))[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / "fig4_user_gain.png").unlink()
+    (out / "fig4_user_gain.png").mkdir()  # in the way of the new figure
+    code, _, err = call(capsys, "report", str(run_dir), "--out", str(out), "--baseline", "fedavg")
+    assert_one_line_error(code, err, f"cannot write {out / 'fig4_user_gain.png'} (Is a directory); the report there "
+                                     f"before, if any, is unchanged")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == \
+        {k: v for k, v in before.items() if k != "fig4_user_gain.png"}  # the old tables, not fedavg-based ones
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_baseline_that_completed_no_round_is_named_as_such(tmp_path):
+    cfg = small_config(experiment={"strategies": ["cloud_only", "fedavg"]},
+                       strategies={"fedavg": {"min_available_nodes": 1000}})
+    out = tmp_path / "run"
+    run_mod.run_experiment(cfg, str(out), use_ray=False, progress=False, log=lambda msg: None)
+    with pytest.raises(FleetsimError, match=r"^--baseline fedavg: it completed no round \(failed\), so nothing can "
+                                            r"be compared with it$"):
+        report.build_report([out], tmp_path / "r", baseline="fedavg")
+
+
 def test_fewer_than_ten_paired_users_are_never_significant():
     from simulator.report_stats import MIN_SIGNIFICANT_N, bootstrap_mean_ci
 
@@ -425,7 +449,11 @@ def test_cli_report_combines_runs(capsys, run_dir, tmp_path):
     twin = tmp_path / "twin"
     shutil.copytree(run_dir, twin, ignore=shutil.ignore_patterns("*.png", "*.html", "*.csv"))
     out = tmp_path / "both"
-    code, stdout, err = call(capsys, "report", str(run_dir), str(twin), "--out", str(out), "--baseline", "fedavg")
+    # a strategy name in both runs is ambiguous: it used to pick the first run's silently
+    assert_one_line_error(*call(capsys, "report", str(run_dir), str(twin), "--out", str(out), "--baseline",
+                                "fedavg")[::2], "--baseline fedavg: in more than one run; name one of small/fedavg, "
+                                                "twin/fedavg")
+    code, stdout, err = call(capsys, "report", str(run_dir), str(twin), "--out", str(out), "--baseline", "small/fedavg")
     assert code == 0, err
     assert stdout.strip() == f"report: {out / 'report.html'}"
     table = pd.read_csv(out / "summary.csv")
