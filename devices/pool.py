@@ -316,6 +316,7 @@ class HostPool(Recovery):
     ) -> None:
         """``processes``: hosts started beforehand (Ray only); they set the host count."""
         self.use_ray = use_ray
+        self.in_flight: str | None = None  # what the hosts are doing now (``_call``), for a stall note
         self.spec = spec  # the devices' model: FleetGrid checks what a strategy sends against its shapes
         self.log = log or _stderr
         started: list[Any] = []
@@ -374,9 +375,18 @@ class HostPool(Recovery):
             raise RayStartError(f"{len(pending)} of {len(answers)} device host processes did not start within "
                                 f"{limit:.0f} s, and {_WHY_NOTHING}")
 
-    def _call(self, method: str, args_per_host: list[tuple | None], round: int = 0, logged: bool = False) -> list[Any]:
+    def _call(self, method: str, args_per_host: list[tuple | None], round: int = 0, logged: bool = False,
+              what: str | None = None) -> list[Any]:
         """``method`` on every host with arguments (None: not that host); ``logged``: it
-        changes the device state, so it enters each host's replay log once it succeeded."""
+        changes the device state, so it enters each host's replay log once it succeeded.
+        While it runs, ``in_flight`` says what the hosts do (``what``, else the method)."""
+        self.in_flight = what or f"the hosts' {method}"
+        try:
+            return self._call_hosts(method, args_per_host, round, logged)
+        finally:
+            self.in_flight = None
+
+    def _call_hosts(self, method: str, args_per_host: list[tuple | None], round: int, logged: bool) -> list[Any]:
         if not self.use_ray:
             return [getattr(h, method)(*a) if a is not None else None for h, a in zip(self.hosts, args_per_host)]
         import ray
@@ -418,6 +428,7 @@ class HostPool(Recovery):
 
     def run(self, round: int, exchange: int, jobs_per_host: list[list]) -> list[JobResult]:
         """Run the jobs of each host (one call per host); results of all hosts, flattened."""
+        fns = sorted({getattr(job[0], "__name__", str(job[0])) for jobs in jobs_per_host for job in jobs or ()})
         if self.use_ray:
             import ray
 
@@ -425,7 +436,7 @@ class HostPool(Recovery):
             jobs_per_host = [ray.put(jobs) if jobs else jobs for jobs in jobs_per_host]
         args = [(round, exchange, jobs) if jobs else None for jobs in jobs_per_host]
         out: list[JobResult] = []
-        for res in self._call("run", args, round=round, logged=True):
+        for res in self._call("run", args, round=round, logged=True, what=f"device function {', '.join(fns)}"):
             if res:
                 out.extend(res)
         return out

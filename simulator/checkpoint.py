@@ -42,7 +42,7 @@ import torch
 
 from devices.scoring import ScoreHistogram
 from simulator.grid import FleetGrid, RoundResult
-from simulator.results import strategy_dirname
+from simulator.results import config_digest, strategy_dirname  # noqa: F401 (config_digest: re-exported)
 from simulator.writer import _atomic_write_bytes, writing
 
 CHECKPOINTS = "checkpoints"
@@ -54,10 +54,6 @@ MANIFEST = "manifest.json"
 # finished round's scores (replaced when the next round opens): not saved
 _GRID_REFS = frozenset({"fleet", "pool", "app", "profiles", "on_round", "on_code_error", "results", "_pending", "_run",
                         "scored", "histogram"})
-
-
-def config_digest(toml_text: str) -> str:
-    return hashlib.sha256(toml_text.encode()).hexdigest()
 
 
 def folder(run_dir: Path, strategy: str) -> Path:

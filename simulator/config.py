@@ -56,6 +56,9 @@ class ExperimentSection:
     # whom prequential scoring evaluates each round: "all" devices, or a fixed seeded
     # sample of this many (the same users for every strategy and round)
     eval_users: int | str = "all"
+    # a note on stderr when no round of a strategy has finished for this long (then after
+    # twice as long, ...): a device function or strategy that never returns; 0 = never
+    stall_note_s: float = 600.0
 
     def __post_init__(self) -> None:
         if not self.strategies:
@@ -74,6 +77,9 @@ class ExperimentSection:
         for key in ("deadline_s", "wait_s"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"experiment.{key}", getattr(self, key), "a positive number of seconds")
+        if isinstance(self.stall_note_s, bool) or not (isinstance(self.stall_note_s, (int, float))
+                                                       and 0 <= self.stall_note_s < float("inf")):
+            raise ConfigError("experiment.stall_note_s", self.stall_note_s, "seconds: 0 (never) or a positive number")
         if self.checkpoint_every < 0:
             raise ConfigError("experiment.checkpoint_every", self.checkpoint_every,
                               "rounds between checkpoints: 0 (none) or a positive integer")

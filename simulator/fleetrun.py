@@ -46,6 +46,7 @@ from strategies.base import FleetMixin
 from strategies.cloud import CloudContext, train_cloud_model
 from simulator.config import ExperimentConfig
 from simulator.errors import FleetsimError, NonFiniteError, RayAddressError, ResultsWriteError, StrategyFailure
+from simulator.stall import StallWatch
 from simulator.fleet import Fleet, build_fleet
 from simulator.grid import CodeError, FleetGrid, RoundResult, flower_patched
 from simulator.runstate import Played, RunState, quiet_flower, server_failure, summarise  # noqa: F401 (re-exported)
@@ -255,6 +256,7 @@ class FleetRun:
         warnings: list[CodeError] = []
 
         def round_done(result: RoundResult) -> None:
+            watch.progress(result.round)
             if self.state is not None:
                 self.state.round_done(name, result)
             if on_round is not None:
@@ -271,6 +273,8 @@ class FleetRun:
                 self.log(f"fleetsim: warning: {name}: round {err.round}: device function for {err.message_type!r} "
                          f"raised {key}; recorded as errors, the run goes on (traceback in {path})")
 
+        watch = StallWatch(name, self.cfg.experiment.stall_note_s, self.log, lambda: getattr(self.pool, "in_flight", None),
+                           f"fleetsim run --resume {self.writer.dir}" if self.writer is not None else None)
         if grid is None:
             grid = self.new_grid(strategy, round_done, on_code_error)
         played = Played("complete", grid)
@@ -304,7 +308,7 @@ class FleetRun:
                 if prepare is not None:  # cloud-side training before round 1 (DUET, MoMoDistill)
                     prepare(self.cloud)
                 t_prepared = time.perf_counter()
-            with flower_patched(grid, self.seed), quiet_flower(), frozen_heap():
+            with flower_patched(grid, self.seed), quiet_flower(), frozen_heap(), watch:
                 if rngs is not None:
                     checkpoint.set_rng_states(rngs)
                 extra = {"first_round": first, "result": result} if resumable else {}

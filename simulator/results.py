@@ -27,6 +27,7 @@ strategy, drift events) for reports and notebooks.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tomllib
@@ -44,6 +45,11 @@ from simulator.errors import FleetsimError
 LAYOUT_VERSION = 2  # 2: strategy status, errors / quarantined counts, nonfinite scores
 STATUSES = ("pending", "running", "complete", "failed", "interrupted")
 PID_FILE = ".fleetsim-run.pid"
+
+
+def config_digest(toml_text: str) -> str:
+    """The digest of a run's ``config.toml`` that ``summary.json`` records (``config_sha256``)."""
+    return hashlib.sha256(toml_text.encode()).hexdigest()
 
 
 def strategy_dirname(name: str) -> str:
@@ -189,8 +195,6 @@ def load_run(run_dir: str | Path) -> Run:
         raise FleetsimError(f"{path}: {Path(exc.filename).name} is missing; not a complete fleetsim run") from None
     except (OSError, ValueError) as exc:
         raise FleetsimError(f"{path}: config.toml or fleet.json unreadable ({str(exc).splitlines()[0]})") from None
-    from simulator.checkpoint import config_digest
-
     if summary.get("config_sha256") not in (None, config_digest(config_text)):  # files of two runs, mixed
         raise FleetsimError(f"{path}: summary.json does not belong to config.toml (the config digest it recorded "
                             f"differs): one of them comes from another run or was edited")

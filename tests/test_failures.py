@@ -335,6 +335,38 @@ def test_a_reply_without_an_array_it_was_sent_is_a_code_error_naming_the_device(
                         r"there \(a record the server sent comes back whole, or under a new name\)", err["message"])
 
 
+SLOW = SHAPES.replace('out[-1].arrays["arrays"]["item_emb"] = np.zeros(1, np.float32)\n    return out',
+                     'if payload.configs["config"]["server-round"] == 2:\n        import time\n        '
+                     'time.sleep(1.5)  # a stuck call, here one that ends\n    return out').replace(
+    "train_then_shrink", "train_slowly").replace("Shrinks", "Slow")
+
+
+def test_a_round_that_does_not_finish_is_noted_with_what_runs(monkeypatch, tmp_path):
+    """A device function (or strategy) that never returns used to hang the run without a
+    word: after experiment.stall_note_s without a finished round, one note says what runs
+    (then after twice as long); the run itself is untouched."""
+    plug_in(monkeypatch, tmp_path, "slow_mod", SLOW)
+    lines: list[str] = []
+    cfg = small_config(experiment={"strategies": ["slow_mod:Slow"], "stall_note_s": 0.5},
+                       strategies={"slow_mod:Slow": {"fraction_train": 1.0}})
+    s = run_experiment(cfg, str(tmp_path / "out"), use_ray=False, progress=False, log=lines.append)["strategies"]
+    assert s["slow_mod:Slow"]["status"] == "complete"
+    notes = [line for line in lines if "no round has finished" in line]
+    slow = [n for n in notes if "round 2 under way; the hosts are running device function train_slowly" in n]
+    assert slow, lines  # the 1.5 s call outlasts 0.5 s (a loaded machine may add notes elsewhere)
+    assert re.fullmatch(rf"fleetsim: note: slow_mod:Slow: no round has finished for \d+ s \(round 2 under way; the "
+                        rf"hosts are running device function train_slowly\); a loop that never ends looks like this; "
+                        rf"Ctrl-C stops the run and fleetsim run --resume {re.escape(str(tmp_path / 'out'))} "
+                        rf"continues it", slow[0])
+    # then after twice as long, not every poll: at most 0.5, 1, 2 s into the round (and 4 s on a slow machine)
+    assert len(slow) <= 4 and len(notes) <= 8
+    from simulator.config import ConfigError
+
+    for bad in (-1, float("inf"), "soon"):
+        with pytest.raises(ConfigError, match="experiment.stall_note_s"):
+            small_config(experiment={"stall_note_s": bad})
+
+
 def test_check_replies_names_the_device_and_what_flower_would_refuse():
     from flwr.app import MetricRecord
     from devices.replies import check_replies
