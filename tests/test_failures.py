@@ -309,13 +309,19 @@ class Shrinks(FedAvg):
 '''
 
 
+def run_plug_in(monkeypatch, tmp_path, module: str, source: str, strategy: str, log=lambda _: None,
+                **experiment) -> dict:
+    """The summary entry of plug-in ``strategy`` (every device trains) run alone."""
+    plug_in(monkeypatch, tmp_path, module, source)
+    cfg = small_config(experiment={"strategies": [strategy], **experiment},
+                       strategies={strategy: {"fraction_train": 1.0}})
+    return run_experiment(cfg, str(tmp_path / "out"), use_ray=False, progress=False, log=log)["strategies"][strategy]
+
+
 def test_a_reply_of_another_shape_is_a_code_error_not_a_broadcast(monkeypatch, tmp_path):
-    plug_in(monkeypatch, tmp_path, "shape_mod", SHAPES)
-    cfg = small_config(experiment={"strategies": ["shape_mod:Shrinks"]},
-                       strategies={"shape_mod:Shrinks": {"fraction_train": 1.0}})
-    s = run_experiment(cfg, str(tmp_path / "out"), use_ray=False, progress=False, log=lambda _: None)["strategies"]
-    err = s["shape_mod:Shrinks"]["error"]
-    assert s["shape_mod:Shrinks"]["status"] == "failed" and err["round"] == 1 and err["error_type"] == "ValueError"
+    s = run_plug_in(monkeypatch, tmp_path, "shape_mod", SHAPES, "shape_mod:Shrinks")
+    err = s["error"]
+    assert s["status"] == "failed" and err["round"] == 1 and err["error_type"] == "ValueError"
     assert "returned arrays/item_emb of shape (1,) for device " in err["message"]
     assert err["message"].endswith("it was sent with shape (150, 32)")
 
@@ -325,12 +331,9 @@ DROPS = SHAPES.replace('out[-1].arrays["arrays"]["item_emb"] = np.zeros(1, np.fl
 
 
 def test_a_reply_without_an_array_it_was_sent_is_a_code_error_naming_the_device(monkeypatch, tmp_path):
-    plug_in(monkeypatch, tmp_path, "drop_mod", DROPS)
-    cfg = small_config(experiment={"strategies": ["drop_mod:Drops"]},
-                       strategies={"drop_mod:Drops": {"fraction_train": 1.0}})
-    s = run_experiment(cfg, str(tmp_path / "out"), use_ray=False, progress=False, log=lambda _: None)["strategies"]
-    err = s["drop_mod:Drops"]["error"]
-    assert s["drop_mod:Drops"]["status"] == "failed" and err["round"] == 1 and err["error_type"] == "ValueError"
+    s = run_plug_in(monkeypatch, tmp_path, "drop_mod", DROPS, "drop_mod:Drops")
+    err = s["error"]
+    assert s["status"] == "failed" and err["round"] == 1 and err["error_type"] == "ValueError"
     assert re.fullmatch(r"train_then_shrink returned arrays without item_emb for device \d+; it was sent 10 arrays "
                         r"there \(a record the server sent comes back whole, or under a new name\)", err["message"])
 
@@ -345,12 +348,9 @@ def test_a_round_that_does_not_finish_is_noted_with_what_runs(monkeypatch, tmp_p
     """A device function (or strategy) that never returns used to hang the run without a
     word: after experiment.stall_note_s without a finished round, one note says what runs
     (then after twice as long); the run itself is untouched."""
-    plug_in(monkeypatch, tmp_path, "slow_mod", SLOW)
     lines: list[str] = []
-    cfg = small_config(experiment={"strategies": ["slow_mod:Slow"], "stall_note_s": 0.5},
-                       strategies={"slow_mod:Slow": {"fraction_train": 1.0}})
-    s = run_experiment(cfg, str(tmp_path / "out"), use_ray=False, progress=False, log=lines.append)["strategies"]
-    assert s["slow_mod:Slow"]["status"] == "complete"
+    s = run_plug_in(monkeypatch, tmp_path, "slow_mod", SLOW, "slow_mod:Slow", lines.append, stall_note_s=0.5)
+    assert s["status"] == "complete"
     notes = [line for line in lines if "no round has finished" in line]
     slow = [n for n in notes if "round 2 under way; the hosts are running device function train_slowly" in n]
     assert slow, lines  # the 1.5 s call outlasts 0.5 s (a loaded machine may add notes elsewhere)
