@@ -211,7 +211,7 @@ def load_run(run_dir: str | Path) -> Run:
     devices, rounds = [], []
     for s in strategies:
         entry = finished[s]
-        st = entry.get("status", "complete")
+        st = entry["status"]
         status[s] = "interrupted" if st == "running" and not live else st
         folder = path / strategy_dirname(s)
         if st == "complete" or (folder / "devices.parquet").exists():
@@ -263,8 +263,8 @@ def _check_entries(path: Path, strategies: dict[str, Any]) -> None:
     for name, entry in strategies.items():
         if not isinstance(entry, dict):
             raise FleetsimError(f"{where}: strategy {name!r} is {type(entry).__name__}, not an object")
-        if "status" in entry and entry["status"] not in STATUSES:
-            raise FleetsimError(f"{where}: {name}: status {entry['status']!r} is not one of {', '.join(STATUSES)}")
+        if entry.get("status") not in STATUSES:  # fleetsim writes one for every strategy from the start
+            raise FleetsimError(f"{where}: {name}: status {entry.get('status')!r} is not one of {', '.join(STATUSES)}")
         bad = next((k for k in _NUMBERS if k in entry and not _number(entry[k])), None)
         if bad is None and not isinstance(entry.get("rounds_completed", 0), int):
             bad = "rounds_completed"

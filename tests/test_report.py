@@ -341,6 +341,8 @@ DAMAGE = [  # (what is done to a copy of the run, the file the line names, what 
      "summary.json", "strategy 'fedavg' is str, not an object"),
     (lambda d: _edit_json(d / "summary.json", lambda s: s["strategies"]["fedavg"].update(status="bogus")),
      "summary.json", "status 'bogus' is not one of"),
+    (lambda d: _edit_json(d / "summary.json", lambda s: s["strategies"]["fedavg"].pop("status")),
+     "summary.json", "fedavg: status None is not one of"),
     (lambda d: (d / "config.toml").write_text((d / "config.toml").read_text().replace("seed = 3", "seed = 4")),
      "", "summary.json does not belong to config.toml"),
 ]
