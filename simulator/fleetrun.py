@@ -456,15 +456,12 @@ class FleetRun:
             except Exception:  # noqa: BLE001 -- the first failure is the one reported
                 pass
         failed_in = failure.info.get("round") if failure is not None else None
+        kept, end = grid.results, grid.clock.t
         if played.status == "failed" and failed_in:  # its numbers are those of the rounds it completed
             kept = [r for r in grid.results if r.round < failed_in]
             end = kept[-1].info["t_start"] + kept[-1].info["latency_s"] if kept else self.fleet.timeline.history_end
-            summary = summarise(kept, self.fleet, time.perf_counter() - t_start, end)
-            # the failed round's errors and quarantined replies are part of why it failed
-            summary["errors"] = int(sum(r.info["errors"] for r in grid.results))
-            summary["quarantined"] = int(sum(r.info["quarantined"] for r in grid.results))
-        else:
-            summary = summarise(grid.results, self.fleet, time.perf_counter() - t_start, grid.clock.t)
+        # the failed round's errors and quarantined replies are counted: they are part of why it failed
+        summary = summarise(kept, self.fleet, time.perf_counter() - t_start, end, counted=grid.results)
         summary["prepare_seconds"] = t_prepared - t_start
         result = played.result
         summary["strategy_metrics"] = {str(r): dict(m) for r, m in getattr(result, "train_metrics_clientapp", {}).items()}

@@ -31,16 +31,20 @@ def quiet_flower() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def summarise(results: list[RoundResult], fleet: Fleet, wall_s: float, sim_end: float) -> dict[str, Any]:
-    """Fleet metrics and costs of one strategy's run, from its per-round records."""
+def summarise(results: list[RoundResult], fleet: Fleet, wall_s: float, sim_end: float,
+              counted: list[RoundResult] | None = None) -> dict[str, Any]:
+    """Fleet metrics and costs of one strategy's run, from its per-round records;
+    ``counted``: the rounds whose errors and quarantined replies count (default
+    ``results``; a failed strategy's include the round it failed in)."""
+    counted = results if counted is None else counted
     df = pd.DataFrame({k: np.concatenate([r.devices[k] for r in results]) for k in results[0].devices}) if results else pd.DataFrame()
     hist = metrics.ScoreHistogram()
     for r in results:
         hist = hist.merge(r.histogram)
     out = metrics.run_summary(df, overall_auc=hist.auc() if results else float("nan"), thresholds=fleet.bucket_thresholds)
     out.update(
-        errors=int(sum(r.info["errors"] for r in results)),
-        quarantined=int(sum(r.info["quarantined"] for r in results)),
+        errors=int(sum(r.info["errors"] for r in counted)),
+        quarantined=int(sum(r.info["quarantined"] for r in counted)),
         round_latency_s=float(sum(r.info["latency_s"] for r in results)),
         simulated_seconds=float(sim_end - fleet.timeline.history_end) if results else 0.0,
         wall_seconds=float(wall_s),
