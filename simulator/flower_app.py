@@ -6,21 +6,43 @@ runs the strategy's device function for that one device on a process-local
 ``DeviceHost`` built from the experiment config. Flower's engine keeps no per-device
 state between messages unless it lives in that process, so this path is the reference
 for cross-checks and speed comparisons, not for stateful strategies at scale.
+
+No failure passes silently here either. Flower's engine turns an exception in a
+``ClientApp`` into an error reply, which fleetsim's strategies skip as they skip a device
+that dropped out, so without a check a device function that always raises would end in a
+``Result`` with an empty model. The strategy therefore talks to Flower's grid through
+``CheckedGrid``, which applies FleetGrid's rules with its default ``on_device_error =
+"stop"``:
+
+- what the strategy sends is checked before any device runs (``grid.check_sent``: NaN/Inf,
+  a model parameter of another shape);
+- a device function that raised, or any other error reply, ends the run with
+  ``DeviceCodeError`` naming the device and the error;
+- a reply with NaN/Inf or a diverged loss is quarantined: the device's state is rolled
+  back and the strategy sees an error reply, as on FleetGrid; a round in which every reply
+  was quarantined ends the run with ``NonFiniteError``;
+- a message without a reply (Flower's ``timeout``) ends the run too: in a simulation a
+  missing reply is a lost process, not a slow phone.
 """
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Context, Message
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from devices.host import DeviceHost
 from devices.pool import shard_of
 from devices.runtime import DeviceApp
+from simulator.errors import DeviceCodeError
+from simulator.grid import CodeError, all_quarantined, check_sent, server_round
 from simulator.records import array_record, to_payload, to_recorddict
+
+QUARANTINED = "fleetsim: quarantined"  # opens the error a ClientApp raises for a non-finite or diverged reply
 
 _HOSTS: dict[int, DeviceHost] = {}  # one whole-fleet host per process, per experiment
 
@@ -50,8 +72,11 @@ def make_client_app(cfg, device_app: DeviceApp, initial: dict[str, np.ndarray]) 
         rnd = int(payload.config().get("server-round", 1))
         fn = device_app.function_for(msg.metadata.message_type)
         (res,) = host.run(rnd, 1, [(fn, payload, np.array([device]))])
-        if res.replies is None:
-            raise RuntimeError(res.error)
+        if res.replies is None:  # Flower makes it an error reply; CheckedGrid raises DeviceCodeError
+            raise RuntimeError(f"device {device}: {res.error_type}: {res.error}")
+        if res.nonfinite[0] or res.diverged[0]:  # rolled back by host.run, as on FleetGrid
+            why = "non-finite update" if res.nonfinite[0] else "diverged update (train_loss above 100 x ln 2)"
+            raise RuntimeError(f"{QUARANTINED}: device {device}: {why}")
         return Message(to_recorddict(res.replies[0]), reply_to=msg)
 
     app.train()(handle)
@@ -60,13 +85,81 @@ def make_client_app(cfg, device_app: DeviceApp, initial: dict[str, np.ndarray]) 
     return app
 
 
-def make_server_app(strategy, initial: dict[str, np.ndarray], num_rounds: int, sink: dict[str, Any]) -> ServerApp:
-    """A Flower ``ServerApp`` that runs ``strategy.start``; the ``Result`` lands in ``sink``."""
+class CheckedGrid(Grid):
+    """Flower's grid, with FleetGrid's checks of what a strategy sends and gets back (the
+    module's docstring). ``shapes``: the devices' model parameters (``ModelSpec.shapes``).
+    Strategies exchange through ``send_and_receive``; ``push_messages`` and
+    ``pull_messages`` pass through unchecked."""
+
+    def __init__(self, grid: Grid, shapes: dict[str, tuple[int, ...]]) -> None:
+        self.grid, self.shapes = grid, shapes
+
+    def set_run(self, run) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self):
+        return self.grid.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self):
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages):
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages, *, timeout: float | None = None):
+        messages = list(messages)
+        rnd = max((server_round(m) or 0 for m in messages), default=0)
+        decoded: dict[int, dict] = {}
+        check_sent([to_payload(m.content, decoded) for m in messages], self.shapes, rnd)
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        if len(replies) < len(messages):
+            raise RuntimeError(f"round {rnd}: {len(messages) - len(replies)} of {len(messages)} messages got no "
+                               f"reply from Flower's engine within timeout={timeout} (a lost process?)")
+        quarantined = 0
+        for r in replies:
+            if not r.has_error():
+                continue
+            reason = r.error.reason
+            if QUARANTINED in reason:
+                quarantined += 1
+                continue
+            raise DeviceCodeError(_code_error(rnd, r.metadata.message_type, reason), devices=1)
+        if quarantined and quarantined == len(replies):
+            raise all_quarantined(rnd, quarantined)
+        return replies
+
+
+def _code_error(rnd: int, message_type: str, reason: str) -> CodeError:
+    """The device's error out of Flower's error reason (``<class ...>:<'Exception ...
+    Message: device 3: ValueError: boom'>``, as ``make_client_app`` raises it); another
+    error reply (a ClientApp that Flower could not run) keeps Flower's reason whole."""
+    text = reason.split("Message:", 1)[-1].strip().removesuffix("'>").strip()
+    text = (text.splitlines() or [reason])[0][:500]
+    found = re.match(r"device (\d+): (\w+): (.*)", text)
+    if found is None:
+        return CodeError(rnd, message_type, 1, "error reply", reason[:500], "")
+    device, error_type, message = found.groups()
+    return CodeError(rnd, message_type, 1, error_type, f"{message} (device {device})", "")
+
+
+def make_server_app(strategy, initial: dict[str, np.ndarray], num_rounds: int, sink: dict[str, Any],
+                    shapes: dict[str, tuple[int, ...]] | None = None) -> ServerApp:
+    """A Flower ``ServerApp`` that runs ``strategy.start`` on a ``CheckedGrid``; the
+    ``Result`` lands in ``sink``."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        sink["result"] = strategy.start(grid=grid, initial_arrays=array_record(initial), num_rounds=num_rounds)
+        sink["result"] = strategy.start(grid=CheckedGrid(grid, shapes or {}), initial_arrays=array_record(initial),
+                                        num_rounds=num_rounds)
 
     return app
 
@@ -77,15 +170,18 @@ def run_on_flower(cfg, strategy, initial: dict[str, np.ndarray], num_rounds: int
 
     from simulator.fleet import build_fleet
 
-    n = build_fleet(cfg).n_devices
+    fleet = build_fleet(cfg)
+    shapes = {k: tuple(v) for k, v in cfg.model.spec(fleet.interactions.n_items).shapes().items()}
     sink: dict[str, Any] = {}
     run_simulation(
-        server_app=make_server_app(strategy, initial, num_rounds, sink),
+        server_app=make_server_app(strategy, initial, num_rounds, sink, shapes),
         client_app=make_client_app(cfg, strategy.device_app, initial),
-        num_supernodes=n,
+        num_supernodes=fleet.n_devices,
         backend_config={"client_resources": {"num_cpus": num_cpus_per_client}},
     )
-    return sink.get("result")
+    if "result" not in sink:  # the ServerApp ended without returning (Flower logged why)
+        raise RuntimeError("Flower's engine ended without the strategy's result; its log above says why")
+    return sink["result"]
 
 
 def final_arrays(result) -> dict[str, np.ndarray]:

@@ -254,7 +254,7 @@ class FleetGrid(Grid):
 
     def _exchange(self, msgs: list[Message]) -> list[Message]:
         for m in msgs:
-            cfg_round = _server_round(m)
+            cfg_round = server_round(m)
             if cfg_round is not None and cfg_round > self.round:
                 self.begin_round(cfg_round)
         if self.round == 0:
@@ -374,42 +374,52 @@ class FleetGrid(Grid):
         return replies
 
     def _check_sent(self, payloads: Iterable[Payload]) -> None:
-        """Raise ``NonFiniteError`` if an array (or a float config value) the strategy sends holds NaN/Inf: a model
-        that is not a number must stop the strategy where it was made (its aggregation or
-        configure step), not reach devices that would score with it. An array named like a
-        parameter of the devices' model (``ModelSpec.shapes``) with another shape is a
-        ``ValueError`` of the strategy for the same reason. Each array shared by many
-        messages is checked once."""
-        seen: set[int] = set()
-        bad: list[str] = []
-        for p in payloads:
-            for rec, arrays in p.arrays.items():
-                if id(arrays) in seen:
-                    continue
-                seen.add(id(arrays))
-                for k, a in arrays.items():  # a model parameter of another shape: the device would be blamed
-                    if k in self._shapes and a.shape != self._shapes[k]:
-                        raise ValueError(f"round {self.round}: the strategy sends {rec}/{k} of shape {a.shape}, but "
-                                         f"the devices' model has {k} of shape {self._shapes[k]} (made by its "
-                                         f"configure or aggregate step, before any device ran)")
-                bad += [f"{rec}/{k}" for k, a in arrays.items()
-                        if a.dtype.kind in "fc" and not np.isfinite(a).all() and f"{rec}/{k}" not in bad]
-            for rec, values in p.configs.items():  # an lr of NaN is a NaN model one step later
-                bad += [f"{rec}/{k}" for k, v in values.items()
-                        if isinstance(v, float) and not math.isfinite(v) and f"{rec}/{k}" not in bad]
-        if bad:
-            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-            raise NonFiniteError("the strategy's server side", "its aggregate_train / configure_train (or its server lr)",
-                                 f"round {self.round}: what it sends to devices holds NaN/Inf "
-                                 f"({', '.join(bad[:3])}{more})", round=self.round)
+        check_sent(payloads, self._shapes, self.round)
 
     def _all_quarantined(self, n: int) -> NonFiniteError:
-        return NonFiniteError("device training", "device.lr (or the strategy's lr / local_steps)",
-                              f"round {self.round}: every device reply was non-finite or diverged ({n} quarantined, "
-                              f"none aggregated)", round=self.round)
+        return all_quarantined(self.round, n)
 
 
-def _server_round(m: Message) -> int | None:
+def check_sent(payloads: Iterable[Payload], shapes: dict[str, tuple[int, ...]], round: int) -> None:
+    """Raise ``NonFiniteError`` if an array (or a float config value) the strategy sends holds NaN/Inf: a model
+    that is not a number must stop the strategy where it was made (its aggregation or
+    configure step), not reach devices that would score with it. An array named like a
+    parameter of the devices' model (``shapes``, from ``ModelSpec.shapes``) with another shape is a
+    ``ValueError`` of the strategy for the same reason. Each array shared by many
+    messages is checked once. FleetGrid and ``simulator.flower_app`` (Flower's engine) both
+    check what a strategy sends with it."""
+    seen: set[int] = set()
+    bad: list[str] = []
+    for p in payloads:
+        for rec, arrays in p.arrays.items():
+            if id(arrays) in seen:
+                continue
+            seen.add(id(arrays))
+            for k, a in arrays.items():  # a model parameter of another shape: the device would be blamed
+                if k in shapes and a.shape != shapes[k]:
+                    raise ValueError(f"round {round}: the strategy sends {rec}/{k} of shape {a.shape}, but "
+                                     f"the devices' model has {k} of shape {shapes[k]} (made by its "
+                                     f"configure or aggregate step, before any device ran)")
+            bad += [f"{rec}/{k}" for k, a in arrays.items()
+                    if a.dtype.kind in "fc" and not np.isfinite(a).all() and f"{rec}/{k}" not in bad]
+        for rec, values in p.configs.items():  # an lr of NaN is a NaN model one step later
+            bad += [f"{rec}/{k}" for k, v in values.items()
+                    if isinstance(v, float) and not math.isfinite(v) and f"{rec}/{k}" not in bad]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise NonFiniteError("the strategy's server side", "its aggregate_train / configure_train (or its server lr)",
+                             f"round {round}: what it sends to devices holds NaN/Inf "
+                             f"({', '.join(bad[:3])}{more})", round=round)
+
+
+def all_quarantined(round: int, n: int) -> NonFiniteError:
+    """The failure of a round in which every computed device reply was quarantined."""
+    return NonFiniteError("device training", "device.lr (or the strategy's lr / local_steps)",
+                          f"round {round}: every device reply was non-finite or diverged ({n} quarantined, "
+                          f"none aggregated)", round=round)
+
+
+def server_round(m: Message) -> int | None:
     for rec in m.content.config_records.values():
         if "server-round" in rec:
             return int(rec["server-round"])

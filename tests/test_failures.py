@@ -910,3 +910,146 @@ def test_a_running_strategy_is_interrupted_once_its_driver_is_gone(tmp_path, mon
     assert run.summary["strategies"]["cloud_only"]["n_positives"] == int(run.devices["n_pos"].sum())
     (out / ".fleetsim-run.pid").unlink()
     assert load_run(out).status == {"cloud_only": "interrupted"}
+
+
+# Flower's own engine (simulator.flower_app) --------------------------------------------
+
+
+class _Answers:
+    """Stands in for Flower's grid: answers each message with ``answer(message)``."""
+
+    def __init__(self, answer) -> None:
+        self.answer, self.calls = answer, 0
+
+    def send_and_receive(self, messages, *, timeout=None):
+        self.calls += 1
+        return [a for a in (self.answer(m) for m in messages) if a is not None]
+
+
+def _sent(n: int, weight: float = 1.0):
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from simulator.records import array_record
+
+    content = RecordDict({"arrays": array_record({"w": np.full((2, 3), weight, np.float32)}),
+                          "config": ConfigRecord({"server-round": 4})})
+    return [Message(content, dst_node_id=10 + i, message_type="train") for i in range(n)]
+
+
+def _error(m, reason: str):
+    from flwr.app import Error, Message
+
+    return Message(Error(code=0, reason=reason), reply_to=m)
+
+
+def _ok(m):
+    from flwr.app import Message
+
+    return Message(m.content, reply_to=m)
+
+
+def _flower_reason(text: str) -> str:
+    # what Flower's simulation engine makes of an exception a ClientApp raised
+    return f"<class 'flwr.clientapp.client_app.ClientAppException'>:<'\nException ClientAppException occurred. Message: {text}'>"
+
+
+@pytest.fixture
+def flower_identity():
+    """Flower's task identity (messages need a run id), as a FleetGrid run sets it."""
+    from types import SimpleNamespace
+
+    from simulator.grid import flower_patched
+
+    with flower_patched(SimpleNamespace(run=SimpleNamespace(run_id=7), wait=lambda s: None), 0):
+        yield
+
+
+def test_checked_grid_applies_fleetgrids_rules_on_flowers_engine(flower_identity):
+    """Error replies on Flower's engine are never skipped silently: a device function's
+    error ends the run naming the device; quarantined replies are skipped unless every reply
+    is; a missing reply ends the run; NaN or a wrong shape sent never reaches a device."""
+    from simulator.errors import DeviceCodeError
+    from simulator.flower_app import QUARANTINED, CheckedGrid
+
+    shapes = {"w": (2, 3)}
+    fine = CheckedGrid(_Answers(_ok), shapes)
+    assert len(fine.send_and_receive(_sent(3))) == 3
+
+    def one_raises(m):
+        return _error(m, _flower_reason("device 7: ValueError: boom")) if m.metadata.dst_node_id == 11 else _ok(m)
+
+    with pytest.raises(DeviceCodeError) as err:
+        CheckedGrid(_Answers(one_raises), shapes).send_and_receive(_sent(3))
+    assert str(err.value) == "round 4: device function for 'train' raised ValueError: boom (device 7) (1 device(s))"
+    assert err.value.info["error_type"] == "ValueError" and err.value.info["round"] == 4
+
+    def one_quarantined(m):
+        return _error(m, _flower_reason(f"{QUARANTINED}: device 3: non-finite update")) \
+            if m.metadata.dst_node_id == 10 else _ok(m)
+
+    replies = CheckedGrid(_Answers(one_quarantined), shapes).send_and_receive(_sent(3))
+    assert [r.has_error() for r in replies] == [True, False, False]  # skipped by the strategy, as on FleetGrid
+    with pytest.raises(NonFiniteError, match="round 4: every device reply was non-finite or diverged \\(2 quarantined"):
+        CheckedGrid(_Answers(lambda m: _error(m, _flower_reason(f"{QUARANTINED}: device 1: x"))), shapes) \
+            .send_and_receive(_sent(2))
+
+    with pytest.raises(RuntimeError, match="round 4: 1 of 3 messages got no reply"):
+        CheckedGrid(_Answers(lambda m: None if m.metadata.dst_node_id == 12 else _ok(m)), shapes) \
+            .send_and_receive(_sent(3), timeout=5.0)
+
+    # another error reply (Flower could not load or run the ClientApp) keeps Flower's reason
+    with pytest.raises(DeviceCodeError, match="raised error reply: <class 'flwr.*LoadClientAppError"):
+        CheckedGrid(_Answers(lambda m: _error(m, "<class 'flwr.clientapp.LoadClientAppError'>:<'x'>")), shapes) \
+            .send_and_receive(_sent(1))
+
+    for shapes_known, msgs, error, needle in (
+            (shapes, _sent(2, weight=np.nan), NonFiniteError, "round 4: what it sends to devices holds NaN/Inf \\(arrays/w\\)"),
+            ({"w": (3, 2)}, _sent(2), ValueError, "round 4: the strategy sends arrays/w of shape \\(2, 3\\)")):
+        inner = _Answers(_ok)
+        with pytest.raises(error, match=needle):
+            CheckedGrid(inner, shapes_known).send_and_receive(msgs)
+        assert inner.calls == 0  # refused before any device ran
+
+
+def _raises(ctx, payload):
+    raise ValueError("boom in user code")
+
+
+def _nan_update(ctx, payload):
+    from flwr.app import MessageType
+
+    from strategies.fedavg import FedAvg
+
+    replies = FedAvg.device_app.function_for(MessageType.TRAIN)(ctx, payload)
+    for r in replies:
+        for arrays in r.arrays.values():
+            for k in arrays:
+                arrays[k] = arrays[k] * np.float32("nan")
+    return replies
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("train, error, needle", [
+    (_raises, "DeviceCodeError", r"round 1: device function for 'train' raised ValueError: boom in user code "
+                                 r"\(device [0-5]\)"),
+    (_nan_update, "NonFiniteError", r"round 1: every device reply was non-finite or diverged \(6 quarantined"),
+])
+def test_a_device_error_or_nan_on_flowers_engine_ends_the_run(train, error, needle):
+    """Through Flower's ``run_simulation``: a device function that raises, or whose every
+    update is NaN, used to end in a ``Result`` with an empty model (every reply an error
+    reply, each skipped by the strategy)."""
+    from flwr.app import MessageType
+
+    from devices.runtime import DeviceApp
+    from simulator import errors
+    from simulator.flower_app import run_on_flower
+    from strategies.fedavg import FedAvg
+
+    class Broken(FedAvg):
+        device_app = DeviceApp({MessageType.TRAIN: train})
+
+    cfg = small_config(data={"n_devices": 6, "n_rounds": 2},
+                       profiles={"online_peak": 1.0, "online_trough": 1.0, "failure_rate": 0.0})
+    w = SmallWorld(cfg)
+    with pytest.raises(getattr(errors, error), match=needle):
+        run_on_flower(cfg, Broken(fraction_train=1.0, min_train_nodes=6, min_available_nodes=6), w.initial, 2)
