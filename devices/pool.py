@@ -143,6 +143,9 @@ def init_ray(address: str | None, timeout: float = RAY_CONNECT_TIMEOUT_S) -> Non
             raise RayStartError(f"cannot start Ray ({type(exc).__name__}: {first}); Ray needs a writable folder with "
                                 f"free space in {where} (RAY_TMPDIR, else TMPDIR, else /tmp) and no file-size limit "
                                 f"(ulimit -f)") from None
+        from devices.raywatch import watch_core_processes
+
+        watch_core_processes()  # a GCS or raylet that dies is said at once (Ray would end the run without a word)
         return
     outcome: list[BaseException | None] = []
 

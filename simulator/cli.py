@@ -169,6 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         from simulator.errors import Terminated
 
+        from devices.raywatch import lost
+
+        if lost() and not Terminated.received:  # the embedded Ray lost its GCS or raylet: said in one line
+            sys.stdout.flush()                   # already; a fault of the machine
+            sys.stderr.flush()
+            os._exit(EXIT_USAGE)  # at once, as below: Ray's exit handler would wait for the lost process
         if isinstance(exc, Terminated) or Terminated.received:
             import signal
 

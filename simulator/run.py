@@ -88,18 +88,28 @@ def _run_experiment(cfg: ExperimentConfig, out: str, *, ray_address: str | None,
 def _terminate_on_sigterm():
     """SIGTERM, and SIGHUP (the terminal closed), raise ``Terminated`` (a KeyboardInterrupt)
     in the main thread, so a killed run ends like Ctrl-C: the strategy in flight is marked
-    interrupted. Returns the restorer."""
+    interrupted. All three, Ctrl-C too, first tell ``devices.raywatch`` to stand down.
+    Returns the restorer."""
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
 
+    from devices.raywatch import lost, stand_down
+
     def terminate(signum, frame):
-        Terminated.received = signum
+        stand_down()  # a signal sent to the whole group ends Ray's GCS too: not a loss to report
+        if lost() is None:  # else devices.raywatch sent it (a lost GCS or raylet), not the user
+            Terminated.received = signum
         raise Terminated()
 
-    previous = {sig: signal.signal(sig, terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    def interrupt(signum, frame):  # Ctrl-C: Python's own KeyboardInterrupt, after the same stand-down
+        stand_down()
+        signal.default_int_handler(signum, frame)
+
+    previous = {sig: signal.signal(sig, handler)
+                for sig, handler in ((signal.SIGTERM, terminate), (signal.SIGHUP, terminate), (signal.SIGINT, interrupt))}
     return lambda: [signal.signal(sig, handler) for sig, handler in previous.items()]
 
 

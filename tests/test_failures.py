@@ -750,6 +750,82 @@ def test_sigterm_while_the_cloud_model_trains_is_one_line_and_leaves_nothing(tmp
     assert _wait_for(lambda: not alive(), 30), f"still alive after 30 s: {alive()}"
 
 
+def test_a_lost_ray_gcs_is_one_line_exit_2_and_the_strategy_interrupted(tmp_path):
+    """kill -9 of the embedded Ray's GCS mid-strategy: Ray's core worker would end the
+    driver 60 s later with exit status 1 and a line of its own log, the strategy left
+    ``running``. Now: fleetsim's line naming the GCS within seconds, exit 2, the strategy
+    ``interrupted``, no process left; ``--resume`` then completes the run."""
+    exp = experiment(tmp_path, ["cloud_only", "local_finetune"], n_devices=500, n_rounds=8)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "simulator.cli", "run", str(exp), "--out", "out", "--no-progress",
+                             "--no-report"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    parts = tmp_path / "out" / "local_finetune" / "rounds.parquet"
+    seen: dict[int, int] = {}
+    try:
+        assert _wait_for(lambda: (seen.update(descendants(proc.pid)) or True) and parts.is_dir()
+                         and len(list(parts.glob("round-*.parquet"))) >= 2, 240)
+        seen.update(descendants(proc.pid))
+        gcs = [p for p in seen if Path(f"/proc/{p}/comm").exists() and Path(f"/proc/{p}/comm").read_text().strip() == "gcs_server"]
+        assert len(gcs) == 1
+        killed_at = time.monotonic()
+        os.kill(gcs[0], signal.SIGKILL)
+        _, err = proc.communicate(timeout=50)  # well before Ray's own end of the driver, 60 s after the loss
+        took = time.monotonic() - killed_at
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2, err
+    no_traceback(err)
+    assert err.splitlines()[-1] == (f"fleetsim: error: Ray's GCS process (pid {gcs[0]}) ended (killed by SIGKILL), and "
+                                    f"the run cannot go on without it; rounds already written are kept, and `fleetsim "
+                                    f"run --resume` with the run's folder continues it")
+    assert took < 20, took
+    alive = lambda: [p for p, start in seen.items() if _start_time(p) == start]
+    assert _wait_for(lambda: not alive(), 30), f"still alive after 30 s: {alive()}"
+    run = load_run(tmp_path / "out")
+    assert run.status == {"cloud_only": "complete", "local_finetune": "interrupted"}
+    assert run.summary["strategies"]["local_finetune"]["rounds_completed"] >= 2
+
+    res = cli(tmp_path, "run", "--resume", "out", "--no-progress", "--no-report")
+    assert res.returncode == 0, res.stderr
+    assert load_run(tmp_path / "out").status == {"cloud_only": "complete", "local_finetune": "complete"}
+
+
+def test_the_ray_watch_names_a_lost_process_only_while_ray_is_connected():
+    """``devices.raywatch.check``: a process that ended is a loss only while Ray is still
+    connected (``ray.shutdown`` disconnects before it stops its processes) and the driver
+    has not stood down (its handler of a signal sent to the whole group)."""
+    from devices import raywatch
+    from devices.raywatch import check
+
+    raywatch._stood_down.clear()
+
+    class Ended:
+        def __init__(self, code):
+            self.code, self.pid = code, 4242
+
+        def poll(self):
+            return self.code
+
+    running = {"GCS": Ended(None), "raylet": Ended(None)}
+    assert check(running, lambda: True) is None
+    assert check({**running, "raylet": Ended(-9)}, lambda: False) is None  # a shutdown stopped it
+    line = check({**running, "raylet": Ended(-9)}, lambda: True)
+    assert line.startswith("fleetsim: error: Ray's raylet process (pid 4242) ended (killed by SIGKILL), and the run")
+    assert "(exit status 3)" in check({**running, "GCS": Ended(3)}, lambda: True, grace_s=0.01)
+    # SIGTERM to the whole group: the driver's handler stands down, and the GCS's or the
+    # raylet's end (exit status 0) within the grace is not a loss
+    assert "(killed by SIGTERM)" in check({**running, "GCS": Ended(-15)}, lambda: True, grace_s=0.01)
+    raywatch.stand_down()
+    try:
+        assert check({**running, "GCS": Ended(-15)}, lambda: True, grace_s=0.01) is None
+        assert check({**running, "raylet": Ended(0)}, lambda: True, grace_s=0.01) is None
+        assert check({**running, "GCS": Ended(-9)}, lambda: True) is None
+    finally:
+        raywatch._stood_down.clear()
+
+
 def _start_time(pid: int) -> int | None:
     from devices.reaper import proc_stat
 
