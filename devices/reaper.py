@@ -20,10 +20,19 @@ handler or Ctrl-C of the driver runs). If the call has not returned in time, the
 writes ``line`` to the driver's stderr, SIGKILLs the driver (exit status 137: nothing
 else can end it) and then the driver's processes, as above.
 
-Linux only (``/proc``); elsewhere ``start_reaper`` and ``watchdog`` do nothing.
+And it says when the driver ended without a word of fleetsim's. Every way fleetsim ends a
+process itself (a return, an error's line or traceback, a signal's line) first tells the
+reaper ``bye`` (``farewell``, also run at exit). A driver that ends without it was killed
+(``kill -9``, the OOM killer), crashed in native code, or was ended by Ray's core worker
+(which ends its process when it loses its raylet or GCS): the reaper then writes one line
+to the stderr it shares with the driver, naming the run's folder (``run_folder``) and
+``--resume``.
+
+Linux only (``/proc``); elsewhere ``start_reaper``, ``watchdog`` and the rest do nothing.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import select
 import signal
@@ -80,11 +89,21 @@ def _kill(recorded: dict[int, int]) -> None:
                 pass
 
 
+def unsaid_end(driver: int, folder: str) -> str:
+    """The line for a driver that ended without fleetsim's word (no ``bye``)."""
+    where = f"; `fleetsim run --resume {folder}` continues it" if folder else ""
+    return (f"fleetsim: error: the run's process (pid {driver}) ended without a word of fleetsim's: it was killed "
+            f"(kill -9, the out-of-memory killer), crashed, or was ended by Ray when its raylet or GCS was lost; "
+            f"rounds already written are kept{where}")
+
+
 def watch(driver: int) -> None:
     """Record ``driver``'s descendants until stdin closes, then kill those still alive.
-    Lines on stdin arm (``arm SECONDS LINE``) and disarm (``disarm``) the watchdog."""
+    Lines on stdin arm (``arm SECONDS LINE``) and disarm (``disarm``) the watchdog, name
+    the run's folder (``folder PATH``) and announce fleetsim's own end (``bye``)."""
     recorded: dict[int, int] = {}
     pending, deadline, line = b"", None, ""
+    said, folder = False, ""
     while True:
         recorded.update(descendants(driver))
         ready, _, _ = select.select([sys.stdin], [], [], POLL_S)
@@ -100,17 +119,29 @@ def watch(driver: int) -> None:
                     deadline = time.monotonic() + float(seconds)
                 elif word == "disarm":
                     deadline = None
+                elif word == "folder":
+                    folder = rest
+                elif word == "bye":
+                    said = True
         if deadline is not None and time.monotonic() > deadline:
-            try:
-                with open(f"/proc/{driver}/fd/2", "a") as err:
-                    err.write(line + "\n")
-            except OSError:
-                pass
+            _say(line)
+            said = True
             if proc_stat(driver) is not None:
                 os.kill(driver, signal.SIGKILL)
             break
+    if not said:
+        _say(unsaid_end(driver, folder))
+    os.close(2)  # the driver's stderr: whoever reads it to its end (a pipe) need not wait for the kills
     time.sleep(POLL_S)  # let a normal shutdown finish first
     _kill(recorded)
+
+
+def _say(line: str) -> None:
+    """One line on the stderr the reaper shares with the driver."""
+    try:
+        os.write(2, (line + "\n").encode(errors="replace"))
+    except OSError:  # a closed terminal, a full disk: nothing else to tell it with
+        pass
 
 
 @contextmanager
@@ -124,6 +155,19 @@ def watchdog(seconds: float, line: str):
     finally:
         if armed:
             _tell("disarm")
+
+
+def farewell() -> None:
+    """fleetsim ends this process itself, with its own word: the reaper says nothing more.
+    Called before every ``os._exit`` of the CLI, and at exit (``start_reaper``)."""
+    _tell("bye")
+
+
+def run_folder(path: str) -> None:
+    """The run's folder, named in the reaper's line if the driver ends without a word."""
+    global _folder
+    _folder = " ".join(str(path).split())
+    _tell(f"folder {_folder}")
 
 
 def _tell(command: str) -> bool:
@@ -146,16 +190,23 @@ def start_reaper() -> subprocess.Popen | None:
     if not os.path.isdir("/proc/self"):
         return None
     read, write = os.pipe()  # both ends non-inheritable: only the reaper gets the read end
+    # stderr: the driver's own, for its lines (closed as soon as the driver is gone)
     _reaper = subprocess.Popen([sys.executable, os.path.abspath(__file__), str(os.getpid())], stdin=read,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                               close_fds=True)
+                               stdout=subprocess.DEVNULL, start_new_session=True, close_fds=True)
     os.close(read)
     _pipes.append(write)  # kept open for the life of this process; written by watchdog()
+    if _folder:
+        _tell(f"folder {_folder}")
+    if not _farewell_at_exit:
+        atexit.register(farewell)  # a normal exit, a traceback's too: fleetsim's word was said
+        _farewell_at_exit.append(True)
     return _reaper
 
 
 _reaper: subprocess.Popen | None = None
 _pipes: list[int] = []
+_folder = ""
+_farewell_at_exit: list[bool] = []
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_IGN)

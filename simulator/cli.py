@@ -144,6 +144,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _leave(code: int) -> None:
+    """End the process at once (``os._exit``), fleetsim's line said: the reaper adds none."""
+    from devices.reaper import farewell
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    farewell()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.getLogger("flwr").addFilter(_drop_expected_flower_warning)  # no-op if already added
@@ -155,9 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     except FleetsimError as exc:
         print(f"fleetsim: error: {exc}", file=sys.stderr)
         if getattr(exc, "hard_exit", False):  # a thread may still be blocked in ray.init
-            sys.stderr.flush()
-            sys.stdout.flush()
-            os._exit(EXIT_USAGE)
+            _leave(EXIT_USAGE)
         return EXIT_USAGE
     except OSError as exc:
         if exc.errno not in _ENVIRONMENT_ERRNOS:  # a code error: its traceback
@@ -172,9 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         from devices.raywatch import lost
 
         if lost() and not Terminated.received:  # the embedded Ray lost its GCS or raylet: said in one line
-            sys.stdout.flush()                   # already; a fault of the machine
-            sys.stderr.flush()
-            os._exit(EXIT_USAGE)  # at once, as below: Ray's exit handler would wait for the lost process
+            _leave(EXIT_USAGE)  # already; a fault of the machine. At once, as below: Ray's exit handler would wait
         if isinstance(exc, Terminated) or Terminated.received:
             import signal
 
@@ -183,9 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             # at once: every file is written whole already, and Ray's exit handler could wait a minute for a GCS
             # the same signal killed (sent to the process group); Ray's processes die with this one (devices.reaper)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(128 + signum)
+            _leave(128 + signum)
         print("fleetsim: interrupted; rounds already written are kept", file=sys.stderr)
         return 130
 

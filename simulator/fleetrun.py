@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from flwr.serverapp.strategy import Result, Strategy
 
+from devices import reaper
 from devices.models import ModelSpec
 from devices.pool import HostPool, HostProcesses, RayUnreachable, init_ray, oversubscribed
 from simulator import checkpoint, provenance
@@ -180,6 +181,7 @@ class FleetRun:
                                             (self.writer.dir / "config.toml").read_text(), self.allow_code_change)
         self.writer.create(mark_running=mark_running)
         self._opened = True
+        reaper.run_folder(str(self.writer.dir))  # named if this process ends without a word (devices.reaper)
         if self.resume:  # the folder, its config and its fleet files are the run's own
             if entry is not None:
                 saved.setdefault("resumes", []).append(entry)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -208,6 +209,41 @@ def test_the_reaper_ends_a_driver_blocked_inside_a_watched_call(tmp_path, second
         assert time.monotonic() - t0 < 15
     else:
         assert proc.stdout == "returned\n" and proc.stderr == ""
+
+
+ENDS = """
+import os, signal, sys, time
+from devices import reaper
+reaper.start_reaper()
+reaper.run_folder("runs/my run")
+print("started", flush=True)
+if sys.argv[1] == "kill":
+    os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer, or Ray's core worker ending its process
+elif sys.argv[1] == "leave":
+    reaper.farewell()
+    os._exit(143)  # the CLI's way out after its own line
+elif sys.argv[1] == "raise":
+    raise ValueError("a code error: its traceback is fleetsim's word")
+"""
+
+
+@pytest.mark.parametrize("how, code", [("kill", -9), ("leave", 143), ("raise", 1), ("return", 0)])
+def test_a_driver_that_ends_without_a_word_gets_the_reapers_line(how, code):
+    """Killed, crashed or ended by Ray's core worker (on a lost raylet or GCS, before the
+    raylet watch could speak): the reaper names the run folder and --resume on the
+    driver's stderr. Every way fleetsim ends the process itself says nothing more."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", ENDS, how], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == code and proc.stdout == "started\n", proc.stderr
+    line = ("the run's process (pid {}) ended without a word of fleetsim's: it was killed (kill -9, the out-of-memory "
+            "killer), crashed, or was ended by Ray when its raylet or GCS was lost; rounds already written are kept; "
+            "`fleetsim run --resume runs/my run` continues it")
+    said = [x for x in proc.stderr.splitlines() if "without a word" in x]
+    if how == "kill":
+        assert len(said) == 1 and re.fullmatch(re.escape("fleetsim: error: " + line).replace(r"\{\}", r"\d+"), said[0])
+        assert proc.stderr.splitlines() == said
+    else:
+        assert said == []
 
 
 def test_host_processes_that_never_answer_are_one_note_then_one_line(monkeypatch):
