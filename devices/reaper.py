@@ -20,13 +20,14 @@ handler or Ctrl-C of the driver runs). If the call has not returned in time, the
 writes ``line`` to the driver's stderr, SIGKILLs the driver (exit status 137: nothing
 else can end it) and then the driver's processes, as above.
 
-And it says when the driver ended without a word of fleetsim's. Every way fleetsim ends a
-process itself (a return, an error's line or traceback, a signal's line) first tells the
-reaper ``bye`` (``farewell``, also run at exit). A driver that ends without it was killed
-(``kill -9``, the OOM killer), crashed in native code, or was ended by Ray's core worker
-(which ends its process when it loses its raylet or GCS): the reaper then writes one line
-to the stderr it shares with the driver, naming the run's folder (``run_folder``) and
-``--resume``.
+And it says when a run's driver ended abruptly. While a run is open (``run_folder``, from
+``FleetRun.open`` to ``FleetRun.close``), every way fleetsim ends the process itself (a
+return, an error's line or traceback, a signal's line) first tells the reaper ``bye``
+(``farewell``: at exit, in the CLI before ``os._exit``, when the run closes). A driver
+that ends without it was killed (``kill -9``, the OOM killer), crashed in native code, or
+was ended by Ray's core worker (which ends its process when it loses its raylet or GCS):
+the reaper then writes one line to the stderr it shares with the driver, naming the run's
+folder and ``--resume``.
 
 Linux only (``/proc``); elsewhere ``start_reaper``, ``watchdog`` and the rest do nothing.
 """
@@ -35,6 +36,7 @@ from __future__ import annotations
 import atexit
 import os
 import select
+import shlex
 import signal
 import subprocess
 import sys
@@ -89,21 +91,26 @@ def _kill(recorded: dict[int, int]) -> None:
                 pass
 
 
-def unsaid_end(driver: int, folder: str) -> str:
-    """The line for a driver that ended without fleetsim's word (no ``bye``)."""
-    where = f"; `fleetsim run --resume {folder}` continues it" if folder else ""
-    return (f"fleetsim: error: the run's process (pid {driver}) ended without a word of fleetsim's: it was killed "
-            f"(kill -9, the out-of-memory killer), crashed, or was ended by Ray when its raylet or GCS was lost; "
-            f"rounds already written are kept{where}")
+def resume_hint(folder: str | None = None) -> str:
+    """What a user with an interrupted run is told; ``folder`` defaults to the open run's."""
+    folder = _folder if folder is None else folder
+    how = f"`fleetsim run --resume {folder}`" if folder else "`fleetsim run --resume` with the run's folder"
+    return f"rounds already written are kept, and {how} continues it"
+
+
+def abrupt_end(driver: int, folder: str) -> str:
+    """The line for a driver that ended while its run in ``folder`` was open, without ``bye``."""
+    return (f"fleetsim: error: the run's process (pid {driver}) ended abruptly: killed (kill -9, the out-of-memory "
+            f"killer), crashed, or ended by Ray after losing its raylet or GCS; {resume_hint(folder)}")
 
 
 def watch(driver: int) -> None:
     """Record ``driver``'s descendants until stdin closes, then kill those still alive.
-    Lines on stdin arm (``arm SECONDS LINE``) and disarm (``disarm``) the watchdog, name
-    the run's folder (``folder PATH``) and announce fleetsim's own end (``bye``)."""
+    Lines on stdin arm (``arm SECONDS LINE``) and disarm (``disarm``) the watchdog, open a
+    run (``folder PATH``, shell-quoted) and announce fleetsim's own word (``bye``)."""
     recorded: dict[int, int] = {}
     pending, deadline, line = b"", None, ""
-    said, folder = False, ""
+    folder = ""  # the open run's; "" once fleetsim has had its word (or no run is open)
     while True:
         recorded.update(descendants(driver))
         ready, _, _ = select.select([sys.stdin], [], [], POLL_S)
@@ -122,16 +129,19 @@ def watch(driver: int) -> None:
                 elif word == "folder":
                     folder = rest
                 elif word == "bye":
-                    said = True
+                    folder = ""
         if deadline is not None and time.monotonic() > deadline:
             _say(line)
-            said = True
+            folder = ""
             if proc_stat(driver) is not None:
                 os.kill(driver, signal.SIGKILL)
             break
-    if not said:
-        _say(unsaid_end(driver, folder))
-    os.close(2)  # the driver's stderr: whoever reads it to its end (a pipe) need not wait for the kills
+    if folder:
+        _say(abrupt_end(driver, folder))
+    # the driver's stderr: whoever reads it to its end (a pipe) need not wait for the kills
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
     time.sleep(POLL_S)  # let a normal shutdown finish first
     _kill(recorded)
 
@@ -158,15 +168,19 @@ def watchdog(seconds: float, line: str):
 
 
 def farewell() -> None:
-    """fleetsim ends this process itself, with its own word: the reaper says nothing more.
-    Called before every ``os._exit`` of the CLI, and at exit (``start_reaper``)."""
+    """fleetsim has had its word (or the run closed): the reaper says nothing if this
+    process ends now. Called when a run closes, before every ``os._exit`` of the CLI, and
+    at exit (``start_reaper``)."""
+    global _folder
+    _folder = ""
     _tell("bye")
 
 
 def run_folder(path: str) -> None:
-    """The run's folder, named in the reaper's line if the driver ends without a word."""
+    """A run is open in ``path``: named, with ``--resume``, in the reaper's line if this
+    process ends abruptly before ``farewell``."""
     global _folder
-    _folder = " ".join(str(path).split())
+    _folder = shlex.quote(" ".join(str(path).splitlines()))
     _tell(f"folder {_folder}")
 
 

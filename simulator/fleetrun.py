@@ -359,6 +359,7 @@ class FleetRun:
     def close(self) -> None:
         """Shut the hosts down and drop the run's in-progress mark (idempotent). When every
         strategy has finished, the checkpoints go too (unless ``keep_checkpoints``)."""
+        reaper.farewell()  # the run's folder is whole from here: an abrupt end now is not the run's
         try:
             if self.processes is not None:  # hosts started for a pool that never came
                 self.processes.close()

@@ -31,7 +31,7 @@ import re
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
@@ -39,10 +39,9 @@ from devices.host import DeviceHost
 from devices.pool import shard_of
 from devices.runtime import DeviceApp
 from simulator.errors import DeviceCodeError
-from simulator.grid import CodeError, all_quarantined, check_sent, server_round
+from simulator.grid import ERR_CODE, ERR_NONFINITE, CodeError, all_quarantined, check_sent, server_round
 from simulator.records import array_record, to_payload, to_recorddict
 
-QUARANTINED = "fleetsim: quarantined"  # opens the error a ClientApp raises for a non-finite or diverged reply
 
 _HOSTS: dict[int, DeviceHost] = {}  # one whole-fleet host per process, per experiment
 
@@ -72,11 +71,13 @@ def make_client_app(cfg, device_app: DeviceApp, initial: dict[str, np.ndarray]) 
         rnd = int(payload.config().get("server-round", 1))
         fn = device_app.function_for(msg.metadata.message_type)
         (res,) = host.run(rnd, 1, [(fn, payload, np.array([device]))])
-        if res.replies is None:  # Flower makes it an error reply; CheckedGrid raises DeviceCodeError
-            raise RuntimeError(f"device {device}: {res.error_type}: {res.error}")
+        # an error reply of fleetsim's codes (FleetGrid's), which CheckedGrid reads: a ClientApp that raised
+        # would make Flower log an error and a traceback for every quarantined reply
+        if res.replies is None:
+            return Message(Error(code=ERR_CODE, reason=f"device {device}: {res.error_type}: {res.error}"), reply_to=msg)
         if res.nonfinite[0] or res.diverged[0]:  # rolled back by host.run, as on FleetGrid
             why = "non-finite update" if res.nonfinite[0] else "diverged update (train_loss above 100 x ln 2)"
-            raise RuntimeError(f"{QUARANTINED}: device {device}: {why}")
+            return Message(Error(code=ERR_NONFINITE, reason=f"device {device}: {why}"), reply_to=msg)
         return Message(to_recorddict(res.replies[0]), reply_to=msg)
 
     app.train()(handle)
@@ -127,25 +128,23 @@ class CheckedGrid(Grid):
         for r in replies:
             if not r.has_error():
                 continue
-            reason = r.error.reason
-            if QUARANTINED in reason:
+            if r.error.code == ERR_NONFINITE:
                 quarantined += 1
                 continue
-            raise DeviceCodeError(_code_error(rnd, r.metadata.message_type, reason), devices=1)
+            raise DeviceCodeError(_code_error(rnd, r.metadata.message_type, r.error), devices=1)
         if quarantined and quarantined == len(replies):
             raise all_quarantined(rnd, quarantined)
         return replies
 
 
-def _code_error(rnd: int, message_type: str, reason: str) -> CodeError:
-    """The device's error out of Flower's error reason (``<class ...>:<'Exception ...
-    Message: device 3: ValueError: boom'>``, as ``make_client_app`` raises it); another
-    error reply (a ClientApp that Flower could not run) keeps Flower's reason whole."""
-    text = reason.split("Message:", 1)[-1].strip().removesuffix("'>").strip()
-    text = (text.splitlines() or [reason])[0][:500]
-    found = re.match(r"device (\d+): (\w+): (.*)", text)
+def _code_error(rnd: int, message_type: str, error: Error) -> CodeError:
+    """A device function's error (``ERR_CODE``, "device 3: ValueError: boom", as
+    ``make_client_app`` replies it), or another error reply of Flower's (a ClientApp that
+    it could not load or run) with its code and reason."""
+    found = re.match(r"device (\d+): (\w+): (.*)", error.reason) if error.code == ERR_CODE else None
     if found is None:
-        return CodeError(rnd, message_type, 1, "error reply", reason[:500], "")
+        reason = " ".join(error.reason.split())[:500]  # Flower's reasons span lines
+        return CodeError(rnd, message_type, 1, "error reply", f"Flower's error code {error.code}: {reason}", "")
     device, error_type, message = found.groups()
     return CodeError(rnd, message_type, 1, error_type, f"{message} (device {device})", "")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from devices import raywatch
 from simulator.config import ExperimentConfig
 from simulator.errors import NonFiniteError, Terminated
 from simulator.metrics import nonfinite_status
@@ -34,6 +35,7 @@ def run_experiment(cfg: ExperimentConfig, out: str, *, ray_address: str | None =
     """
     # SIGTERM from the start: one while the fleet builds or the cloud model trains ends the
     # run as one during a strategy does (one line, exit 143, Ray and the hosts stopped)
+    raywatch.reset()
     restore_early = _terminate_on_sigterm()
     try:
         return _run_experiment(cfg, out, ray_address=ray_address, use_ray=use_ray, progress=progress, log=log,
@@ -96,16 +98,16 @@ def _terminate_on_sigterm():
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
 
-    from devices.raywatch import lost, stand_down
-
     def terminate(signum, frame):
-        stand_down()  # a signal sent to the whole group ends Ray's GCS too: not a loss to report
-        if lost() is None:  # else devices.raywatch sent it (a lost GCS or raylet), not the user
+        raywatch.stand_down()  # a signal sent to the whole group ends Ray's GCS too: not a loss to report
+        if raywatch.lost() is None:  # else devices.raywatch sent it (a lost GCS or raylet), not the user
             Terminated.received = signum
         raise Terminated()
 
+    terminate.interrupts_run = True  # devices.raywatch sends SIGTERM only to this handler
+
     def interrupt(signum, frame):  # Ctrl-C: Python's own KeyboardInterrupt, after the same stand-down
-        stand_down()
+        raywatch.stand_down()
         signal.default_int_handler(signum, frame)
 
     previous = {sig: signal.signal(sig, handler)

@@ -755,7 +755,7 @@ def test_a_lost_ray_gcs_is_one_line_exit_2_and_the_strategy_interrupted(tmp_path
     driver 60 s later with exit status 1 and a line of its own log, the strategy left
     ``running``. Now: fleetsim's line naming the GCS within seconds, exit 2, the strategy
     ``interrupted``, no process left; ``--resume`` then completes the run."""
-    exp = experiment(tmp_path, ["cloud_only", "local_finetune"], n_devices=500, n_rounds=8)
+    exp = experiment(tmp_path, ["cloud_only", "local_finetune"], n_devices=500, n_rounds=16)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-m", "simulator.cli", "run", str(exp), "--out", "out", "--no-progress",
                              "--no-report"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -777,9 +777,10 @@ def test_a_lost_ray_gcs_is_one_line_exit_2_and_the_strategy_interrupted(tmp_path
             proc.kill()
     assert proc.returncode == 2, err
     no_traceback(err)
+    out = tmp_path / "out"
     assert err.splitlines()[-1] == (f"fleetsim: error: Ray's GCS process (pid {gcs[0]}) ended (killed by SIGKILL), and "
                                     f"the run cannot go on without it; rounds already written are kept, and `fleetsim "
-                                    f"run --resume` with the run's folder continues it")
+                                    f"run --resume {out}` continues it")
     assert took < 20, took
     alive = lambda: [p for p, start in seen.items() if _start_time(p) == start]
     assert _wait_for(lambda: not alive(), 30), f"still alive after 30 s: {alive()}"
@@ -799,7 +800,7 @@ def test_the_ray_watch_names_a_lost_process_only_while_ray_is_connected():
     from devices import raywatch
     from devices.raywatch import check
 
-    raywatch._stood_down.clear()
+    raywatch.reset()
 
     class Ended:
         def __init__(self, code):
@@ -813,6 +814,7 @@ def test_the_ray_watch_names_a_lost_process_only_while_ray_is_connected():
     assert check({**running, "raylet": Ended(-9)}, lambda: False) is None  # a shutdown stopped it
     line = check({**running, "raylet": Ended(-9)}, lambda: True)
     assert line.startswith("fleetsim: error: Ray's raylet process (pid 4242) ended (killed by SIGKILL), and the run")
+    assert "; rounds already written are kept, and `fleetsim run --resume" in line
     assert "(exit status 3)" in check({**running, "GCS": Ended(3)}, lambda: True, grace_s=0.01)
     # SIGTERM to the whole group: the driver's handler stands down, and the GCS's or the
     # raylet's end (exit status 0) within the grace is not a loss
@@ -823,7 +825,7 @@ def test_the_ray_watch_names_a_lost_process_only_while_ray_is_connected():
         assert check({**running, "raylet": Ended(0)}, lambda: True, grace_s=0.01) is None
         assert check({**running, "GCS": Ended(-9)}, lambda: True) is None
     finally:
-        raywatch._stood_down.clear()
+        raywatch.reset()
 
 
 def _start_time(pid: int) -> int | None:
@@ -1012,21 +1014,16 @@ def _sent(n: int, weight: float = 1.0):
     return [Message(content, dst_node_id=10 + i, message_type="train") for i in range(n)]
 
 
-def _error(m, reason: str):
+def _error(m, code: int, reason: str):
     from flwr.app import Error, Message
 
-    return Message(Error(code=0, reason=reason), reply_to=m)
+    return Message(Error(code=code, reason=reason), reply_to=m)
 
 
 def _ok(m):
     from flwr.app import Message
 
     return Message(m.content, reply_to=m)
-
-
-def _flower_reason(text: str) -> str:
-    # what Flower's simulation engine makes of an exception a ClientApp raised
-    return f"<class 'flwr.clientapp.client_app.ClientAppException'>:<'\nException ClientAppException occurred. Message: {text}'>"
 
 
 @pytest.fixture
@@ -1045,14 +1042,15 @@ def test_checked_grid_applies_fleetgrids_rules_on_flowers_engine(flower_identity
     error ends the run naming the device; quarantined replies are skipped unless every reply
     is; a missing reply ends the run; NaN or a wrong shape sent never reaches a device."""
     from simulator.errors import DeviceCodeError
-    from simulator.flower_app import QUARANTINED, CheckedGrid
+    from simulator.flower_app import CheckedGrid
+    from simulator.grid import ERR_CODE, ERR_NONFINITE
 
     shapes = {"w": (2, 3)}
     fine = CheckedGrid(_Answers(_ok), shapes)
     assert len(fine.send_and_receive(_sent(3))) == 3
 
     def one_raises(m):
-        return _error(m, _flower_reason("device 7: ValueError: boom")) if m.metadata.dst_node_id == 11 else _ok(m)
+        return _error(m, ERR_CODE, "device 7: ValueError: boom") if m.metadata.dst_node_id == 11 else _ok(m)
 
     with pytest.raises(DeviceCodeError) as err:
         CheckedGrid(_Answers(one_raises), shapes).send_and_receive(_sent(3))
@@ -1060,22 +1058,20 @@ def test_checked_grid_applies_fleetgrids_rules_on_flowers_engine(flower_identity
     assert err.value.info["error_type"] == "ValueError" and err.value.info["round"] == 4
 
     def one_quarantined(m):
-        return _error(m, _flower_reason(f"{QUARANTINED}: device 3: non-finite update")) \
-            if m.metadata.dst_node_id == 10 else _ok(m)
+        return _error(m, ERR_NONFINITE, "device 3: non-finite update") if m.metadata.dst_node_id == 10 else _ok(m)
 
     replies = CheckedGrid(_Answers(one_quarantined), shapes).send_and_receive(_sent(3))
     assert [r.has_error() for r in replies] == [True, False, False]  # skipped by the strategy, as on FleetGrid
     with pytest.raises(NonFiniteError, match="round 4: every device reply was non-finite or diverged \\(2 quarantined"):
-        CheckedGrid(_Answers(lambda m: _error(m, _flower_reason(f"{QUARANTINED}: device 1: x"))), shapes) \
-            .send_and_receive(_sent(2))
+        CheckedGrid(_Answers(lambda m: _error(m, ERR_NONFINITE, "device 1: x")), shapes).send_and_receive(_sent(2))
 
     with pytest.raises(RuntimeError, match="round 4: 1 of 3 messages got no reply"):
         CheckedGrid(_Answers(lambda m: None if m.metadata.dst_node_id == 12 else _ok(m)), shapes) \
             .send_and_receive(_sent(3), timeout=5.0)
 
-    # another error reply (Flower could not load or run the ClientApp) keeps Flower's reason
-    with pytest.raises(DeviceCodeError, match="raised error reply: <class 'flwr.*LoadClientAppError"):
-        CheckedGrid(_Answers(lambda m: _error(m, "<class 'flwr.clientapp.LoadClientAppError'>:<'x'>")), shapes) \
+    # another error reply (Flower could not load or run the ClientApp) keeps Flower's code and reason
+    with pytest.raises(DeviceCodeError, match="raised error reply: Flower's error code 2: <class 'flwr.*LoadClientAppError"):
+        CheckedGrid(_Answers(lambda m: _error(m, 2, "<class 'flwr.clientapp.LoadClientAppError'>:<'x'>")), shapes) \
             .send_and_receive(_sent(1))
 
     for shapes_known, msgs, error, needle in (

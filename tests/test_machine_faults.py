@@ -224,24 +224,27 @@ elif sys.argv[1] == "leave":
     os._exit(143)  # the CLI's way out after its own line
 elif sys.argv[1] == "raise":
     raise ValueError("a code error: its traceback is fleetsim's word")
+elif sys.argv[1] == "closed":
+    reaper.farewell()  # FleetRun.close: the run's folder is whole
+    os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
-@pytest.mark.parametrize("how, code", [("kill", -9), ("leave", 143), ("raise", 1), ("return", 0)])
-def test_a_driver_that_ends_without_a_word_gets_the_reapers_line(how, code):
+@pytest.mark.parametrize("how, code", [("kill", -9), ("leave", 143), ("raise", 1), ("return", 0), ("closed", -9)])
+def test_a_run_that_ends_abruptly_gets_the_reapers_line(how, code):
     """Killed, crashed or ended by Ray's core worker (on a lost raylet or GCS, before the
-    raylet watch could speak): the reaper names the run folder and --resume on the
-    driver's stderr. Every way fleetsim ends the process itself says nothing more."""
+    raylet watch could speak) while its run is open: the reaper names the run folder and
+    --resume on the driver's stderr. Every way fleetsim ends the process itself, and an
+    end after the run has closed, get no line."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", ENDS, how], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == code and proc.stdout == "started\n", proc.stderr
-    line = ("the run's process (pid {}) ended without a word of fleetsim's: it was killed (kill -9, the out-of-memory "
-            "killer), crashed, or was ended by Ray when its raylet or GCS was lost; rounds already written are kept; "
-            "`fleetsim run --resume runs/my run` continues it")
-    said = [x for x in proc.stderr.splitlines() if "without a word" in x]
+    said = [x for x in proc.stderr.splitlines() if "abruptly" in x]
     if how == "kill":
-        assert len(said) == 1 and re.fullmatch(re.escape("fleetsim: error: " + line).replace(r"\{\}", r"\d+"), said[0])
-        assert proc.stderr.splitlines() == said
+        assert proc.stderr.splitlines() == said == [
+            f"fleetsim: error: the run's process (pid {int(said[0].split('pid ')[1].split(')')[0])}) ended abruptly: "
+            f"killed (kill -9, the out-of-memory killer), crashed, or ended by Ray after losing its raylet or GCS; "
+            f"rounds already written are kept, and `fleetsim run --resume 'runs/my run'` continues it"]
     else:
         assert said == []
 
