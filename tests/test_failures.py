@@ -655,19 +655,30 @@ def _wait_for(cond, timeout: float, step: float = 0.2) -> bool:
     return cond()
 
 
-def test_kill_9_leaves_no_process_and_a_readable_partial_run(tmp_path):
-    """kill -9 of the driver mid-strategy: within 30 s no process it started is alive;
-    the run reads back with that strategy ``interrupted`` and its completed rounds."""
-    exp = experiment(tmp_path, ["cloud_only", "local_finetune"], n_devices=500, n_rounds=100)
+def _run_until_rounds(tmp_path: Path, strategies, n_rounds: int, *extra: str, stderr=subprocess.DEVNULL):
+    """``fleetsim run`` in the background until local_finetune has written 2 rounds: the
+    process and every process it started by then (pid -> start time)."""
+    exp = experiment(tmp_path, strategies, n_devices=500, n_rounds=n_rounds)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "simulator.cli", "run", str(exp), "--out", "out", "--no-progress"],
-                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "simulator.cli", "run", str(exp), "--out", "out", "--no-progress",
+                             *extra], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
     parts = tmp_path / "out" / "local_finetune" / "rounds.parquet"
     seen: dict[int, int] = {}
     try:
         assert _wait_for(lambda: (seen.update(descendants(proc.pid)) or True) and parts.is_dir()
                          and len(list(parts.glob("round-*.parquet"))) >= 2, 240)
-        seen.update(descendants(proc.pid))
+    except BaseException:
+        proc.kill()
+        raise
+    seen.update(descendants(proc.pid))
+    return proc, seen
+
+
+def test_kill_9_leaves_no_process_and_a_readable_partial_run(tmp_path):
+    """kill -9 of the driver mid-strategy: within 30 s no process it started is alive;
+    the run reads back with that strategy ``interrupted`` and its completed rounds."""
+    proc, seen = _run_until_rounds(tmp_path, ["cloud_only", "local_finetune"], 100)
+    try:
         assert any(True for _ in seen)  # Ray's processes and the reaper
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
@@ -755,17 +766,9 @@ def test_a_lost_ray_gcs_is_one_line_exit_2_and_the_strategy_interrupted(tmp_path
     driver 60 s later with exit status 1 and a line of its own log, the strategy left
     ``running``. Now: fleetsim's line naming the GCS within seconds, exit 2, the strategy
     ``interrupted``, no process left; ``--resume`` then completes the run."""
-    exp = experiment(tmp_path, ["cloud_only", "local_finetune"], n_devices=500, n_rounds=16)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "simulator.cli", "run", str(exp), "--out", "out", "--no-progress",
-                             "--no-report"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    parts = tmp_path / "out" / "local_finetune" / "rounds.parquet"
-    seen: dict[int, int] = {}
+    proc, seen = _run_until_rounds(tmp_path, ["cloud_only", "local_finetune"], 16, "--no-report",
+                                   stderr=subprocess.PIPE)
     try:
-        assert _wait_for(lambda: (seen.update(descendants(proc.pid)) or True) and parts.is_dir()
-                         and len(list(parts.glob("round-*.parquet"))) >= 2, 240)
-        seen.update(descendants(proc.pid))
         gcs = [p for p in seen if Path(f"/proc/{p}/comm").exists() and Path(f"/proc/{p}/comm").read_text().strip() == "gcs_server"]
         assert len(gcs) == 1
         killed_at = time.monotonic()
@@ -777,10 +780,9 @@ def test_a_lost_ray_gcs_is_one_line_exit_2_and_the_strategy_interrupted(tmp_path
             proc.kill()
     assert proc.returncode == 2, err
     no_traceback(err)
-    out = tmp_path / "out"
     assert err.splitlines()[-1] == (f"fleetsim: error: Ray's GCS process (pid {gcs[0]}) ended (killed by SIGKILL), and "
                                     f"the run cannot go on without it; rounds already written are kept, and `fleetsim "
-                                    f"run --resume {out}` continues it")
+                                    f"run --resume out` continues it")  # --out as given
     assert took < 20, took
     alive = lambda: [p for p, start in seen.items() if _start_time(p) == start]
     assert _wait_for(lambda: not alive(), 30), f"still alive after 30 s: {alive()}"
