@@ -104,7 +104,8 @@ def init_ray(address: str | None, timeout: float = RAY_CONNECT_TIMEOUT_S) -> Non
     Joining fails with ``RayUnreachable`` within about ``timeout`` seconds: the GCS port
     must accept a TCP connection, and ``ray.init`` must return in time (it is run in a
     helper thread because it can retry for minutes). An embedded Ray is watched by the
-    reaper (``devices.reaper``), so its processes die with the driver, even on kill -9.
+    reaper (``devices.reaper``), so its processes die with the driver, even on kill -9; a
+    joined one by the reaper too, which then only says when the driver ended abruptly.
     """
     import ray
 
@@ -183,6 +184,11 @@ def init_ray(address: str | None, timeout: float = RAY_CONNECT_TIMEOUT_S) -> Non
     if outcome[0] is not None:
         first = (str(outcome[0]).splitlines() or [type(outcome[0]).__name__])[0]
         raise RayUnreachable(f"--ray-address {address}: could not join the Ray cluster ({first})")
+    from devices.reaper import start_reaper
+
+    # joined: no process of Ray's is this driver's to stop, but a driver that Ray ends (60 s after it loses the
+    # head node's GCS, with exit status 1) or that is killed is still said in one line (devices.reaper)
+    start_reaper()
 
 
 def cluster_hosts(n_hosts: int) -> int:
