@@ -114,10 +114,12 @@ def init_ray(address: str | None, timeout: float = RAY_CONNECT_TIMEOUT_S) -> Non
     t0 = time.monotonic()
     if address and address != "auto":
         _check_reachable(address, timeout / 2)
-    if not address:
-        from devices.reaper import start_reaper
+    from devices.reaper import start_reaper
 
-        start_reaper()
+    # embedded: Ray's processes die with the driver, even on kill -9; joined: none is the driver's to stop, but
+    # a driver that Ray ends (60 s after it loses the head's GCS, with exit status 1) or that is killed is still
+    # said in one line
+    start_reaper()
     kwargs = dict(
         # "local" never joins a stale cluster left in Ray's temp folder (Ray would otherwise join it).
         address=address or "local",
@@ -184,11 +186,6 @@ def init_ray(address: str | None, timeout: float = RAY_CONNECT_TIMEOUT_S) -> Non
     if outcome[0] is not None:
         first = (str(outcome[0]).splitlines() or [type(outcome[0]).__name__])[0]
         raise RayUnreachable(f"--ray-address {address}: could not join the Ray cluster ({first})")
-    from devices.reaper import start_reaper
-
-    # joined: no process of Ray's is this driver's to stop, but a driver that Ray ends (60 s after it loses the
-    # head node's GCS, with exit status 1) or that is killed is still said in one line (devices.reaper)
-    start_reaper()
 
 
 def cluster_hosts(n_hosts: int) -> int:

@@ -42,7 +42,6 @@ from simulator.errors import DeviceCodeError
 from simulator.grid import ERR_CODE, ERR_NONFINITE, CodeError, all_quarantined, check_sent, server_round
 from simulator.records import array_record, to_payload, to_recorddict
 
-
 _HOSTS: dict[int, DeviceHost] = {}  # one whole-fleet host per process, per experiment
 
 
@@ -118,8 +117,9 @@ class CheckedGrid(Grid):
     def send_and_receive(self, messages, *, timeout: float | None = None):
         messages = list(messages)
         rnd = max((server_round(m) or 0 for m in messages), default=0)
-        decoded: dict[int, dict] = {}
-        check_sent([to_payload(m.content, decoded) for m in messages], self.shapes, rnd)
+        decoded: dict[int, dict] = {}  # ArrayRecords shared across contents, decoded once
+        contents = {id(m.content): m.content for m in messages}  # a content shared by many messages, checked once
+        check_sent([to_payload(c, decoded) for c in contents.values()], self.shapes, rnd)
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         if len(replies) < len(messages):
             raise RuntimeError(f"round {rnd}: {len(messages) - len(replies)} of {len(messages)} messages got no "

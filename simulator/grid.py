@@ -232,7 +232,7 @@ class FleetGrid(Grid):
         if self.on_round:
             self.on_round(result)
         if self.replies_quarantined and not self.replies_finite:
-            raise self._all_quarantined(self.replies_quarantined)
+            raise all_quarantined(self.round, self.replies_quarantined)
 
     def _draw_online(self) -> None:
         tl = self.fleet.timeline
@@ -268,7 +268,7 @@ class FleetGrid(Grid):
         for m in msgs:
             if id(m.content) not in payloads:
                 payloads[id(m.content)] = to_payload(m.content, decoded)
-        self._check_sent(payloads.values())
+        check_sent(payloads.values(), self._shapes, self.round)
         failed_draw = prof.draw_failures(self.profiles, self.seed, self.round, self.exchange)
         offline = ~self.online[dst]
         dropped = failed_draw[dst] | offline
@@ -370,14 +370,8 @@ class FleetGrid(Grid):
         n_quarantined = int(quarantined.sum())
         if n_quarantined and n_quarantined == sum(p is not None for p in reply_payload):
             self.finish_round()  # nothing usable came back: stop before the strategy aggregates
-            raise self._all_quarantined(n_quarantined)
+            raise all_quarantined(self.round, n_quarantined)
         return replies
-
-    def _check_sent(self, payloads: Iterable[Payload]) -> None:
-        check_sent(payloads, self._shapes, self.round)
-
-    def _all_quarantined(self, n: int) -> NonFiniteError:
-        return all_quarantined(self.round, n)
 
 
 def check_sent(payloads: Iterable[Payload], shapes: dict[str, tuple[int, ...]], round: int) -> None:
