@@ -1,9 +1,11 @@
-"""Benchmark: building fleets — profiles, synthetic streams, host pool — and their memory.
+"""Benchmark: building fleets — profiles, synthetic streams, host pool — and one round's scoring.
 
     python benchmarks/fleet_build.py [--devices 100000] [--repeats 5]
 
 Targets (issue 2): 100,000 profiles build in under a second. Prints medians over
-``--repeats`` runs and the resident memory the Ray hosts report for their shards.
+``--repeats`` runs of the profiles and the synthetic streams, then one start of the host
+pool (Ray included) and one prequential scoring of round 1. Memory of a whole run is
+measured by ``benchmarks/fleet_scale.py``.
 """
 from __future__ import annotations
 

@@ -50,10 +50,20 @@ class DeviceCodeError(StrategyFailure):
 
     kind = "device code error"
 
-    def __init__(self, first, devices: int) -> None:
+    def __init__(self, first, devices: int, note: str = "") -> None:
+        """``first``: the first call that raised (a ``CodeError``); ``devices``: how many
+        devices' calls raised in the exchange; ``note``: said after the line's facts."""
+        ids = list(getattr(first, "device_ids", ()))[:3]
+        if not ids:  # a device unknown (an error reply of Flower's names a node in its message)
+            where = "" if devices == 1 else f" ({devices} devices)"
+        elif devices == 1:
+            where = f" (device {ids[0]})"
+        else:
+            more = devices - len(ids)
+            where = f" ({devices} devices: {', '.join(map(str, ids))}" + (f" and {more} more)" if more > 0 else ")")
         super().__init__(
-            f"round {first.round}: device function for {first.message_type!r} raised {first.error_type}: {first.message} "
-            f"({devices} device(s))",
+            f"round {first.round}: device function for {first.message_type!r} raised {first.error_type}: {first.message}"
+            f"{where}{note}",
             round=first.round, stage="device function", message_type=first.message_type, devices=devices,
             error_type=first.error_type, detail=first.message, traceback=first.traceback)
 

@@ -22,8 +22,19 @@ def check_replies(fn, sent: Payload, replies: list[Payload], ids: np.ndarray) ->
     - a record the server sent, returned without some of its arrays: averaged, the model
       would lose a parameter, or Flower refuses the round's replies naming no device (a
       partial update goes under a new record name);
-    - a metric value Flower's ``MetricRecord`` refuses (a numpy scalar, a bool, a mixed list).
+    - a metric value Flower's ``MetricRecord`` refuses (a numpy scalar, a bool, a mixed list);
+    - not a list of ``Payload``, one per device (``TypeError``; a wrong count: ``RuntimeError``).
     """
+    name = getattr(fn, "__name__", fn)
+    if not isinstance(replies, (list, tuple)):
+        raise TypeError(f"{name} returned {type(replies).__name__}; a device function returns a list of "
+                        f"devices.runtime.Payload, one per device of the call ({len(ids)} here)")
+    if len(replies) != len(ids):
+        raise RuntimeError(f"{name} returned {len(replies)} replies for {len(ids)} devices")
+    for j, r in enumerate(replies):
+        if not isinstance(r, Payload):
+            raise TypeError(f"{name} returned a {type(r).__name__} for device {int(ids[j])}; each reply is a "
+                            f"devices.runtime.Payload (arrays, metrics, configs)")
     for j, r in enumerate(replies):
         for rec, vals in r.metrics.items():
             for k, v in vals.items():

@@ -61,7 +61,7 @@ class DeviceApp:
         base = message_type.split(".")[0]
         if base in self.functions:
             return self.functions[base]
-        raise KeyError(f"no device function for message type {message_type!r}")
+        raise LookupError(f"no device function for message type {message_type!r}")
 
 
 @dataclass(frozen=True)

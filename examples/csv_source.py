@@ -30,6 +30,8 @@ def load(cfg: CsvConfig, seed: int) -> tuple[Interactions, Timeline]:
         df = pd.read_csv(cfg.path, usecols=["user", "item", "timestamp"])
     except (OSError, ValueError) as exc:
         raise DataError(f"{cfg.path}: {exc}") from None
+    if df.empty or not np.isfinite(df["timestamp"].to_numpy(np.float64)).all():
+        raise DataError(f"{cfg.path}: no rows, or a timestamp that is not a finite number")
     users, user_idx = np.unique(df["user"].to_numpy(), return_inverse=True)
     _, item_idx = np.unique(df["item"].to_numpy(), return_inverse=True)
     order = np.lexsort((df["timestamp"].to_numpy(), user_idx))  # per user, in time order

@@ -288,7 +288,7 @@ def check_resumable(run_dir: str | Path):
     damaged checkpoint or cloud model that the resumed run would read (``verify``)."""
     from simulator import config
     from simulator.errors import FleetsimError
-    from simulator.results import LAYOUT_VERSION, _driver_alive
+    from simulator.results import LAYOUT_VERSION, _check_columns, _driver_alive, strategy_dirname
 
     d = Path(run_dir)
     where = f"--resume {d}"
@@ -313,13 +313,23 @@ def check_resumable(run_dir: str | Path):
                             f"started with (run the edited config into a new --out)")
     if _driver_alive(d):
         raise FleetsimError(f"{where}: another fleetsim process is still writing this run")
-    statuses = {n: s.get("status") for n, s in summary.get("strategies", {}).items()}
+    strategies = summary.get("strategies", {})
+    if not isinstance(strategies, dict) or not all(isinstance(s, dict) for s in strategies.values()):
+        raise FleetsimError(f"{where}: summary.json's strategies are not fleetsim's (an object of one object per "
+                            f"strategy); the file was edited or damaged")
+    statuses = {n: s.get("status") for n, s in strategies.items()}
     cfg = config.load(d / "config.toml")
     if list(statuses) != list(cfg.experiment.strategies):
         raise FleetsimError(f"{where}: summary.json's strategies do not match config.toml's")
     if all(st in FINISHED for st in statuses.values()):
         raise FleetsimError(f"{where}: the run is complete (every strategy finished); nothing to resume")
-    # what the resumed run will read back: whole, or a refusal before anything is changed
+    # what the resumed run will read back, and the rounds it keeps: whole, or a refusal before anything is changed
+    for name in statuses:
+        try:
+            _check_columns(d / strategy_dirname(name))
+        except FleetsimError as exc:
+            raise FleetsimError(f"{where}: {exc}; the run's results are damaged (restore the file, or run again "
+                                f"into a new --out)") from None
     problem = verify_cloud(d)
     if problem is not None:
         raise FleetsimError(f"{where}: {d / CHECKPOINTS / CLOUD_FILE} is damaged: {problem}; delete it and "

@@ -105,14 +105,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.resume is not None:
         from simulator.checkpoint import check_resumable
 
-        given = [flag for flag, v in (("EXPERIMENT", args.experiment), ("--out", args.out), ("--set", args.overrides),
-                                      ("--seed", args.seed), ("--hosts", args.hosts is not None)) if v]
+        given = [flag for flag, v in (("EXPERIMENT", args.experiment is not None), ("--out", args.out is not None),
+                                      ("--set", args.overrides), ("--seed", args.seed is not None),
+                                      ("--hosts", args.hosts is not None)) if v]
         if given:
             raise FleetsimError(f"--resume takes the run's own config and folder; drop {', '.join(given)}")
         cfg, out = check_resumable(args.resume), args.resume
     elif args.allow_code_change:
         raise FleetsimError("--allow-code-change goes with --resume DIR only")
     else:
+        if args.out is not None and not args.out.strip():
+            raise FleetsimError("--out is empty; give a folder for the results (or leave --out out for runs/NAME-TIME)")
         hosts = [] if args.hosts is None else [f"experiment.hosts={args.hosts}"]  # checked as the setting is
         cfg = config.load(args.experiment, [*args.overrides, *hosts], args.seed)
         out = args.out or os.path.join("runs", f"{cfg.experiment.name}-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -27,6 +27,7 @@ from devices.runtime import DeviceSettings
 from devices.sources import BUILTIN, resolve_source
 from devices.synthetic import SyntheticConfig
 from simulator.errors import ConfigError, FleetsimError
+from simulator.results import strategy_dirname
 from strategies.registry import SHORT_NAMES, make_strategy
 
 DEFAULT_STRATEGIES = ("cloud_only", "local_finetune", "fedavg")
@@ -69,14 +70,20 @@ class ExperimentSection:
             if s not in SHORT_NAMES and ":" not in s:
                 raise ConfigError("experiment.strategies", s,
                                   f"a short name ({', '.join(SHORT_NAMES)}) or an import path 'package.module:Class'")
+        folders: dict[str, str] = {}
+        for s in self.strategies:  # one results folder each: a shared one would hold one strategy's rows
+            other = folders.setdefault(strategy_dirname(s), s)
+            if other != s:
+                raise ConfigError("experiment.strategies", list(self.strategies),
+                                  f"strategies whose results folders differ ({other!r} and {s!r} would both write "
+                                  f"to {strategy_dirname(s)}/)")
         if not 0 <= self.seed < 2**63:  # numpy SeedSequence rejects negatives, torch > 64 bits
             raise ConfigError("experiment.seed", self.seed, "an integer in [0, 2**63)")
         if not 0 <= self.hosts <= MAX_HOSTS:
             raise ConfigError("experiment.hosts", self.hosts,
                               f"0 (one per CPU) or a positive integer, at most {MAX_HOSTS}")
-        for key in ("deadline_s", "wait_s"):
-            if not getattr(self, key) > 0:
-                raise ConfigError(f"experiment.{key}", getattr(self, key), "a positive number of seconds")
+        for key in ("deadline_s", "wait_s"):  # inf would make the simulated clock inf, then NaN
+            settings.check_positive(f"experiment.{key}", getattr(self, key))
         if isinstance(self.stall_note_s, bool) or not (isinstance(self.stall_note_s, (int, float))
                                                        and 0 <= self.stall_note_s < float("inf")):
             raise ConfigError("experiment.stall_note_s", self.stall_note_s, "seconds: 0 (never) or a positive number")

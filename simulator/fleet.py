@@ -55,11 +55,19 @@ def assemble(inter: Interactions, timeline: Timeline, profiles: Profiles, source
 
 def build_fleet(cfg) -> Fleet:
     """The fleet an ``ExperimentConfig`` describes (its ``[data]`` source, ``devices.sources``)."""
-    from devices.sources import resolve_source
+    from devices.sources import BUILTIN, resolve_source
 
     seed = cfg.experiment.seed
     try:
-        inter, timeline = resolve_source(cfg.source).load(cfg.data, seed)
+        try:
+            inter, timeline = resolve_source(cfg.source).load(cfg.data, seed)
+        except (FleetsimError, MemoryError):
+            raise
+        except Exception as exc:  # noqa: BLE001 -- a plug-in source that failed on its data: one line
+            if cfg.source in BUILTIN:
+                raise
+            first = (str(exc).splitlines() or [""])[0]
+            raise DataError(f"data.source {cfg.source}: its load raised {type(exc).__name__}: {first}") from None
         check_fleet(inter, timeline, cfg)
         profiles = make_profiles(inter.n_users, cfg.profiles, seed)
         fleet = assemble(inter, timeline, profiles, cfg.source)
@@ -84,6 +92,8 @@ def check_fleet(inter: Interactions, timeline: Timeline, cfg) -> None:
 
     - no interaction falls in rounds 1..n_rounds (prequential scoring would score nothing,
       and the run would still end "complete");
+    - ``cloud.epochs > 0`` and no history sample (the cloud model would keep its random
+      start, "loss 0.000 -> 0.000", and every strategy would score about 0.5);
     - a user has interacted with every item (no negative can be drawn for its samples:
       each pairs an interaction with items the user never interacted with)."""
     lo, hi = timeline.history_end, timeline.history_end + timeline.n_rounds * timeline.round_seconds
@@ -92,6 +102,13 @@ def check_fleet(inter: Interactions, timeline: Timeline, cfg) -> None:
                 "data.round_hours, data.n_rounds, data.n_devices or data.mean_daily_interactions")
         raise DataError(f"no interaction falls in rounds 1..{timeline.n_rounds} (from {lo:g} s to {hi:g} s): "
                         f"nothing would be scored; look at {hint}")
+    two = inter.counts >= 2  # streams are in time order: a history sample is a user's 2nd item before history_end
+    if cfg.cloud.epochs and not np.any(inter.times[inter.indptr[:-1][two] + 1] < timeline.history_end):
+        hint = "data.history_fraction" if hasattr(cfg.data, "history_fraction") else "data.history_days"
+        raise DataError(f"the cloud model has no history to train on: no device has two interactions before the "
+                        f"first round ({int((inter.times < timeline.history_end).sum())} history interactions in "
+                        f"all); give the fleet more history ({hint}), or set cloud.epochs = 0 to start from an "
+                        f"untrained model")
     counts = inter.counts
     heavy = np.flatnonzero(counts >= inter.n_items)  # only these can have seen every item
     if len(heavy):

@@ -479,7 +479,15 @@ class FleetRun:
         self.state.end(name, summary, played.status, failure, rounds=done)
         if summary.get("quarantined") and not (failure is not None and failure.info.get("kind") == "non-finite"):
             self.log(f"fleetsim: warning: {name}: {summary['quarantined']} device replies were quarantined (non-finite "
-                     f"or diverged updates, never aggregated; quarantined in rounds.parquet); look at device.lr")
+                     f"or diverged updates, never aggregated; quarantined in rounds.parquet); look at device.lr (or "
+                     f"the strategy's lr / local_steps)")
+        for key, method in (("strategy_metrics", "aggregate_train"), ("strategy_eval_metrics", "aggregate_evaluate")):
+            bad = [(r, k) for r, m in summary[key].items() for k, v in m.items()
+                   if not np.isfinite(np.asarray(v, dtype=float)).all()]
+            if bad:  # summary.json writes NaN as null: say so once, naming the metrics and rounds
+                metrics_, rounds = (", ".join(dict.fromkeys(x[i] for x in bad)) for i in (1, 0))
+                self.log(f"fleetsim: warning: {name}: its {method} returned non-finite metrics ({metrics_} in "
+                         f"round(s) {rounds}); summary.json writes them as null")
         if summary.get("nonfinite_score_device_rounds"):
             self.log(f"fleetsim: warning: {name}: {summary['nonfinite_score_device_rounds']} device-rounds were scored "
                      f"by a model that emits NaN/Inf; their metrics are NaN and left out of every mean (nonfinite in "

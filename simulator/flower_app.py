@@ -39,7 +39,7 @@ from devices.host import DeviceHost
 from devices.pool import shard_of
 from devices.runtime import DeviceApp
 from simulator.errors import DeviceCodeError
-from simulator.grid import ERR_CODE, ERR_NONFINITE, CodeError, all_quarantined, check_sent, server_round
+from simulator.grid import ERR_CODE, ERR_NONFINITE, CodeError, all_quarantined, check_sent, message_round
 from simulator.records import array_record, to_payload, to_recorddict
 
 _HOSTS: dict[int, DeviceHost] = {}  # one whole-fleet host per process, per experiment
@@ -67,9 +67,14 @@ def make_client_app(cfg, device_app: DeviceApp, initial: dict[str, np.ndarray]) 
         device = int(context.node_config["partition-id"])
         host = _host(cfg, initial, key)
         payload = to_payload(msg.content)
-        rnd = int(payload.config().get("server-round", 1))
-        fn = device_app.function_for(msg.metadata.message_type)
-        (res,) = host.run(rnd, 1, [(fn, payload, np.array([device]))])
+        rnd = payload.config().get("server-round")
+        try:
+            if rnd is None:  # CheckedGrid refuses to send such a message (``grid.message_round``)
+                raise ValueError("the message's config has no 'server-round'")
+            fn = device_app.function_for(msg.metadata.message_type)
+        except (LookupError, ValueError) as exc:
+            return Message(Error(code=ERR_CODE, reason=f"device {device}: {type(exc).__name__}: {exc}"), reply_to=msg)
+        (res,) = host.run(int(rnd), 1, [(fn, payload, np.array([device]))])
         # an error reply of fleetsim's codes (FleetGrid's), which CheckedGrid reads: a ClientApp that raised
         # would make Flower log an error and a traceback for every quarantined reply
         if res.replies is None:
@@ -116,7 +121,7 @@ class CheckedGrid(Grid):
 
     def send_and_receive(self, messages, *, timeout: float | None = None):
         messages = list(messages)
-        rnd = max((server_round(m) or 0 for m in messages), default=0)
+        rnd = message_round(messages, 0)
         decoded: dict[int, dict] = {}  # ArrayRecords shared across contents, decoded once
         contents = {id(m.content): m.content for m in messages}  # a content shared by many messages, checked once
         check_sent([to_payload(c, decoded) for c in contents.values()], self.shapes, rnd)
@@ -131,22 +136,24 @@ class CheckedGrid(Grid):
             if r.error.code == ERR_NONFINITE:
                 quarantined += 1
                 continue
-            raise DeviceCodeError(_code_error(rnd, r.metadata.message_type, r.error), devices=1)
+            raise DeviceCodeError(_code_error(rnd, r.metadata.message_type, r.error, r.metadata.src_node_id), devices=1)
         if quarantined and quarantined == len(replies):
             raise all_quarantined(rnd, quarantined)
         return replies
 
 
-def _code_error(rnd: int, message_type: str, error: Error) -> CodeError:
+def _code_error(rnd: int, message_type: str, error: Error, node: int) -> CodeError:
     """A device function's error (``ERR_CODE``, "device 3: ValueError: boom", as
     ``make_client_app`` replies it), or another error reply of Flower's (a ClientApp that
-    it could not load or run) with its code and reason."""
-    found = re.match(r"device (\d+): (\w+): (.*)", error.reason) if error.code == ERR_CODE else None
+    it could not load or run) with its code, its reason's last line and the node."""
+    found = re.match(r"device (\d+): (\w+): (.*)", error.reason, re.S) if error.code == ERR_CODE else None
     if found is None:
-        reason = " ".join(error.reason.split())[:500]  # Flower's reasons span lines
-        return CodeError(rnd, message_type, 1, "error reply", f"Flower's error code {error.code}: {reason}", "")
+        # Flower's reason is a colored traceback: its last line says what was raised
+        lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", error.reason).splitlines() if ln.strip()]
+        reason = (lines[-1] if lines else "")[:300]
+        return CodeError(rnd, message_type, 1, "error reply", f"Flower's error code {error.code}: {reason} (node {node})", "")
     device, error_type, message = found.groups()
-    return CodeError(rnd, message_type, 1, error_type, f"{message} (device {device})", "")
+    return CodeError(rnd, message_type, 1, error_type, message, "", (int(device),))
 
 
 def make_server_app(strategy, initial: dict[str, np.ndarray], num_rounds: int, sink: dict[str, Any],
@@ -163,11 +170,17 @@ def make_server_app(strategy, initial: dict[str, np.ndarray], num_rounds: int, s
     return app
 
 
-def run_on_flower(cfg, strategy, initial: dict[str, np.ndarray], num_rounds: int, num_cpus_per_client: float = 1.0):
-    """Run ``strategy`` on Flower's ``run_simulation`` over every device of ``cfg``'s fleet."""
+def run_on_flower(cfg, strategy, initial: dict[str, np.ndarray] | ArrayRecord, num_rounds: int,
+                  num_cpus_per_client: float = 1.0):
+    """Run ``strategy`` on Flower's ``run_simulation`` over every device of ``cfg``'s fleet
+    (``simulator.config.load``), from the model ``initial`` (numpy arrays by parameter
+    name, as ``FleetRun.initial``, or an ``ArrayRecord`` of them)."""
     from flwr.simulation import run_simulation
 
     from simulator.fleet import build_fleet
+
+    if isinstance(initial, ArrayRecord):
+        initial = {k: v.numpy() for k, v in initial.items()}
 
     fleet = build_fleet(cfg)
     shapes = {k: tuple(v) for k, v in cfg.model.spec(fleet.interactions.n_items).shapes().items()}

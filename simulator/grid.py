@@ -61,6 +61,7 @@ class CodeError:
     error_type: str
     message: str
     traceback: str
+    device_ids: tuple[int, ...] = ()  # the call's first few devices (the call raised for all of them)
 
 
 @dataclass
@@ -101,7 +102,7 @@ class FleetGrid(Grid):
         self.on_round = on_round
         self._run = Run.create_empty(run_id)
         self.clock = SimClock(0.0)
-        self.round = 0
+        self.round = self.wait_step = self._most_online = self.replies_idle = 0  # (also for a checkpoint without them)
         self._finished = 0
         self._pending: dict[str, Message] = {}
         self.results: list[RoundResult] = []
@@ -161,7 +162,7 @@ class FleetGrid(Grid):
         if r > self.fleet.timeline.n_rounds:
             raise FleetsimError(f"the strategy asked for round {r} but the fleet has {self.fleet.timeline.n_rounds}")
         self.finish_round()
-        self.round, self.exchange, self.wait_step = r, 0, 0
+        self.round, self.exchange, self.wait_step, self._most_online = r, 0, 0, 0
         self.clock.set(self.fleet.timeline.window(r)[1])
         self.round_start = self.clock.t
         self._draw_online()
@@ -173,7 +174,7 @@ class FleetGrid(Grid):
         self.flops = np.zeros(n)
         self.seconds = np.zeros(n)
         self.online_at_start = self.online.copy()
-        self.replies_finite = self.replies_quarantined = 0
+        self.replies_finite = self.replies_quarantined = self.replies_idle = 0
         parts = self.pool.score(r)
         self.scored = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k != "histogram"}
         self.histogram = metrics.ScoreHistogram()
@@ -232,7 +233,7 @@ class FleetGrid(Grid):
         if self.on_round:
             self.on_round(result)
         if self.replies_quarantined and not self.replies_finite:
-            raise all_quarantined(self.round, self.replies_quarantined)
+            raise all_quarantined(self.round, self.replies_quarantined, self.replies_idle)
 
     def _draw_online(self) -> None:
         tl = self.fleet.timeline
@@ -243,20 +244,23 @@ class FleetGrid(Grid):
         """What Flower's "waiting for nodes" means here: simulated time passes and
         availability is drawn again (never a wall-clock sleep)."""
         self.wait_step += 1
+        self._most_online = max(self._most_online, int(self.online.sum()))
         if self.wait_step > MAX_WAITS:
             raise FleetsimError(
-                f"round {self.round}: the strategy waits for more devices than are ever online "
-                f"(at most {int(self.online.sum())} of {self.fleet.n_devices})")
+                f"round {self.round}: the strategy waits for more devices than are ever online (at most "
+                f"{self._most_online} of {self.fleet.n_devices} in {MAX_WAITS} draws of who is online)")
         self.clock.advance(self.wait_s)
         self._draw_online()
 
     # One exchange ------------------------------------------------------------------
 
     def _exchange(self, msgs: list[Message]) -> list[Message]:
-        for m in msgs:
-            cfg_round = server_round(m)
-            if cfg_round is not None and cfg_round > self.round:
-                self.begin_round(cfg_round)
+        cfg_round = message_round(msgs, self.round)
+        if cfg_round > self.round:
+            self.begin_round(cfg_round)
+        elif cfg_round < self.round:
+            raise ValueError(f"round {self.round}: the strategy sent messages of round {cfg_round} (their config's "
+                             f"'server-round'); a message carries the round it is sent in")
         if self.round == 0:
             self.begin_round(1)
         self.exchange += 1
@@ -289,9 +293,11 @@ class FleetGrid(Grid):
         for (h, key, mtype), idx in jobs.items():
             try:
                 fn = self.app.function_for(mtype)
-            except KeyError as exc:
-                unrouted.update({i: str(exc).strip("'\"") for i in idx})
-                code_errors.append(CodeError(self.round, mtype, len(idx), "LookupError", str(exc).strip("'\""), ""))
+            except LookupError as exc:
+                why = str(exc)
+                unrouted.update({i: why for i in idx})
+                code_errors.append(CodeError(self.round, mtype, len(idx), "LookupError", why, "",
+                                             tuple(int(d) for d in sorted(dst[idx])[:3])))
                 continue
             idx = sorted(idx, key=lambda i: dst[i])
             per_host[h].append((fn, payloads[key], dst[idx]))
@@ -310,7 +316,8 @@ class FleetGrid(Grid):
             flops[idx] = res.flops
             up[idx] = res.bytes_up
             if res.replies is None:
-                code_errors.append(CodeError(self.round, mtype, len(idx), res.error_type, res.error, res.traceback))
+                code_errors.append(CodeError(self.round, mtype, len(idx), res.error_type, res.error, res.traceback,
+                                             tuple(int(d) for d in dst[idx[:3]])))
                 for i in idx:
                     error[int(i)] = (ERR_CODE, f"code error: {res.error_type}: {res.error}")
                 continue
@@ -333,8 +340,17 @@ class FleetGrid(Grid):
         status[quarantined] = QUARANTINED
         for i in error:
             status[i] = ERROR
+        # a usable reply: computed, not quarantined, and -- among the messages of one content whose
+        # device function counts FLOPs (some reply of it did) -- from a device that did work: one with no
+        # example to train on returns its model unchanged, which proves nothing. Per content, so a
+        # message that asks for no work (MoMoDistill's pushes beside its trainers) is never "idle".
+        ran = np.array([p is not None for p in reply_payload], dtype=bool)
+        content = np.array([id(m.content) for m in msgs], dtype=np.int64)
+        counted = np.isin(content, content[ran & (flops > 0)])
+        usable = ran & ~quarantined & (~counted | (flops > 0))
         self.replies_quarantined += int(quarantined.sum())
-        self.replies_finite += int(sum(1 for p, q in zip(reply_payload, quarantined) if p is not None and not q))
+        self.replies_finite += int(usable.sum())
+        self.replies_idle += int((ran & ~quarantined & ~usable).sum())
         np.maximum.at(self.status, dst, status)
         np.add.at(self.bytes_down, dst, down)
         np.add.at(self.bytes_up, dst, np.where(live, up, 0))
@@ -358,19 +374,23 @@ class FleetGrid(Grid):
                 replies.append(Message(Error(code=ERR_OFFLINE, reason="offline"), reply_to=m))
             else:
                 replies.append(Message(Error(code=ERR_DROPPED, reason="dropped out"), reply_to=m))
-        for ce in code_errors:
-            if self.on_code_error:
+        nothing = not usable.any()  # and something failed: stop before the strategy aggregates nothing
+        for ce in code_errors:  # "record" that stops here reports the error as its failure instead
+            if self.on_code_error and not (self.on_device_error == "record" and nothing):
                 self.on_code_error(ce)
-        if code_errors and self.on_device_error == "stop":
+        if code_errors and (self.on_device_error == "stop" or nothing):
             try:
                 self.finish_round()  # the round's records so far, errors included, are kept
             except NonFiniteError:
                 pass  # the code error is the one reported
-            raise DeviceCodeError(code_errors[0], devices=sum(c.devices for c in code_errors))
+            note = "" if self.on_device_error == "stop" else (
+                "; no device of the exchange replied usably, so the strategy would aggregate nothing "
+                "(on_device_error = \"record\" goes on only while some device succeeds)")
+            raise DeviceCodeError(code_errors[0], devices=sum(c.devices for c in code_errors), note=note)
         n_quarantined = int(quarantined.sum())
-        if n_quarantined and n_quarantined == sum(p is not None for p in reply_payload):
-            self.finish_round()  # nothing usable came back: stop before the strategy aggregates
-            raise all_quarantined(self.round, n_quarantined)
+        if n_quarantined and nothing:
+            self.finish_round()  # raises it if no earlier exchange of the round had a usable reply
+            raise all_quarantined(self.round, n_quarantined, idle=int((ran & ~quarantined).sum()))
         return replies
 
 
@@ -406,11 +426,37 @@ def check_sent(payloads: Iterable[Payload], shapes: dict[str, tuple[int, ...]], 
                              f"({', '.join(bad[:3])}{more})", round=round)
 
 
-def all_quarantined(round: int, n: int) -> NonFiniteError:
-    """The failure of a round in which every computed device reply was quarantined."""
+def all_quarantined(round: int, n: int, idle: int = 0) -> NonFiniteError:
+    """The failure of a round in which every computed device reply was quarantined, or
+    ``idle`` other replies came from devices that did no work (no example to train on)."""
+    if idle:
+        what = (f"every reply with work behind it was non-finite or diverged ({n} quarantined; the {idle} other "
+                f"repl{'ies' if idle > 1 else 'y'} came from devices that did no work, such as having no example "
+                f"to train on), none aggregated")
+    else:
+        what = f"every device reply was non-finite or diverged ({n} quarantined, none aggregated)"
     return NonFiniteError("device training", "device.lr (or the strategy's lr / local_steps)",
-                          f"round {round}: every device reply was non-finite or diverged ({n} quarantined, "
-                          f"none aggregated)", round=round)
+                          f"round {round}: {what}", round=round)
+
+
+def message_round(msgs: list[Message], current: int) -> int:
+    """The round ``msgs`` are sent in: the ``server-round`` of their configs, which every
+    message carries (docs/extending.md); ``current`` if there are none. A message without
+    one, or messages of different rounds in one exchange, are a ``ValueError`` of the
+    strategy: FleetGrid could guess the round, but a device on Flower's engine could not."""
+    rounds: set[int] = set()
+    for m in msgs:
+        r = server_round(m)
+        if r is None:
+            raise ValueError(f"round {max(current, 1)}: the strategy sent a {m.metadata.message_type!r} message to "
+                             f"device {m.metadata.dst_node_id} without 'server-round' in its config; every message "
+                             f"carries the round it is sent in (Flower's strategies set config['server-round'] = "
+                             f"server_round in configure_train)")
+        rounds.add(r)
+    if len(rounds) > 1:
+        raise ValueError(f"round {max(current, 1)}: the strategy sent messages of rounds {sorted(rounds)} in one "
+                         f"exchange (their config's 'server-round'); a message carries the round it is sent in")
+    return rounds.pop() if rounds else current
 
 
 def server_round(m: Message) -> int | None:

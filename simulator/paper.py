@@ -260,6 +260,11 @@ def run_leave_last(cfg: ExperimentConfig, out: str, *, log: Callable[[str], None
     spec = cfg.model.spec(inter.n_items)
     d = cfg.data
     split = leave_last_split(inter, d.holdout)
+    if not len(split.users) or not len(split.train_rows):  # nothing to evaluate, or nothing to train on
+        run.writer.discard_if_empty()
+        raise FleetsimError(f"{d.path}: too few ratings for leave_last (holdout {d.holdout!r}): of {inter.n_users} "
+                            f"users {len(split.users)} have the {split.held_back + 1} a held-out one needs, and the "
+                            f"rest gives {len(split.train_rows)} training samples (an item after an earlier one)")
     builder = SampleBuilder(split.view, spec.window)  # uniform negatives
     pop = SampleBuilder(split.view, spec.window, item_weights=item_popularity(split)) if "popularity" in (
         d.eval_candidates, d.train_negatives) else None

@@ -128,7 +128,7 @@ class FleetMixin:
         for rnd in range(first_round, num_rounds + 1):
             replies = grid.send_and_receive(messages=self.configure_train(rnd, arrays, train_config, grid),
                                             timeout=timeout)
-            agg_arrays, agg_metrics = self.aggregate_train(rnd, replies)
+            agg_arrays, agg_metrics = _aggregated(self.aggregate_train(rnd, replies))
             if agg_arrays is not None:
                 result.arrays = arrays = agg_arrays
             if agg_metrics is not None:
@@ -136,6 +136,8 @@ class FleetMixin:
             replies = grid.send_and_receive(messages=self.configure_evaluate(rnd, arrays, evaluate_config, grid),
                                             timeout=timeout)
             agg_eval = self.aggregate_evaluate(rnd, replies)
+            if agg_eval is not None and not isinstance(agg_eval, MetricRecord):
+                raise TypeError(f"aggregate_evaluate returned {type(agg_eval).__name__}; it returns a MetricRecord or None")
             if agg_eval is not None:
                 result.evaluate_metrics_clientapp[rnd] = agg_eval
             if evaluate_fn:
@@ -153,6 +155,17 @@ class FleetMixin:
         if self.lr is not None:
             cfg["lr"] = self.lr
         return ConfigRecord(cfg)
+
+
+def _aggregated(out: Any) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    """What ``aggregate_train`` returned, checked as Flower's loop would use it: a wrong
+    type is named here, not where it breaks later (a message of the next round)."""
+    if not (isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], (ArrayRecord, type(None)))
+            and isinstance(out[1], (MetricRecord, type(None)))):  # Flower's loop unpacks a list as well
+        got = type(out).__name__ if not isinstance(out, (tuple, list)) else \
+            f"({', '.join(type(x).__name__ for x in out)})"
+        raise TypeError(f"aggregate_train returned {got}; it returns (ArrayRecord or None, MetricRecord or None)")
+    return out
 
 
 class FleetStrategy(FleetMixin, Strategy):

@@ -126,9 +126,10 @@ def train_cloud_model(inter: Interactions, history_end: float, spec: models.Mode
                       ) -> tuple[dict[str, np.ndarray], list[float]]:
     """Adam on BCE over all devices' history samples; returns params and per-epoch loss.
     ``builder`` draws the training negatives (default: uniform, ``SampleBuilder(inter, ...)``)."""
+    rows = history_rows(inter, history_end)
     p = {k: v.clone().requires_grad_(True) for k, v in models.to_torch(models.init_params(spec, seed)).items()}
     losses = fit(list(p.values()), lambda w, c: models.forward(p, w[None], c[None])[0],
-                 builder or SampleBuilder(inter, spec.window), history_rows(inter, history_end), epochs=epochs, lr=lr,
+                 builder or SampleBuilder(inter, spec.window), rows, epochs=epochs, lr=lr,
                  batch_size=batch_size, negatives=negatives, seed=seed, tag=CLOUD_TAG)
     out = {k: v.detach()[0].numpy().copy() for k, v in p.items()}
     check_params(out, "cloud model", "cloud.lr")

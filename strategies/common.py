@@ -108,6 +108,10 @@ def weighted_mean_arrays(contents: list[RecordDict], weight_key: str) -> ArrayRe
     are read with ``array_view`` instead of ``np.load``, and each product reuses one buffer."""
     weights = [float(next(iter(c.metric_records.values()))[weight_key]) for c in contents]
     total = sum(weights)
+    if not total > 0:  # Flower's mean would divide by zero
+        raise ValueError(f"weighted_mean_arrays: the replies' {weight_key!r} sum to {total:g} (no device trained on "
+                         f"an example); a round like this keeps the model (aggregate_train returns None, None, as "
+                         f"strategies.fedavg does)")
     _check_same_arrays(contents)
     out: dict[str, np.ndarray] = {}
     scratch: dict[str, np.ndarray] = {}

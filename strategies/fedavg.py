@@ -12,6 +12,7 @@ from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
 from devices.runtime import DeviceApp, DeviceContext, Payload, evaluate_received, train_held_models
 from strategies.base import FleetMixin
+from devices.errors import ConfigError
 from strategies.common import check_fraction, check_non_negative, weighted_mean_arrays
 
 
@@ -42,6 +43,14 @@ class FedAvg(FleetMixin, FlowerFedAvg, short_name="fedavg", colour="#ff7f0e"):
         for key, v in (("min_train_nodes", min_train_nodes), ("min_evaluate_nodes", min_evaluate_nodes),
                        ("min_available_nodes", min_available_nodes)):
             check_non_negative(key, v, integer=True)
+        # Flower's other keywords: a wrong one would pass silently (a weighting key no reply carries
+        # never aggregates) or fail rounds later
+        for key in ("weighted_by_key", "arrayrecord_key", "configrecord_key"):
+            if key in kwargs and not (isinstance(kwargs[key], str) and kwargs[key]):
+                raise ConfigError(key, kwargs[key], "a non-empty string")
+        for key in ("train_metrics_aggr_fn", "evaluate_metrics_aggr_fn"):
+            if key in kwargs and not callable(kwargs[key]):
+                raise ConfigError(key, kwargs[key], "a function (given in Python, not in a config file)")
         super().__init__(fraction_train=fraction_train, fraction_evaluate=fraction_evaluate,
                          min_train_nodes=min_train_nodes, min_evaluate_nodes=min_evaluate_nodes,
                          min_available_nodes=min_available_nodes, **kwargs)
@@ -50,8 +59,11 @@ class FedAvg(FleetMixin, FlowerFedAvg, short_name="fedavg", colour="#ff7f0e"):
         """Flower's average, except that a round whose valid replies trained on no example
         keeps the global model (Flower's weighted mean would divide by zero)."""
         replies = list(replies)
-        weight = sum(float(next(iter(r.content.metric_records.values()), {}).get(self.weighted_by_key, 0))
-                     for r in replies if not r.has_error())
+        records = [next(iter(r.content.metric_records.values()), {}) for r in replies if not r.has_error()]
+        if records and not any(self.weighted_by_key in m for m in records):
+            raise ValueError(f"no reply carries the metric {self.weighted_by_key!r} it weights by "
+                             f"(strategies.fedavg.weighted_by_key; FedAvg's devices report 'num-examples')")
+        weight = sum(float(m.get(self.weighted_by_key, 0)) for m in records)
         if weight <= 0:
             return None, None
         # Flower's FedAvg.aggregate_train, with its array average read without np.load

@@ -16,7 +16,7 @@ from flwr.serverapp.strategy import Strategy
 
 import strategies
 from devices import settings
-from devices.errors import ConfigError
+from devices.errors import ConfigError, FleetsimError
 from devices.runtime import DeviceApp
 from strategies.base import COLOURS, REGISTERED
 
@@ -45,8 +45,13 @@ def make_strategy(name: str, params: dict[str, Any]) -> Strategy:
         raise ConfigError("experiment.strategies", name, "a subclass of flwr.serverapp.strategy.Strategy")
     try:  # one validation mechanism for sections and parameters (devices.settings)
         strategy = settings.call(cls, params, f"strategies.{name}")
+    except FleetsimError:  # a ConfigError of a parameter, or the plug-in's own one-line error
+        raise
     except (TypeError, ValueError) as exc:  # a parameter without a default; a plain Flower strategy's own check
         raise ConfigError(f"strategies.{name}", params, str(exc).splitlines()[0] if str(exc) else "TypeError") from None
+    except Exception as exc:  # noqa: BLE001 -- a plug-in's constructor: one line, not a traceback
+        first = (str(exc).splitlines() or [""])[0]
+        raise ConfigError(f"strategies.{name}", params, f"its constructor raised {type(exc).__name__}: {first}") from None
     if not isinstance(getattr(strategy, "device_app", None), DeviceApp):
         raise ConfigError("experiment.strategies", name, "a strategy with a device_app (devices.runtime.DeviceApp)")
     return strategy

@@ -197,6 +197,10 @@ def test_hosts_flag_is_checked_as_the_setting(fleetsim, tmp_path):
     assert not (tmp_path / "o").exists()
     code, _, err = fleetsim("run", "--resume", str(tmp_path / "o"), "--hosts", "0")
     assert_one_line_error(code, err, "--resume takes the run's own config and folder; drop --hosts")
+    code, _, err = fleetsim("run", "--resume", str(tmp_path / "o"), "--seed", "0", "--out", "")  # 0 and "" count
+    assert_one_line_error(code, err, "--resume takes the run's own config and folder; drop --out, --seed")
+    code, _, err = fleetsim("run", write_experiment(tmp_path), "--out", " ")
+    assert_one_line_error(code, err, "--out is empty; give a folder for the results")
 
 
 def test_hosts_flag_sets_the_pool_and_the_recorded_config(monkeypatch, capsys, tmp_path):

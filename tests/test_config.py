@@ -279,6 +279,9 @@ def test_to_toml_spells_out_defaults():
     ({"experiment": {"eval_users": "some"}}, "experiment.eval_users"),
     ({"experiment": {"eval_users": True}}, "experiment.eval_users"),
     ({"experiment": {"wait_s": 0}}, "experiment.wait_s"),
+    ({"experiment": {"wait_s": float("inf")}}, "experiment.wait_s"),
+    ({"experiment": {"deadline_s": float("inf")}}, "experiment.deadline_s"),
+    ({"experiment": {"strategies": ["a.b:C", "a:b_C"]}}, "experiment.strategies"),  # one results folder
     ({"experiment": {"deadline": 5}}, "experiment.deadline"),
     ({"experiment": 5}, "experiment"),
     # [data] synthetic

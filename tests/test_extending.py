@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from devices import models
-from devices.errors import ConfigError
+from devices.errors import ConfigError, DataError
 from examples import csv_source, mean_pool
 from simulator import config
 from simulator.results import load_run
@@ -33,6 +33,21 @@ def test_csv_source_loads_users_in_time_order(csv_file):
     u0 = df[df["user"] == df["user"].min()].sort_values("timestamp")
     np.testing.assert_array_equal(inter.times[: inter.counts[0]], u0["timestamp"].to_numpy() - df["timestamp"].min())
     assert timeline.n_rounds == 3
+
+
+def test_a_user_source_failing_on_its_data_is_one_line(csv_file, tmp_path):
+    """The example refuses a NaN timestamp itself; a plug-in source that raises something
+    else (a string timestamp) is one DataError line naming the source, not a traceback."""
+    from simulator.fleet import build_fleet
+
+    path, df = csv_file
+    for bad, needle in ((np.nan, r"no rows, or a timestamp that is not a finite number"),
+                        ("soon", r"^data.source examples.csv_source:SOURCE: its load raised ValueError: ")):
+        df.astype({"timestamp": object}).assign(timestamp=lambda d: d["timestamp"].where(d.index != 3, bad)) \
+            .to_csv(tmp_path / "bad.csv", index=False)
+        cfg = config.from_dict({"data": {"source": "examples.csv_source:SOURCE", "path": str(tmp_path / "bad.csv")}})
+        with pytest.raises(DataError, match=needle):
+            build_fleet(cfg)
 
 
 def test_mean_pool_is_the_mean_of_real_items_through_the_tower():

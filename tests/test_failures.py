@@ -147,29 +147,29 @@ def test_user_device_error_stops_that_strategy_only(tmp_path):
     assert table.loc["userstrat:Broken", "status"] == "failed" and np.isnan(table.loc["userstrat:Broken", "uauc"])
 
 
-def test_user_device_error_recorded_run_goes_on(tmp_path):
-    """record mode: every round counts its code errors, devices show status "error",
-    the strategy completes with the cloud model's numbers, exit 0, one warning line."""
+def test_user_device_error_recorded_fails_when_nothing_comes_back(tmp_path):
+    """record mode counts code errors and goes on while some device replies usably
+    (``test_code_error_record_goes_on_while_some_device_succeeds``); a device function that
+    raises for every device leaves nothing to aggregate, so the strategy fails in round 1
+    with one line that says so (it used to complete with the cloud model's numbers), its
+    round's records (every selected device an error) are kept, and the run exits 1."""
     exp = experiment(tmp_path, ["cloud_only", "userstrat:Broken"], mode="record")
     res = cli(tmp_path, "run", str(exp), "--out", "out", "--no-progress")
-    assert res.returncode == 0, res.stderr
+    assert res.returncode == 1, res.stderr
     no_traceback(res.stderr)
-    assert len([line for line in res.stderr.splitlines() if "userstrat" in line]) == 1
+    lines = [line for line in res.stderr.splitlines() if "userstrat" in line]
+    assert len(lines) == 1, res.stderr  # the failure, not also a warning that the run goes on
+    assert lines[0].startswith("fleetsim: error: userstrat:Broken failed: round 1: device function for 'train' "
+                               "raised ValueError: boom in user code (") and "no device of the exchange replied" in lines[0]
     out = tmp_path / "out"
     rounds = read_rounds(out, "userstrat:Broken")
     devices = read_devices(out, "userstrat:Broken")
-    assert list(rounds["round"]) == [1, 2, 3]
-    assert (rounds["errors"] == rounds["selected"] - rounds["dropped"]).all() and rounds["errors"].sum() > 0
-    assert (rounds["ok"] == 0).all()
-    per_round = devices[devices["status"] == "error"].groupby("round").size()
-    assert per_round.reindex([1, 2, 3], fill_value=0).tolist() == rounds["errors"].tolist()
+    assert list(rounds["round"]) == [1] and rounds["ok"][0] == 0
+    assert rounds["errors"][0] == rounds["selected"][0] - rounds["dropped"][0] > 0
+    assert (devices["status"] == "error").sum() == rounds["errors"][0]
     s = json.loads((out / "summary.json").read_text())["strategies"]
-    assert s["userstrat:Broken"]["status"] == "complete"
-    assert s["userstrat:Broken"]["errors"] == int(rounds["errors"].sum())
-    # nothing was adopted: the same models as cloud_only, so the same scores
-    assert s["userstrat:Broken"]["uauc"] == s["cloud_only"]["uauc"]
-    csv = pd.read_csv(out / "summary.csv")
-    assert csv.set_index("strategy").loc["userstrat:Broken", "errors"] == rounds["errors"].sum()
+    assert s["userstrat:Broken"]["status"] == "failed" and s["userstrat:Broken"]["error"]["round"] == 1
+    assert s["cloud_only"]["status"] == "complete"
 
 
 def test_a_dying_host_or_sys_exit_fails_only_that_strategy(tmp_path):
@@ -393,6 +393,14 @@ def test_check_replies_names_the_device_and_what_flower_would_refuse():
     with pytest.raises(ValueError, match=r"fn returned arrays without w for device 9; it was sent 1 array there \(a record"):
         check_replies(fn, sent, [good[0], Payload(arrays={"arrays": {"new": np.ones(7, np.float32)}})],
                       np.array([5, 9]))
+    # not a list of Payload, one per device: fleetsim's check says so (it does not crash on len(None))
+    with pytest.raises(TypeError, match=r"^fn returned NoneType; a device function returns a list of devices.runtime"
+                                        r".Payload, one per device of the call \(2 here\)$"):
+        check_replies(fn, sent, None, np.array([5, 9]))
+    with pytest.raises(TypeError, match=r"^fn returned a dict for device 9; each reply is a devices.runtime.Payload"):
+        check_replies(fn, sent, [good[0], {"metrics": {}}], np.array([5, 9]))
+    with pytest.raises(RuntimeError, match=r"^fn returned 1 replies for 2 devices$"):
+        check_replies(fn, sent, good, np.array([5, 9]))
 
 
 def test_weighted_mean_refuses_replies_of_other_names_or_shapes():
@@ -409,6 +417,9 @@ def test_weighted_mean_refuses_replies_of_other_names_or_shapes():
         weighted_mean_arrays([content(w=[1.0, 2.0]), content(w=[3.0])], "n")
     with pytest.raises(ValueError, match=r"replies 0 and 2 hold different arrays \(arrays/b: missing vs \(1,\)\)"):
         weighted_mean_arrays([content(w=[1.0]), content(w=[1.0]), content(w=[3.0], b=[1.0])], "n")
+    idle = RecordDict({"arrays": ArrayRecord({"w": Array(np.ones(2, np.float32))}), "metrics": MetricRecord({"n": 0})})
+    with pytest.raises(ValueError, match=r"^weighted_mean_arrays: the replies' 'n' sum to 0 \(no device trained"):
+        weighted_mean_arrays([idle, idle], "n")
 
 
 def test_nan_sent_by_the_server_fails_the_strategy_before_a_device_adopts_it(monkeypatch, tmp_path):
@@ -436,10 +447,7 @@ WRONG_SHAPE_SERVER = NAN_SERVER.replace("np.full_like(v.numpy(), np.nan)", "v.nu
 
 def test_a_model_of_another_shape_sent_by_the_server_fails_the_strategy_not_the_devices(monkeypatch, tmp_path):
     # its aggregate keeps one row of every parameter: the device function would be blamed for loading it
-    plug_in(monkeypatch, tmp_path, "cut_mod", WRONG_SHAPE_SERVER)
-    cfg = small_config(experiment={"strategies": ["cut_mod:CutAggregate", "cloud_only"]},
-                       strategies={"cut_mod:CutAggregate": {"min_available_nodes": 1, "min_train_nodes": 1}})
-    s = run_experiment(cfg, str(tmp_path / "out"), use_ray=False, progress=False, log=lambda _: None)["strategies"]
+    s = _run_plug_in(monkeypatch, tmp_path, "cut_mod", WRONG_SHAPE_SERVER, "CutAggregate", "cloud_only")
     cut = s["cut_mod:CutAggregate"]
     assert cut["status"] == "failed" and s["cloud_only"]["status"] == "complete"
     assert (cut["error"]["round"], cut["error"]["error_type"], cut["rounds_completed"]) == (2, "ValueError", 1)
@@ -449,11 +457,48 @@ def test_a_model_of_another_shape_sent_by_the_server_fails_the_strategy_not_the_
     assert (cut["error"]["kind"], cut["error"]["stage"]) == ("failure", "start")  # not a device's code error
 
 
+WRONG_RETURN_SERVER = NAN_SERVER.replace(
+    "return ArrayRecord({k: Array(np.full_like(v.numpy(), np.nan)) for k, v in arrays.items()}), metrics",
+    "return {'arrays': arrays}").replace("NaNAggregate", "DictAggregate")
+
+
+def _run_plug_in(monkeypatch, tmp_path, module: str, source: str, strategy: str, *others: str) -> dict:
+    """The strategies' summaries of a small in-process run of plug-in ``module:strategy``
+    (1 device may train) beside ``others``."""
+    plug_in(monkeypatch, tmp_path, module, source)
+    key = f"{module}:{strategy}"
+    cfg = small_config(experiment={"strategies": [key, *others]},
+                       strategies={key: {"min_available_nodes": 1, "min_train_nodes": 1}})
+    return run_experiment(cfg, str(tmp_path / "out"), use_ray=False, progress=False, log=lambda _: None)["strategies"]
+
+
+def test_aggregate_train_returning_another_type_is_named(monkeypatch, tmp_path):
+    err = _run_plug_in(monkeypatch, tmp_path, "dict_mod", WRONG_RETURN_SERVER, "DictAggregate")["dict_mod:DictAggregate"]["error"]
+    assert (err["round"], err["error_type"], err["stage"]) == (1, "TypeError", "start")
+    assert err["message"] == "aggregate_train returned dict; it returns (ArrayRecord or None, MetricRecord or None)"
+
+
+NAN_METRIC_SERVER = NAN_SERVER.replace(
+    "return ArrayRecord({k: Array(np.full_like(v.numpy(), np.nan)) for k, v in arrays.items()}), metrics",
+    "from flwr.app import MetricRecord\n        return arrays, MetricRecord({'loss': float('nan'), 'n': 3})").replace(
+    "NaNAggregate", "NaNMetric")
+
+
+def test_a_nan_metric_of_aggregate_train_is_a_warning(monkeypatch, tmp_path):
+    """summary.json writes NaN as null; the run says so in one line (it used to be silent)."""
+    plug_in(monkeypatch, tmp_path, "nanm_mod", NAN_METRIC_SERVER)
+    lines: list[str] = []
+    cfg = small_config(experiment={"strategies": ["nanm_mod:NaNMetric"]},
+                       strategies={"nanm_mod:NaNMetric": {"min_available_nodes": 1, "min_train_nodes": 1}})
+    s = run_experiment(cfg, str(tmp_path / "out"), use_ray=False, progress=False, log=lines.append)["strategies"]
+    assert s["nanm_mod:NaNMetric"]["status"] == "complete"
+    warned = [line for line in lines if "non-finite metrics" in line]
+    assert warned == ["fleetsim: warning: nanm_mod:NaNMetric: its aggregate_train returned non-finite metrics (loss in "
+                      "round(s) 1, 2, 3); summary.json writes them as null"]
+
+
 def test_a_nan_config_value_sent_by_the_server_fails_the_strategy(monkeypatch, tmp_path):
-    plug_in(monkeypatch, tmp_path, "nan_mod", NAN_SERVER)
-    cfg = small_config(experiment={"strategies": ["nan_mod:NaNLr"]},
-                       strategies={"nan_mod:NaNLr": {"min_available_nodes": 1, "min_train_nodes": 1}})
-    s = run_experiment(cfg, str(tmp_path / "out"), use_ray=False, progress=False, log=lambda _: None)["strategies"]
+    s = _run_plug_in(monkeypatch, tmp_path, "nan_mod", NAN_SERVER, "NaNLr")
     err = s["nan_mod:NaNLr"]["error"]
     assert s["nan_mod:NaNLr"]["status"] == "failed" and err["kind"] == "non-finite" and err["round"] == 2
     assert err["stage"] == "the strategy's server side" and "holds NaN/Inf (config/lr)" in err["message"]
@@ -560,6 +605,32 @@ def test_divergence_in_the_last_step_is_quarantined_and_said(monkeypatch, tmp_pa
         assert len(warned) == 1 and f"{s['quarantined']} device replies were quarantined" in warned[0]
     else:  # every reply diverged: it stopped, naming the stage
         assert s["error"]["stage"] == "device training"
+
+
+def test_a_cloud_model_without_history_is_refused(monkeypatch, tmp_path):
+    """No device with two history interactions: the cloud model would keep its random
+    start ("loss 0.000 -> 0.000") and every strategy would score about 0.5, exit 0."""
+    from simulator.errors import DataError
+
+    in_process(monkeypatch)
+    cfg = small_config(experiment={"strategies": ["cloud_only"]}, data={"history_days": 0.001})
+    with pytest.raises(DataError, match=r"^the cloud model has no history to train on: no device has two "
+                                        r"interactions before the first round \(\d+ history interactions in all\); "
+                                        r"give the fleet more history \(data.history_days\)"):
+        run_experiment(cfg, str(tmp_path / "out"), use_ray=False, progress=False, log=lambda m: None)
+    assert not (tmp_path / "out").exists()  # refused before the run folder (a rerun into it is not refused)
+
+
+def test_a_weighting_key_no_reply_carries_fails_the_round(monkeypatch, tmp_path):
+    """strategies.fedavg.weighted_by_key that no device reports: FedAvg used to find a total
+    weight of 0 every round and keep the cloud model, completing without a word."""
+    in_process(monkeypatch)
+    cfg = small_config(experiment={"strategies": ["fedavg"]}, strategies={"fedavg": {"weighted_by_key": "nope"}})
+    s = run_experiment(cfg, str(tmp_path / "out"), use_ray=False, progress=False, log=lambda m: None)["strategies"]
+    err = s["fedavg"]["error"]
+    assert s["fedavg"]["status"] == "failed" and (err["round"], err["stage"]) == (1, "aggregate_train")
+    assert err["message"] == ("no reply carries the metric 'nope' it weights by (strategies.fedavg.weighted_by_key; "
+                              "FedAvg's devices report 'num-examples')")
 
 
 def test_every_reply_quarantined_stops_with_the_stage(monkeypatch, tmp_path):
@@ -915,6 +986,39 @@ def test_every_reply_nonfinite_raises_after_writing_the_round():
     assert [r.info["quarantined"] for r in written] == [4]
 
 
+def nan_for_even_idle_odd(ctx, payload):
+    """Even devices train (they count FLOPs) and reply NaN; odd ones had nothing to train on."""
+    even = (ctx.device_ids % 2 == 0)
+    ctx.flops += np.where(even, 1e6, 0.0)
+    return [Payload(metrics={"m": {"v": float("nan") if e else 0.0, "num-examples": int(e)}}) for e in even]
+
+
+def test_quarantined_with_only_idle_devices_beside_them_raises():
+    """A round whose only finite replies come from devices that did no work (nothing to
+    train on) aggregates nothing: it fails as if every reply were quarantined."""
+    from simulator.grid import flower_patched
+
+    w = SmallWorld(small_config(profiles={"online_peak": 1.0, "online_trough": 1.0, "failure_rate": 0.0}), n_hosts=2)
+    written = []
+    grid = _grid(w, nan_for_even_idle_odd, on_round=written.append)
+    with flower_patched(grid, 0), pytest.raises(
+            NonFiniteError, match=r"round 1: every reply with work behind it was non-finite or diverged \(2 "
+                                  r"quarantined; the 3 other replies came from devices that did no work, such as "
+                                  r"having no example to train on\)"):
+        _send(grid, [0, 1, 2, 3, 5])
+    assert [(r.info["quarantined"], r.info["ok"]) for r in written] == [(2, 3)]
+    # the idle devices got another message (one that asks for no work, as MoMoDistill's pushes beside
+    # its trainers): their replies are usable, and the round goes on
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+    grid = _grid(w, nan_for_even_idle_odd)
+    train, push = (RecordDict({"config": ConfigRecord({"server-round": 1, "train": t})}) for t in (True, False))
+    with flower_patched(grid, 0):
+        replies = list(grid.send_and_receive([Message(train if n % 2 == 0 else push, dst_node_id=n,
+                                                      message_type=MessageType.TRAIN) for n in (0, 1, 2, 3, 5)]))
+    assert [r.has_error() for r in replies] == [True, False, True, False, False]
+
+
 def raise_on_three(ctx, payload):
     if 3 in ctx.device_ids:
         raise RuntimeError("device 3 is cursed")
@@ -934,13 +1038,60 @@ def test_code_error_stop_raises_record_counts(mode):
             with pytest.raises(DeviceCodeError, match="RuntimeError: device 3 is cursed") as info:
                 _send(grid, range(6))
             assert info.value.info["devices"] == 6 and "Traceback" in info.value.traceback
-        else:
-            replies = _send(grid, range(6))
-            assert all(r.has_error() and r.error.code == ERR_CODE for r in replies)
-            assert replies[0].error.reason == "code error: RuntimeError: device 3 is cursed"
-            grid.finish_round()
-    assert [(e.round, e.devices, e.error_type) for e in seen] == [(1, 6, "RuntimeError")]  # one host: one call
+        else:  # every device's call raised: nothing to aggregate, so "record" stops too, and says why
+            with pytest.raises(DeviceCodeError, match=r"^round 1: device function for 'train' raised RuntimeError: "
+                                                      r"device 3 is cursed \(6 devices: 0, 1, 2 and 3 more\); no device "
+                                                      r"of the exchange replied usably"):
+                _send(grid, range(6))
+    # one host: one call; "record" that stops reports it as its failure, not as a recorded error
+    assert [(e.round, e.devices, e.error_type) for e in seen] == ([(1, 6, "RuntimeError")] if mode == "stop" else [])
     assert [r.info["errors"] for r in written] == [6]
+
+
+def test_messages_must_carry_their_round_and_a_device_function():
+    """FleetGrid refuses a message without 'server-round' (or of an earlier round) before
+    any device runs, and a message type without a device function is a code error whose
+    line names it whole and names the devices."""
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+    from simulator.errors import DeviceCodeError
+    from simulator.grid import flower_patched
+
+    w = SmallWorld(small_config(profiles={"online_peak": 1.0, "online_trough": 1.0, "failure_rate": 0.0}), n_hosts=1)
+    ran = []
+    grid = _grid(w, lambda ctx, p: ran.append(1) or [Payload() for _ in ctx.device_ids])
+
+    def send(config, mtype=MessageType.TRAIN, nodes=(0, 1)):
+        content = RecordDict({"config": ConfigRecord(config)})
+        return list(grid.send_and_receive([Message(content, dst_node_id=n, message_type=mtype) for n in nodes]))
+
+    with flower_patched(grid, 0):
+        with pytest.raises(ValueError, match=r"^round 1: the strategy sent a 'train' message to device 0 without "
+                                             r"'server-round' in its config"):
+            send({"lr": 0.1})
+        assert len(send({"server-round": 2})) == 2 and grid.round == 2
+        with pytest.raises(ValueError, match=r"^round 2: the strategy sent messages of round 1"):
+            send({"server-round": 1})
+        with pytest.raises(DeviceCodeError, match=r"^round 2: device function for 'query' raised LookupError: no device "
+                                                  r"function for message type 'query' \(3 devices: 0, 1, 2\)$"):
+            send({"server-round": 2}, MessageType.QUERY, nodes=(2, 0, 1))
+    assert len(ran) == 1  # only the good exchange ran a device
+
+
+def test_code_error_record_goes_on_while_some_device_succeeds():
+    from simulator.grid import ERR_CODE, flower_patched
+
+    w = SmallWorld(small_config(profiles={"online_peak": 1.0, "online_trough": 1.0, "failure_rate": 0.0}), n_hosts=2)
+    other = int(np.flatnonzero(w.pool.host_of != w.pool.host_of[3])[0])  # on the host without device 3
+    seen, written = [], []
+    grid = _grid(w, raise_on_three, on_device_error="record", on_code_error=seen.append, on_round=written.append)
+    with flower_patched(grid, 0):
+        replies = _send(grid, [3, other])
+        grid.finish_round()
+    assert replies[0].has_error() and replies[0].error.code == ERR_CODE
+    assert replies[0].error.reason == "code error: RuntimeError: device 3 is cursed"
+    assert not replies[1].has_error()
+    assert [(e.devices, e.device_ids) for e in seen] == [(1, (3,))]
+    assert [(r.info["errors"], r.info["ok"]) for r in written] == [(1, 1)]
 
 
 def test_fedavg_global_model_stays_finite_under_diverging_devices():
@@ -1056,7 +1207,7 @@ def test_checked_grid_applies_fleetgrids_rules_on_flowers_engine(flower_identity
 
     with pytest.raises(DeviceCodeError) as err:
         CheckedGrid(_Answers(one_raises), shapes).send_and_receive(_sent(3))
-    assert str(err.value) == "round 4: device function for 'train' raised ValueError: boom (device 7) (1 device(s))"
+    assert str(err.value) == "round 4: device function for 'train' raised ValueError: boom (device 7)"
     assert err.value.info["error_type"] == "ValueError" and err.value.info["round"] == 4
 
     def one_quarantined(m):
@@ -1071,10 +1222,21 @@ def test_checked_grid_applies_fleetgrids_rules_on_flowers_engine(flower_identity
         CheckedGrid(_Answers(lambda m: None if m.metadata.dst_node_id == 12 else _ok(m)), shapes) \
             .send_and_receive(_sent(3), timeout=5.0)
 
-    # another error reply (Flower could not load or run the ClientApp) keeps Flower's code and reason
-    with pytest.raises(DeviceCodeError, match="raised error reply: Flower's error code 2: <class 'flwr.*LoadClientAppError"):
+    # another error reply (Flower could not load or run the ClientApp) keeps Flower's code, the last line
+    # of its reason (a colored traceback) and the node
+    with pytest.raises(DeviceCodeError, match=r"raised error reply: Flower's error code 2: <class 'flwr.*LoadClientAppError"
+                                              r"'>:<'x'> \(node 10\)$"):
         CheckedGrid(_Answers(lambda m: _error(m, 2, "<class 'flwr.clientapp.LoadClientAppError'>:<'x'>")), shapes) \
             .send_and_receive(_sent(1))
+    colored = "\x1b[36mray::ClientAppActor.run()\x1b[39m\n  File x, line 3\n    raise\nKeyError: 'no function'\n"
+    with pytest.raises(DeviceCodeError, match=r"Flower's error code 2: KeyError: 'no function' \(node 10\)$"):
+        CheckedGrid(_Answers(lambda m: _error(m, 2, colored)), shapes).send_and_receive(_sent(1))
+    no_round = _sent(2)  # one content shared by both messages
+    del no_round[0].content.config_records["config"]["server-round"]
+    inner = _Answers(_ok)
+    with pytest.raises(ValueError, match=r"the strategy sent a 'train' message to device 10 without 'server-round'"):
+        CheckedGrid(inner, shapes).send_and_receive(no_round)
+    assert inner.calls == 0
 
     for shapes_known, msgs, error, needle in (
             (shapes, _sent(2, weight=np.nan), NonFiniteError, "round 4: what it sends to devices holds NaN/Inf \\(arrays/w\\)"),
@@ -1107,11 +1269,14 @@ def _nan_update(ctx, payload):
     (_raises, "DeviceCodeError", r"round 1: device function for 'train' raised ValueError: boom in user code "
                                  r"\(device [0-5]\)"),
     (_nan_update, "NonFiniteError", r"round 1: every device reply was non-finite or diverged \(6 quarantined"),
+    (None, "DeviceCodeError", r"round 1: device function for 'train' raised LookupError: no device function for "
+                              r"message type 'train' \(device [0-5]\)$"),
 ])
 def test_a_device_error_or_nan_on_flowers_engine_ends_the_run(train, error, needle):
     """Through Flower's ``run_simulation``: a device function that raises, or whose every
     update is NaN, used to end in a ``Result`` with an empty model (every reply an error
-    reply, each skipped by the strategy)."""
+    reply, each skipped by the strategy); a missing one gave Flower's colored traceback
+    without the device."""
     from flwr.app import MessageType
 
     from devices.runtime import DeviceApp
@@ -1120,7 +1285,7 @@ def test_a_device_error_or_nan_on_flowers_engine_ends_the_run(train, error, need
     from strategies.fedavg import FedAvg
 
     class Broken(FedAvg):
-        device_app = DeviceApp({MessageType.TRAIN: train})
+        device_app = DeviceApp({MessageType.TRAIN: train} if train else {})
 
     cfg = small_config(data={"n_devices": 6, "n_rounds": 2},
                        profiles={"online_peak": 1.0, "online_trough": 1.0, "failure_rate": 0.0})

@@ -204,9 +204,14 @@ def test_cli_end_to_end(ratings, tmp_path, capsys):
     ([], "data.path"),  # the shipped experiment leaves the path to the user
     (["--set", "data.path=does/not/exist.csv"], "data file not found"),
     (["--set", "data.path=x.csv", "--set", "strategies.duet.tau=0"], "strategies.duet.tau"),
+    # every user's ratings but the held-out one give no training sample (used to be sklearn's traceback)
+    (["--set", "data.path=two.csv"], "too few ratings for leave_last (holdout 'test'): of 2 users 1 have the 2 a "
+                                     "held-out one needs, and the rest gives 0 training samples"),
 ])
-def test_cli_bad_input_is_one_line(tmp_path, capsys, overrides, message):
+def test_cli_bad_input_is_one_line(tmp_path, capsys, monkeypatch, overrides, message):
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "run"
+    (tmp_path / "two.csv").write_text("userId,movieId,rating,timestamp\n1,1,4.0,10\n1,2,4.0,20\n2,1,3.0,15\n")
     assert cli.main(["run", str(EXPERIMENT), "--out", str(out), *overrides]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fleetsim: error:") and message in err[0]

@@ -114,6 +114,28 @@ def test_damaged_checkpoint_is_refused_before_anything_changes(out, damage, monk
     assert snapshot(out) == before
 
 
+@pytest.mark.parametrize("damage", ["a kept round's part", "summary's strategies a list", "a strategy a string"])
+def test_damaged_results_are_refused_before_anything_changes(out, damage, monkeypatch, capsys):
+    """A round file the resumed run would keep, or a summary.json of another structure:
+    exit 2 and one line (resume used to go on over a cut round file and exit 0, leaving a
+    run no report can read; a summary of lists gave a traceback)."""
+    hosts_in_process(monkeypatch)
+    part = out / NAME / "rounds.parquet" / "round-00002.parquet"
+    summary = json.loads((out / "summary.json").read_text())
+    if damage == "a kept round's part":
+        truncate(part)
+        needle = f"--resume {out}: {part}: unreadable ("
+    else:
+        summary["strategies"] = list(summary["strategies"]) if "list" in damage else {NAME: "oops"}
+        (out / "summary.json").write_text(json.dumps(summary))
+        needle = f"--resume {out}: summary.json's strategies are not fleetsim's"
+    before = snapshot(out)
+    code, err = _main(["run", "--resume", str(out), "--no-progress", "--no-report"], capsys)
+    assert (code, len(err)) == (2, 1), err
+    assert err[0].startswith(f"fleetsim: error: {needle}"), err
+    assert snapshot(out) == before
+
+
 def test_truncated_host_file_through_the_cli(out):
     """The same through a real process: exit code 2, one line, no traceback, nothing changed."""
     truncate(out / CKPT / "host-001.pkl")

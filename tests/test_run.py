@@ -13,6 +13,7 @@ from simulator.grid import FleetGrid, flower_patched
 from simulator.records import array_record
 from simulator.results import read_devices, read_rounds
 from simulator.run import make_strategy, run_experiment
+from strategies.fedavg import FedAvg
 
 COLUMNS = {"round", "device_id", "selected", "status", "auc", "ndcg10", "hr10", "logloss", "n_pos",
            "bytes_down", "bytes_up", "device_flops", "device_seconds", "bucket"}
@@ -167,6 +168,11 @@ def test_fleetgrid_and_flower_engine_aggregate_the_same_weights(always_online_wo
         np.testing.assert_allclose(ours[k], theirs[k], rtol=1e-5, atol=1e-6)
 
 
+class RaisingStrategy(FedAvg):
+    def __init__(self) -> None:
+        raise RuntimeError("no licence")
+
+
 @pytest.mark.parametrize("name, params, needle", [
     ("fedavg", {"fraction_train": "x"}, "strategies.fedavg.fraction_train"),
     ("fedavg", {"fraction_train": -1}, "strategies.fedavg.fraction_train"),
@@ -175,10 +181,14 @@ def test_fleetgrid_and_flower_engine_aggregate_the_same_weights(always_online_wo
     ("local_finetune", {"lr": 0}, "strategies.local_finetune.lr"),
     ("duet", {"m": 0}, "strategies.duet.m"),
     ("duet", {"tau": -1.0}, "strategies.duet.tau"),
+    ("fedavg", {"arrayrecord_key": 5}, "strategies.fedavg.arrayrecord_key"),
+    ("fedavg", {"train_metrics_aggr_fn": "x"}, "strategies.fedavg.train_metrics_aggr_fn = 'x' is invalid: a function"),
+    ("test_run:RaisingStrategy", {}, "its constructor raised RuntimeError: no licence"),
     ("builtins:int", {}, "subclass of flwr.serverapp.strategy.Strategy"),
     ("os:path", {}, "subclass of flwr.serverapp.strategy.Strategy"),
 ])
 def test_bad_strategy_parameters_name_the_key(name, params, needle):
+    """One ConfigError line naming the key (or what the plug-in's constructor raised)."""
     from simulator.errors import ConfigError
 
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
