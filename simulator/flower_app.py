@@ -98,6 +98,7 @@ class CheckedGrid(Grid):
 
     def __init__(self, grid: Grid, shapes: dict[str, tuple[int, ...]]) -> None:
         self.grid, self.shapes = grid, shapes
+        self.round = 0  # the latest round a message was sent in
 
     def set_run(self, run) -> None:
         self.grid.set_run(run)
@@ -121,7 +122,11 @@ class CheckedGrid(Grid):
 
     def send_and_receive(self, messages, *, timeout: float | None = None):
         messages = list(messages)
-        rnd = message_round(messages, 0)
+        rnd = message_round(messages, self.round)
+        if rnd < self.round:  # as FleetGrid: a device would train on an earlier round's data
+            raise ValueError(f"round {self.round}: the strategy sent messages of round {rnd} (their config's "
+                             f"'server-round'); a message carries the round it is sent in")
+        self.round = rnd
         decoded: dict[int, dict] = {}  # ArrayRecords shared across contents, decoded once
         contents = {id(m.content): m.content for m in messages}  # a content shared by many messages, checked once
         check_sent([to_payload(c, decoded) for c in contents.values()], self.shapes, rnd)

@@ -1237,6 +1237,11 @@ def test_checked_grid_applies_fleetgrids_rules_on_flowers_engine(flower_identity
     with pytest.raises(ValueError, match=r"the strategy sent a 'train' message to device 10 without 'server-round'"):
         CheckedGrid(inner, shapes).send_and_receive(no_round)
     assert inner.calls == 0
+    later = CheckedGrid(inner, shapes)
+    later.round = 5  # round 5 was sent before: _sent's round 4 is stale
+    with pytest.raises(ValueError, match=r"^round 5: the strategy sent messages of round 4"):
+        later.send_and_receive(_sent(1))
+    assert inner.calls == 0
 
     for shapes_known, msgs, error, needle in (
             (shapes, _sent(2, weight=np.nan), NonFiniteError, "round 4: what it sends to devices holds NaN/Inf \\(arrays/w\\)"),
