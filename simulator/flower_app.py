@@ -122,11 +122,7 @@ class CheckedGrid(Grid):
 
     def send_and_receive(self, messages, *, timeout: float | None = None):
         messages = list(messages)
-        rnd = message_round(messages, self.round)
-        if rnd < self.round:  # as FleetGrid: a device would train on an earlier round's data
-            raise ValueError(f"round {self.round}: the strategy sent messages of round {rnd} (their config's "
-                             f"'server-round'); a message carries the round it is sent in")
-        self.round = rnd
+        self.round = rnd = message_round(messages, self.round)
         decoded: dict[int, dict] = {}  # ArrayRecords shared across contents, decoded once
         contents = {id(m.content): m.content for m in messages}  # a content shared by many messages, checked once
         check_sent([to_payload(c, decoded) for c in contents.values()], self.shapes, rnd)

@@ -258,9 +258,6 @@ class FleetGrid(Grid):
         cfg_round = message_round(msgs, self.round)
         if cfg_round > self.round:
             self.begin_round(cfg_round)
-        elif cfg_round < self.round:
-            raise ValueError(f"round {self.round}: the strategy sent messages of round {cfg_round} (their config's "
-                             f"'server-round'); a message carries the round it is sent in")
         if self.round == 0:
             self.begin_round(1)
         self.exchange += 1
@@ -442,8 +439,9 @@ def all_quarantined(round: int, n: int, idle: int = 0) -> NonFiniteError:
 def message_round(msgs: list[Message], current: int) -> int:
     """The round ``msgs`` are sent in: the ``server-round`` of their configs, which every
     message carries (docs/extending.md); ``current`` if there are none. A message without
-    one, or messages of different rounds in one exchange, are a ``ValueError`` of the
-    strategy: FleetGrid could guess the round, but a device on Flower's engine could not."""
+    one, messages of different rounds in one exchange, or of a round before ``current``, are
+    a ``ValueError`` of the strategy: FleetGrid could guess the round, but a device on
+    Flower's engine could not."""
     rounds: set[int] = set()
     for m in msgs:
         r = server_round(m)
@@ -456,7 +454,11 @@ def message_round(msgs: list[Message], current: int) -> int:
     if len(rounds) > 1:
         raise ValueError(f"round {max(current, 1)}: the strategy sent messages of rounds {sorted(rounds)} in one "
                          f"exchange (their config's 'server-round'); a message carries the round it is sent in")
-    return rounds.pop() if rounds else current
+    r = rounds.pop() if rounds else current
+    if r < current:  # a device would take an earlier round's data
+        raise ValueError(f"round {current}: the strategy sent messages of round {r} (their config's "
+                         f"'server-round'); a message carries the round it is sent in")
+    return r
 
 
 def server_round(m: Message) -> int | None:
